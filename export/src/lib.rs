@@ -1,0 +1,1 @@
+//! ONNX export (see the export issue).

@@ -1,0 +1,1 @@
+//! 2. Augmentation: how the views are made.

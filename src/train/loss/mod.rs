@@ -1,0 +1,1 @@
+//! 4. Losses, one file per loss, its formula and paper in the doc comment.

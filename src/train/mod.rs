@@ -1,0 +1,6 @@
+//! The trainer, one folder per layer of the survey's taxonomy.
+
+pub mod arch;
+pub mod augment;
+pub mod loss;
+pub mod pairs;
