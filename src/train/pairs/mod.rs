@@ -1,1 +1,9 @@
 //! 1. Sample-pair construction: which samples are positives and negatives of each other.
+
+pub mod in_batch;
+pub mod labels;
+pub mod queue;
+
+pub use in_batch::view_labels;
+pub use labels::label_positive_mask;
+pub use queue::MemoryQueue;
