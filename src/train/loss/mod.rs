@@ -1,1 +1,81 @@
 //! 4. Losses, one file per loss, its formula and paper in the doc comment.
+
+pub mod common;
+pub mod nt_xent;
+
+pub use common::l2_normalize;
+pub use nt_xent::nt_xent;
+
+/// Test helpers shared by every loss's tests: central finite differences and plain-`f64`
+/// vector arithmetic for the independent reference formulas.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Result, Tensor, Var};
+
+    /// An F64 [rows, cols] tensor from nested vectors.
+    pub fn matrix(rows: &[Vec<f64>]) -> Tensor {
+        let cols = rows[0].len();
+        let flat: Vec<f64> = rows.iter().flatten().copied().collect();
+        Tensor::from_vec(flat, (rows.len(), cols), &Device::Cpu).expect("matrix shape")
+    }
+
+    pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    pub fn normalize(v: &[f64]) -> Vec<f64> {
+        let norm = dot(v, v).sqrt();
+        v.iter().map(|x| x / norm).collect()
+    }
+
+    pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+        dot(&normalize(a), &normalize(b))
+    }
+
+    /// `log Σ exp(x)`, stabilised.
+    pub fn log_sum_exp(xs: &[f64]) -> f64 {
+        let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        max + xs.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
+    }
+
+    /// Checks the backward pass of `loss` (a scalar function of `inputs`, all F64) against
+    /// central finite differences, for the inputs whose index is in `checked`.
+    pub fn assert_gradients_match_finite_differences(
+        inputs: &[Tensor],
+        checked: &[usize],
+        loss: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) {
+        const STEP: f64 = 1e-5;
+        const TOLERANCE: f64 = 1e-6;
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let var_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = loss(&var_tensors).unwrap().backward().unwrap();
+        for &index in checked {
+            let input = &inputs[index];
+            let analytic = grads
+                .get(&var_tensors[index])
+                .unwrap_or_else(|| panic!("input {index} received no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let values = input.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let loss_with = |element: usize, delta: f64| -> f64 {
+                let mut shifted = values.clone();
+                shifted[element] += delta;
+                let mut args = inputs.to_vec();
+                args[index] = Tensor::from_vec(shifted, input.shape(), input.device()).unwrap();
+                loss(&args).unwrap().to_scalar::<f64>().unwrap()
+            };
+            for element in 0..values.len() {
+                let numeric = (loss_with(element, STEP) - loss_with(element, -STEP)) / (2.0 * STEP);
+                let error = (numeric - analytic[element]).abs();
+                assert!(
+                    error < TOLERANCE * (1.0 + numeric.abs()),
+                    "input {index} element {element}: analytic {} vs finite differences {numeric}",
+                    analytic[element]
+                );
+            }
+        }
+    }
+}
