@@ -2,3 +2,4 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod im2col;
