@@ -3,4 +3,5 @@
 pub mod arch;
 pub mod augment;
 pub mod loss;
+pub mod optim;
 pub mod pairs;
