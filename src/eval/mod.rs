@@ -1,1 +1,53 @@
 //! 5. Application layer: how good an encoder is, measured on frozen features.
+//!
+//! The field's protocol (see `TAXONOMY.md`, "Evaluation protocol used in the field"):
+//! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe, and the
+//! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]).
+//! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
+//! them itself, so callers pass the backbone's raw features.
+
+pub mod alignment;
+pub mod knn;
+
+pub use alignment::{alignment, uniformity};
+pub use knn::{knn_accuracy, knn_predict, KnnConfig};
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+/// The evaluation figures the trainer logs and stores in a run's manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Test accuracy of the weighted k-NN classifier ([`knn_accuracy`]).
+    pub knn_accuracy: f64,
+    /// `E‖f(x)−f(x⁺)‖²` over positive pairs ([`alignment`]); lower is better.
+    pub alignment: Option<f64>,
+    /// `log E e^{−2‖f(x)−f(y)‖²}` ([`uniformity`]); lower is better.
+    pub uniformity: Option<f64>,
+}
+
+/// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`.
+/// Zero rows stay zero instead of becoming NaN (the norm is clamped at 1e-12, as in
+/// PyTorch's `F.normalize`).
+pub(crate) fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
+    ensure!(x.rank() == 2, "features must be a [N, D] matrix, got shape {:?}", x.shape());
+    let x = x.to_dtype(DType::F32)?;
+    let norms = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::INFINITY)?;
+    Ok(x.broadcast_div(&norms)?)
+}
+
+/// Checks that `features` has one row per label and that every label is below `num_classes`.
+pub(crate) fn check_labels(what: &str, features: &Tensor, labels: &[u32], num_classes: usize) -> Result<()> {
+    ensure!(features.rank() == 2, "{what} features must be a [N, D] matrix, got shape {:?}", features.shape());
+    let rows = features.dim(0)?;
+    ensure!(
+        rows == labels.len(),
+        "{what} features have {rows} rows but there are {} labels",
+        labels.len()
+    );
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= num_classes) {
+        anyhow::bail!("{what} label {bad} is not below num_classes = {num_classes}");
+    }
+    Ok(())
+}
