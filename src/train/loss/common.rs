@@ -42,7 +42,10 @@ pub fn diagonal_logit_mask(n: usize, dtype: DType, device: &candle_core::Device)
 /// Checks that `t` is a floating-point [rows, cols] matrix and returns its dimensions.
 pub fn expect_float_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {
-        bail!("{name} must be a floating-point tensor, got {:?}", t.dtype())
+        bail!(
+            "{name} must be a floating-point tensor, got {:?}",
+            t.dtype()
+        )
     }
     match t.dims() {
         [rows, cols] => Ok((*rows, *cols)),
@@ -86,7 +89,10 @@ mod tests {
 
     #[test]
     fn log_sum_exp_matches_direct_formula_and_survives_large_values() -> Result<()> {
-        let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [1000.0, 1000.0, MASKED_LOGIT]], &Device::Cpu)?;
+        let x = Tensor::new(
+            &[[1.0f64, 2.0, 3.0], [1000.0, 1000.0, MASKED_LOGIT]],
+            &Device::Cpu,
+        )?;
         let lse = log_sum_exp_rows(&x)?.to_vec1::<f64>()?;
         let direct = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         assert!((lse[0] - direct).abs() < 1e-12);

@@ -1,10 +1,18 @@
 //! 4. Losses, one file per loss, its formula and paper in the doc comment.
 
+pub mod byol;
 pub mod common;
+pub mod info_nce;
 pub mod nt_xent;
+pub mod simsiam;
+pub mod supcon;
 
+pub use byol::byol;
 pub use common::l2_normalize;
+pub use info_nce::{info_nce_in_batch, info_nce_with_queue};
 pub use nt_xent::nt_xent;
+pub use simsiam::simsiam;
+pub use supcon::supcon;
 
 /// Test helpers shared by every loss's tests: central finite differences and plain-`f64`
 /// vector arithmetic for the independent reference formulas.
@@ -47,7 +55,10 @@ pub(crate) mod testing {
     ) {
         const STEP: f64 = 1e-5;
         const TOLERANCE: f64 = 1e-6;
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let var_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let grads = loss(&var_tensors).unwrap().backward().unwrap();
         for &index in checked {

@@ -1,0 +1,184 @@
+//! MoCo's InfoNCE with a queue of negatives. He, Fan, Wu, Xie, Girshick, "Momentum Contrast for
+//! Unsupervised Visual Representation Learning", CVPR 2020.
+//!
+//! With the normalised query `q` (online encoder), its key `k⁺` (momentum encoder, no gradient)
+//! and the K queued keys `k_j` (negatives from earlier batches):
+//!
+//! ```text
+//! ℓ = −log( e^{q·k⁺/τ} / (e^{q·k⁺/τ} + Σ_{j=1..K} e^{q·k_j/τ}) ),   L = mean over the N queries
+//! ```
+//!
+//! [`info_nce_in_batch`] is the MoCo v3 form (Chen, Xie, He, ICCV 2021): the other queries' keys
+//! of the same batch are the negatives, `ℓ_i = −log( e^{q_i·k_i/τ} / Σ_j e^{q_i·k_j/τ} )`.
+
+use candle_core::{bail, Result, Tensor, D};
+
+use super::common::{
+    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
+};
+
+/// MoCo's InfoNCE: queries `q` [N, D] (normalised here, gradient flows), keys `k` [N, D]
+/// (normalised and detached here), `queue` [K, D] of already-normalised negatives (detached here).
+pub fn info_nce_with_queue(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let (_, dim) = expect_float_matrix("q", q)?;
+    expect_same_shape("q", q, "k", k)?;
+    let (_, queue_dim) = expect_float_matrix("queue", queue)?;
+    if queue_dim != dim {
+        bail!("queue keys must have the query dimension {dim}, got {queue_dim}")
+    }
+    expect_positive("temperature", temperature)?;
+    let q = l2_normalize(q)?;
+    let k = l2_normalize(&k.detach())?;
+    let queue = queue.detach().to_dtype(q.dtype())?;
+    let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
+    let negatives = q.matmul(&queue.t()?)?;
+    let logits = (Tensor::cat(&[&positive, &negatives], 1)? / temperature)?;
+    cross_entropy_on_first_column(&logits)
+}
+
+/// In-batch InfoNCE (MoCo v3): query i's positive is key i, the other N − 1 keys are its
+/// negatives. `q` [N, D] normalised here with gradient, `k` [N, D] normalised and detached here
+/// (momentum-encoder keys). MoCo v3 symmetrises over the two views and scales by 2τ; the method
+/// does that.
+pub fn info_nce_in_batch(q: &Tensor, k: &Tensor, temperature: f64) -> Result<Tensor> {
+    expect_float_matrix("q", q)?;
+    expect_same_shape("q", q, "k", k)?;
+    expect_positive("temperature", temperature)?;
+    let q = l2_normalize(q)?;
+    let k = l2_normalize(&k.detach())?;
+    let logits = (q.matmul(&k.t()?)? / temperature)?;
+    let positive = ((&q * &k)?.sum(D::Minus1)? / temperature)?;
+    (log_sum_exp_rows(&logits)? - positive)?.mean_all()
+}
+
+/// Mean cross entropy of `logits` [N, 1 + K] whose target is column 0 for every row.
+fn cross_entropy_on_first_column(logits: &Tensor) -> Result<Tensor> {
+    let positive = logits.narrow(1, 0, 1)?.squeeze(1)?;
+    (log_sum_exp_rows(logits)? - positive)?.mean_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::loss::testing::*;
+    use candle_core::{DType, Var};
+
+    fn reference_queue(
+        q: &[Vec<f64>],
+        k: &[Vec<f64>],
+        queue: &[Vec<f64>],
+        temperature: f64,
+    ) -> f64 {
+        let mut total = 0.0;
+        for (qi, ki) in q.iter().zip(k) {
+            let positive = (cosine(qi, ki) / temperature).exp();
+            // The queue is already normalised: a plain dot product with the unit query.
+            let negatives: f64 = queue
+                .iter()
+                .map(|kj| (dot(&normalize(qi), kj) / temperature).exp())
+                .sum();
+            total += -(positive / (positive + negatives)).ln();
+        }
+        total / q.len() as f64
+    }
+
+    fn reference_in_batch(q: &[Vec<f64>], k: &[Vec<f64>], temperature: f64) -> f64 {
+        let mut total = 0.0;
+        for (i, qi) in q.iter().enumerate() {
+            let all: f64 = k
+                .iter()
+                .map(|kj| (cosine(qi, kj) / temperature).exp())
+                .sum();
+            total += -((cosine(qi, &k[i]) / temperature).exp() / all).ln();
+        }
+        total / q.len() as f64
+    }
+
+    fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let q = vec![vec![1.0, 0.3, -0.2], vec![-0.4, 0.9, 0.5]];
+        let k = vec![vec![0.8, 0.5, 0.1], vec![-0.1, 1.2, 0.2]];
+        let queue = [
+            vec![1.0, 1.0, 0.0],
+            vec![0.0, -1.0, 2.0],
+            vec![-3.0, 0.5, 0.5],
+            vec![0.2, 0.2, -1.0],
+        ]
+        .iter()
+        .map(|v| normalize(v))
+        .collect();
+        (q, k, queue)
+    }
+
+    #[test]
+    fn queue_loss_matches_the_definition() -> Result<()> {
+        let (q, k, queue) = example();
+        for temperature in [0.07, 0.2, 1.0] {
+            let loss = info_nce_with_queue(&matrix(&q), &matrix(&k), &matrix(&queue), temperature)?;
+            let expected = reference_queue(&q, &k, &queue, temperature);
+            assert!((loss.to_scalar::<f64>()? - expected).abs() < 1e-10);
+        }
+        let loss32 = info_nce_with_queue(
+            &matrix(&q).to_dtype(DType::F32)?,
+            &matrix(&k).to_dtype(DType::F32)?,
+            &matrix(&queue).to_dtype(DType::F32)?,
+            0.2,
+        )?;
+        assert!(
+            (loss32.to_scalar::<f32>()? as f64 - reference_queue(&q, &k, &queue, 0.2)).abs() < 1e-5
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn in_batch_loss_matches_the_definition() -> Result<()> {
+        let (q, k, _) = example();
+        let loss = info_nce_in_batch(&matrix(&q), &matrix(&k), 0.2)?.to_scalar::<f64>()?;
+        assert!((loss - reference_in_batch(&q, &k, 0.2)).abs() < 1e-10);
+        Ok(())
+    }
+
+    #[test]
+    fn query_gradients_match_finite_differences() {
+        let (q, k, queue) = example();
+        let inputs = [matrix(&q), matrix(&k), matrix(&queue)];
+        assert_gradients_match_finite_differences(&inputs, &[0], |x| {
+            info_nce_with_queue(&x[0], &x[1], &x[2], 0.2)
+        });
+        assert_gradients_match_finite_differences(&inputs, &[0], |x| {
+            info_nce_in_batch(&x[0], &x[1], 0.2)
+        });
+    }
+
+    #[test]
+    fn keys_and_queue_receive_no_gradient() -> Result<()> {
+        let (q, k, queue) = example();
+        let (q, k, queue) = (
+            Var::from_tensor(&matrix(&q))?,
+            Var::from_tensor(&matrix(&k))?,
+            Var::from_tensor(&matrix(&queue))?,
+        );
+        let grads = info_nce_with_queue(q.as_tensor(), k.as_tensor(), queue.as_tensor(), 0.2)?
+            .backward()?;
+        assert!(grads.get(q.as_tensor()).is_some());
+        assert!(grads.get(k.as_tensor()).is_none());
+        assert!(grads.get(queue.as_tensor()).is_none());
+        let grads = info_nce_in_batch(q.as_tensor(), k.as_tensor(), 0.2)?.backward()?;
+        assert!(grads.get(k.as_tensor()).is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_a_queue_of_another_dimension() {
+        let (q, k, _) = example();
+        let queue = matrix(&[vec![1.0, 0.0]]);
+        let err = info_nce_with_queue(&matrix(&q), &matrix(&k), &queue, 0.2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dimension 3"), "{err}");
+    }
+}
