@@ -77,10 +77,8 @@ pub fn parse_idx(bytes: &[u8], what: &str) -> Result<IdxArray> {
     ensure!(ndims >= 1, "{what}: IDX file declares 0 dimensions");
     let header_len = 4 + 4 * ndims;
     ensure!(bytes.len() >= header_len, "{what}: truncated IDX header ({ndims} dimensions declared)");
-    let dims: Vec<usize> = bytes[4..header_len]
-        .chunks_exact(4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header_len].chunks_exact(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize).collect();
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
