@@ -6,6 +6,7 @@ pub mod info_nce;
 pub mod nt_xent;
 pub mod simsiam;
 pub mod supcon;
+pub mod swav;
 
 pub use byol::byol;
 pub use common::l2_normalize;
@@ -13,6 +14,7 @@ pub use info_nce::{info_nce_in_batch, info_nce_with_queue};
 pub use nt_xent::nt_xent;
 pub use simsiam::simsiam;
 pub use supcon::supcon;
+pub use swav::{sinkhorn_knopp, swapped_prediction};
 
 /// Test helpers shared by every loss's tests: central finite differences and plain-`f64`
 /// vector arithmetic for the independent reference formulas.
