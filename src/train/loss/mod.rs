@@ -2,6 +2,8 @@
 
 pub mod byol;
 pub mod common;
+pub mod dcl;
+pub mod debiased;
 pub mod info_nce;
 pub mod nt_xent;
 pub mod simsiam;
@@ -10,6 +12,8 @@ pub mod swav;
 
 pub use byol::byol;
 pub use common::l2_normalize;
+pub use dcl::{dcl, dclw};
+pub use debiased::debiased_nt_xent;
 pub use info_nce::{info_nce_in_batch, info_nce_with_queue};
 pub use nt_xent::nt_xent;
 pub use simsiam::simsiam;

@@ -39,8 +39,8 @@ pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Te
     let has_positive = positive_count.gt(0.0)?.to_dtype(z.dtype())?;
     // Anchors without positives get 0/1 = 0 here and are left out of the mean below.
     let mean_positive_log_prob =
-        ((&log_prob * &positives)?.sum(D::Minus1)? / positive_count.clamp(1.0, f64::MAX)?)?;
-    let anchors = has_positive.sum_all()?.clamp(1.0, f64::MAX)?;
+        ((&log_prob * &positives)?.sum(D::Minus1)? / positive_count.maximum(1.0)?)?;
+    let anchors = has_positive.sum_all()?.maximum(1.0)?;
     (mean_positive_log_prob * has_positive)?
         .sum_all()?
         .neg()?
