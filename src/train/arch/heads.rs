@@ -108,14 +108,8 @@ impl Prototypes {
     /// Projects every prototype back onto the unit sphere (SwAV does this before each step).
     pub fn normalize(&self) -> Result<()> {
         let w = self.weight.as_tensor().detach();
-        self.weight.set(&l2_normalize(&w)?)
+        self.weight.set(&crate::train::loss::l2_normalize(&w)?)
     }
-}
-
-/// Rows scaled to unit L2 norm.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(candle_core::D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
-    x.broadcast_div(&norm)
 }
 
 #[cfg(test)]

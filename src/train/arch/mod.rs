@@ -3,3 +3,12 @@
 pub mod batch_norm;
 pub mod conv;
 pub mod im2col;
+pub mod ema;
+pub mod heads;
+pub mod methods;
+pub mod resnet;
+
+pub use ema::EmaPairs;
+pub use heads::{Mlp, MlpConfig, Prototypes};
+pub use resnet::{ResNet, ResNetConfig};
+pub use methods::{Method, MethodConfig};

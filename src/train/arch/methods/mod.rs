@@ -1,0 +1,214 @@
+//! One file per method, each a combination of the pieces in `pairs/`, `augment/`, `arch/` and
+//! `loss/`. Every method fits one interface: given a batch of augmented views (and labels, which
+//! only supervised methods read), return the loss; after the optimiser step, update whatever is
+//! not trained by gradient (momentum encoders, queues, prototypes).
+//!
+//! | method  | architecture class        | second branch            | pairs              | loss              |
+//! |---------|---------------------------|--------------------------|--------------------|-------------------|
+//! | SimCLR  | synchronous symmetric     | shared weights           | in-batch negatives | NT-Xent           |
+//! | SupCon  | synchronous symmetric     | shared weights           | label positives    | SupCon (L_out)    |
+//! | MoCo v2 | asynchronous symmetric    | momentum encoder         | memory queue       | InfoNCE (queue)   |
+//! | BYOL    | asynchronous asymmetric   | EMA target + predictor   | positives only     | normalised MSE    |
+//! | SimSiam | asynchronous asymmetric   | stop-gradient + predictor| positives only     | negative cosine   |
+//! | SwAV    | clustering                | shared weights           | swapped codes      | swapped prediction|
+
+pub mod byol;
+pub mod moco;
+pub mod simclr;
+pub mod simsiam;
+pub mod supcon;
+pub mod swav;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
+use crate::train::augment::AugmentConfig;
+
+/// Name prefix of the parameters that are not trained by gradient (momentum targets).
+pub const TARGET_PREFIX: &str = "target.";
+
+/// A method and its hyper-parameters; the name is the `--method` value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case")]
+pub enum MethodConfig {
+    Simclr { temperature: f64 },
+    #[serde(rename = "moco-v2")]
+    MocoV2 { temperature: f64, queue_size: usize, momentum: f64 },
+    Byol { base_momentum: f64, predictor_hidden: usize },
+    Simsiam { predictor_hidden: usize },
+    Swav { prototypes: usize, temperature: f64, epsilon: f64, sinkhorn_iterations: usize, freeze_prototypes_steps: usize },
+    Supcon { temperature: f64 },
+}
+
+impl MethodConfig {
+    pub const NAMES: [&'static str; 6] = ["simclr", "moco-v2", "byol", "simsiam", "swav", "supcon"];
+
+    /// The defaults for `name` (one of [`MethodConfig::NAMES`]), tuned for small images.
+    pub fn default_for(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "simclr" => Self::Simclr { temperature: 0.2 },
+            "moco-v2" | "moco" => Self::MocoV2 { temperature: 0.2, queue_size: 4096, momentum: 0.99 },
+            "byol" => Self::Byol { base_momentum: 0.99, predictor_hidden: 128 },
+            "simsiam" => Self::Simsiam { predictor_hidden: 32 },
+            "swav" => Self::Swav { prototypes: 100, temperature: 0.1, epsilon: 0.05, sinkhorn_iterations: 3, freeze_prototypes_steps: 100 },
+            "supcon" => Self::Supcon { temperature: 0.1 },
+            other => anyhow::bail!("unknown method '{other}': expected one of {}", Self::NAMES.join(", ")),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Simclr { .. } => "simclr",
+            Self::MocoV2 { .. } => "moco-v2",
+            Self::Byol { .. } => "byol",
+            Self::Simsiam { .. } => "simsiam",
+            Self::Swav { .. } => "swav",
+            Self::Supcon { .. } => "supcon",
+        }
+    }
+
+    /// The loss the method trains with, for manifests and logs.
+    pub fn loss_name(&self) -> &'static str {
+        match self {
+            Self::Simclr { .. } => "nt-xent",
+            Self::MocoV2 { .. } => "info-nce-queue",
+            Self::Byol { .. } => "byol-normalized-mse",
+            Self::Simsiam { .. } => "simsiam-negative-cosine",
+            Self::Swav { .. } => "swav-swapped-prediction",
+            Self::Supcon { .. } => "supcon",
+        }
+    }
+
+    /// Whether the method reads labels.
+    pub fn is_supervised(&self) -> bool {
+        matches!(self, Self::Supcon { .. })
+    }
+
+    /// The augmentation of each view. BYOL's second view adds solarisation (Grill et al. 2020);
+    /// blur is left out everywhere since it erases 28×28 images.
+    pub fn view_augmentations(&self) -> Vec<AugmentConfig> {
+        match self {
+            Self::Byol { .. } => vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }],
+            _ => vec![AugmentConfig::simclr(), AugmentConfig::simclr()],
+        }
+    }
+}
+
+/// What the trainer needs from a method.
+pub trait Method {
+    fn config(&self) -> &MethodConfig;
+
+    /// The loss of one batch. `views[v]` holds view `v` of every sample, `[N, C, H, W]`;
+    /// `labels` is `[N]` (u32). `step` counts optimiser steps from 0.
+    fn loss(&mut self, views: &[Tensor], labels: &Tensor, step: usize) -> Result<Tensor>;
+
+    /// Work after each optimiser step; `progress` is the fraction of training done.
+    fn after_step(&mut self, _progress: f64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The online encoder, whose pooled features are the embedding.
+    fn encoder(&self) -> &ResNet;
+
+    /// State that is neither a parameter nor a running statistic (MoCo's queue), for checkpoints.
+    fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(Vec::new())
+    }
+
+    fn load_buffers(&mut self, _buffers: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The networks a method is built from: one `VarMap` holds every parameter and running statistic,
+/// named `encoder.*`, `projector.*`, `predictor.*`, `prototypes.*` and `target.*`.
+pub struct MethodParts<'a> {
+    pub vb: VarBuilder<'a>,
+    pub varmap: &'a VarMap,
+    pub encoder: &'a ResNetConfig,
+    /// The projection head's sizes after the encoder, e.g. `[128, 64]` for 128→128→64.
+    pub projector_dims: &'a [usize],
+}
+
+impl MethodParts<'_> {
+    pub fn projector_config(&self) -> MlpConfig {
+        let mut dims = vec![self.encoder.feature_dim()];
+        dims.extend_from_slice(self.projector_dims);
+        MlpConfig::new(&dims)
+    }
+
+    /// The online branch: encoder and projector.
+    pub fn branch(&self, projector: &MlpConfig) -> Result<Branch> {
+        Branch::new(self.vb.clone(), self.encoder, projector)
+    }
+
+    /// A momentum copy of the online branch under [`TARGET_PREFIX`], starting equal to it.
+    pub fn target_branch(&self, projector: &MlpConfig) -> Result<(Branch, super::EmaPairs)> {
+        let target = Branch::new(self.vb.pp(TARGET_PREFIX.trim_end_matches('.')), self.encoder, projector)?;
+        let all = named_vars(self.varmap);
+        let online: Vec<_> = trainable_vars(self.varmap)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("encoder.") || n.starts_with("projector."))
+            .collect();
+        let ema = super::EmaPairs::new(&online, &all, TARGET_PREFIX)?;
+        Ok((target, ema))
+    }
+}
+
+/// Builds the method that `config` names.
+pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Method>> {
+    Ok(match config {
+        MethodConfig::Simclr { .. } => Box::new(simclr::SimClr::new(config.clone(), parts)?),
+        MethodConfig::MocoV2 { .. } => Box::new(moco::MocoV2::new(config.clone(), parts)?),
+        MethodConfig::Byol { .. } => Box::new(byol::Byol::new(config.clone(), parts)?),
+        MethodConfig::Simsiam { .. } => Box::new(simsiam::SimSiam::new(config.clone(), parts)?),
+        MethodConfig::Swav { .. } => Box::new(swav::Swav::new(config.clone(), parts)?),
+        MethodConfig::Supcon { .. } => Box::new(supcon::SupCon::new(config.clone(), parts)?),
+    })
+}
+
+/// An encoder followed by a projection head.
+pub struct Branch {
+    pub encoder: ResNet,
+    pub projector: Mlp,
+}
+
+impl Branch {
+    pub fn new(vb: VarBuilder, encoder: &ResNetConfig, projector: &MlpConfig) -> Result<Self> {
+        Ok(Self { encoder: ResNet::new(vb.pp("encoder"), encoder)?, projector: Mlp::new(vb.pp("projector"), projector)? })
+    }
+
+    /// Projections of every view from one forward pass over all of them (one large batch keeps
+    /// the matrix products efficient); returns one `[N, D]` tensor per view.
+    pub fn project_views(&self, views: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
+        let z = self.projector.forward_t(&self.encoder.forward_t(&Tensor::cat(views, 0)?, train)?, train)?;
+        z.chunk(views.len(), 0)
+    }
+}
+
+/// Every variable of the map with its name, sorted by name so that orders are reproducible.
+pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let mut vars: Vec<_> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// The parameters trained by gradient: everything but momentum targets and running statistics.
+pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    named_vars(varmap)
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with(TARGET_PREFIX) && !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .collect()
+}
+
+/// A fresh `VarMap` and builder on `device`, seeded for reproducible initialisation.
+pub fn new_varmap(device: &Device, seed: u64) -> Result<VarMap> {
+    device.set_seed(seed)?;
+    Ok(VarMap::new())
+}
+
+pub fn var_builder<'a>(varmap: &'a VarMap, device: &Device) -> VarBuilder<'a> {
+    VarBuilder::from_varmap(varmap, DType::F32, device)
+}
