@@ -67,9 +67,10 @@ pub fn knn_predict(
     for start in (0..test_rows).step_by(TEST_CHUNK_ROWS) {
         let len = TEST_CHUNK_ROWS.min(test_rows - start);
         let similarities = test.narrow(0, start, len)?.matmul(&train_t)?;
-        let similarities = similarities.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // One flat buffer (row after row) rather than a Vec per row.
+        let similarities = similarities.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let chunk: Vec<u32> = similarities
-            .par_iter()
+            .par_chunks(train_labels.len())
             .map(|row| weighted_vote(row, train_labels, num_classes, k, config.temperature))
             .collect();
         predictions.extend(chunk);
@@ -96,19 +97,13 @@ pub fn knn_accuracy(
 /// The class with the largest `Σ e^{s/T}` over the `k` most similar train rows.
 /// `similarities[j]` is the similarity to train row `j`; `1 <= k <= similarities.len()`.
 fn weighted_vote(similarities: &[f32], labels: &[u32], num_classes: usize, k: usize, temperature: f64) -> u32 {
-    let mut order: Vec<u32> = (0..similarities.len() as u32).collect();
-    // Partition so that the first k entries are the k most similar (in any order).
-    let by_similarity_desc = |a: &u32, b: &u32| similarities[*b as usize].total_cmp(&similarities[*a as usize]);
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, by_similarity_desc);
-    }
-    let neighbours = &order[..k];
+    let neighbours = top_k_indices(similarities, k);
 
     // Subtracting the largest similarity leaves the argmax unchanged and keeps e^{s/T} finite
     // for any temperature.
     let max_similarity = neighbours.iter().map(|&j| similarities[j as usize]).fold(f32::NEG_INFINITY, f32::max);
     let mut scores = vec![0.0f64; num_classes];
-    for &j in neighbours {
+    for &j in &neighbours {
         let s = (similarities[j as usize] - max_similarity) as f64;
         scores[labels[j as usize] as usize] += (s / temperature).exp();
     }
@@ -120,6 +115,32 @@ fn weighted_vote(similarities: &[f32], labels: &[u32], num_classes: usize, k: us
         }
     }
     best as u32
+}
+
+/// Indices of the `k` largest values (`1 <= k <= values.len()`), in no particular order;
+/// ties at the k-th value are broken towards lower indices.
+///
+/// Selecting the k-th largest value on a plain copy and then filtering is several times faster
+/// than partitioning an index array through indirect comparisons.
+fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
+    if k == values.len() {
+        return (0..values.len() as u32).collect();
+    }
+    let mut scratch = values.to_vec();
+    let (_, &mut threshold, _) = scratch.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let mut picked: Vec<u32> = Vec::with_capacity(k);
+    let mut ties_left = k - values.iter().filter(|v| v.total_cmp(&threshold).is_gt()).count();
+    for (i, v) in values.iter().enumerate() {
+        match v.total_cmp(&threshold) {
+            std::cmp::Ordering::Greater => picked.push(i as u32),
+            std::cmp::Ordering::Equal if ties_left > 0 => {
+                picked.push(i as u32);
+                ties_left -= 1;
+            }
+            _ => {}
+        }
+    }
+    picked
 }
 
 #[cfg(test)]
@@ -200,6 +221,18 @@ mod tests {
         let (test, test_labels) = make(100, 2); // 400 test rows: two chunks
         let accuracy = knn_accuracy(&train, &train_labels, &test, &test_labels, dims, &KnnConfig::default()).unwrap();
         assert_eq!(accuracy, 1.0);
+    }
+
+    #[test]
+    fn top_k_picks_the_largest_values_and_breaks_ties_by_index() {
+        let values = [0.5, 0.9, 0.1, 0.9, 0.7, 0.9];
+        let mut top = top_k_indices(&values, 2);
+        top.sort();
+        assert_eq!(top, vec![1, 3]);
+        let mut top = top_k_indices(&values, 4);
+        top.sort();
+        assert_eq!(top, vec![1, 3, 4, 5]);
+        assert_eq!(top_k_indices(&values, 6).len(), 6);
     }
 
     #[test]

@@ -1,16 +1,19 @@
 //! 5. Application layer: how good an encoder is, measured on frozen features.
 //!
 //! The field's protocol (see `TAXONOMY.md`, "Evaluation protocol used in the field"):
-//! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe, and the
+//! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), and the
 //! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
 //! them itself, so callers pass the backbone's raw features.
 
 pub mod alignment;
+pub mod features;
 pub mod knn;
+pub mod linear_probe;
 
 pub use alignment::{alignment, uniformity};
 pub use knn::{knn_accuracy, knn_predict, KnnConfig};
+pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor, D};
@@ -21,6 +24,8 @@ use serde::{Deserialize, Serialize};
 pub struct EvalReport {
     /// Test accuracy of the weighted k-NN classifier ([`knn_accuracy`]).
     pub knn_accuracy: f64,
+    /// Test accuracy of a linear classifier on the frozen, normalised features.
+    pub linear_probe_accuracy: Option<f64>,
     /// `E‖f(x)−f(x⁺)‖²` over positive pairs ([`alignment`]); lower is better.
     pub alignment: Option<f64>,
     /// `log E e^{−2‖f(x)−f(y)‖²}` ([`uniformity`]); lower is better.
