@@ -14,7 +14,7 @@ use candle_core::{Result, Tensor};
 
 use super::common::{expect_float_matrix, expect_same_shape, row_cosine};
 
-/// BYOL's `mean(2 − 2 cos(p, sg(z)))` for predictions `p` and targets `z`, both [N, D];
+/// BYOL's `mean(2 − 2 cos(p, sg(z)))` for predictions `p` and targets `z`, both `[N, D]`;
 /// `z` is detached here.
 pub fn byol(p: &Tensor, z: &Tensor) -> Result<Tensor> {
     expect_float_matrix("p", p)?;

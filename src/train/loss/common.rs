@@ -12,19 +12,19 @@ const NORM_EPS_SQUARED: f64 = 1e-24;
 /// contribute neither to the value nor to the gradient.
 pub const MASKED_LOGIT: f64 = -1e9;
 
-/// Divides every row of `x` ([N, D]) by its L2 norm: `x_i / ‖x_i‖`.
+/// Divides every row of `x` (`[N, D]`) by its L2 norm: `x_i / ‖x_i‖`.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let squared_norm = x.sqr()?.sum_keepdim(D::Minus1)?;
     let norm = (squared_norm + NORM_EPS_SQUARED)?.sqrt()?;
     x.broadcast_div(&norm)
 }
 
-/// Row-wise cosine similarity of two [N, D] matrices: `[cos(a_i, b_i)]`, shape [N].
+/// Row-wise cosine similarity of two `[N, D]` matrices: `[cos(a_i, b_i)]`, shape `[N]`.
 pub fn row_cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     (l2_normalize(a)? * l2_normalize(b)?)?.sum(D::Minus1)
 }
 
-/// `log Σ_j exp(x_ij)` over the last dimension of `x` ([M, K] -> [M]), computed as
+/// `log Σ_j exp(x_ij)` over the last dimension of `x` (`[M, K]` -> `[M]`), computed as
 /// `m + log Σ exp(x - m)` with `m` the row max. The shift is detached: the result does not depend
 /// on it, so its gradient is exactly zero and needs no path through `max`.
 pub fn log_sum_exp_rows(x: &Tensor) -> Result<Tensor> {
@@ -33,13 +33,13 @@ pub fn log_sum_exp_rows(x: &Tensor) -> Result<Tensor> {
     (sum_exp.log()? + shift)?.squeeze(D::Minus1)
 }
 
-/// An [n, n] matrix with [`MASKED_LOGIT`] on the diagonal and 0 elsewhere: added to a similarity
+/// An `[n, n]` matrix with [`MASKED_LOGIT`] on the diagonal and 0 elsewhere: added to a similarity
 /// matrix it removes each anchor from its own denominator.
 pub fn diagonal_logit_mask(n: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
     Tensor::eye(n, dtype, device)?.affine(MASKED_LOGIT, 0.0)
 }
 
-/// Checks that `t` is a floating-point [rows, cols] matrix and returns its dimensions.
+/// Checks that `t` is a floating-point `[rows, cols]` matrix and returns its dimensions.
 pub fn expect_float_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {
         bail!(

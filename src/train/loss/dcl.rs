@@ -20,7 +20,7 @@ use super::common::{
 };
 use crate::train::pairs::{label_positive_mask, view_labels};
 
-/// DCL of two views `z1`, `z2` ([N, D], normalised here) at `temperature`; mean over the 2N views.
+/// DCL of two views `z1`, `z2` (`[N, D]`, normalised here) at `temperature`; mean over the 2N views.
 pub fn dcl(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     decoupled(z1, z2, temperature, None)
 }

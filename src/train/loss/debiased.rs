@@ -18,7 +18,7 @@ use candle_core::{bail, Result, Tensor, D};
 use super::common::{expect_float_matrix, expect_positive, expect_same_shape, l2_normalize};
 use crate::train::pairs::{label_positive_mask, view_labels};
 
-/// The debiased contrastive loss of views `z1`, `z2` ([N, D], normalised here) at `temperature`
+/// The debiased contrastive loss of views `z1`, `z2` (`[N, D]`, normalised here) at `temperature`
 /// τ with class prior `tau_plus` τ⁺ ∈ [0, 1); mean over the 2N views.
 pub fn debiased_nt_xent(
     z1: &Tensor,

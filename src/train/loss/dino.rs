@@ -2,7 +2,7 @@
 //! Bojanowski, Joulin, "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021.
 //!
 //! The teacher (an EMA of the student) sees the global crops, the student all crops. Each
-//! teacher output `t` [B, K] is centred and sharpened into a target distribution, which the
+//! teacher output `t` `[B, K]` is centred and sharpened into a target distribution, which the
 //! student's output `s` of every *other* crop predicts:
 //!
 //! ```text
@@ -19,9 +19,9 @@ use candle_core::{bail, DType, Device, Result, Tensor, D};
 use super::common::{expect_float_matrix, expect_positive, log_sum_exp_rows};
 
 /// DINO's cross-entropy between teacher and student crops. `student` holds the student's outputs
-/// for all crops, `teacher` the teacher's outputs for the global crops; both [B, K] per crop, and
+/// for all crops, `teacher` the teacher's outputs for the global crops; both `[B, K]` per crop, and
 /// `student[i]` is the same crop as `teacher[i]` for the global crops (those pairs are skipped).
-/// `center` is [K] or [1, K]. Teacher outputs are detached here.
+/// `center` is `[K]` or `[1, K]`. Teacher outputs are detached here.
 pub fn dino(
     student: &[Tensor],
     teacher: &[Tensor],
@@ -96,7 +96,7 @@ impl DinoCenter {
         Self::from_tensor(&Tensor::zeros(dim, DType::F32, device)?, momentum)
     }
 
-    /// Restores a centre saved from [`tensor`](Self::tensor) ([K]).
+    /// Restores a centre saved from [`tensor`](Self::tensor) (`[K]`).
     pub fn from_tensor(center: &Tensor, momentum: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&momentum) {
             bail!("the centre momentum must lie in [0, 1], got {momentum}")
@@ -105,12 +105,12 @@ impl DinoCenter {
         Ok(Self { center, momentum })
     }
 
-    /// The centre [K].
+    /// The centre `[K]`.
     pub fn tensor(&self) -> &Tensor {
         &self.center
     }
 
-    /// Moves the centre towards the mean of the teacher outputs ([B, K] per global crop).
+    /// Moves the centre towards the mean of the teacher outputs (`[B, K]` per global crop).
     pub fn update(&mut self, teacher: &[Tensor]) -> Result<()> {
         if teacher.is_empty() {
             bail!("DinoCenter::update needs at least one teacher output")

@@ -17,8 +17,8 @@ use super::common::{
     expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
 };
 
-/// MoCo's InfoNCE: queries `q` [N, D] (normalised here, gradient flows), keys `k` [N, D]
-/// (normalised and detached here), `queue` [K, D] of already-normalised negatives (detached here).
+/// MoCo's InfoNCE: queries `q` `[N, D]` (normalised here, gradient flows), keys `k` `[N, D]`
+/// (normalised and detached here), `queue` `[K, D]` of already-normalised negatives (detached here).
 pub fn info_nce_with_queue(
     q: &Tensor,
     k: &Tensor,
@@ -42,7 +42,7 @@ pub fn info_nce_with_queue(
 }
 
 /// In-batch InfoNCE (MoCo v3): query i's positive is key i, the other N − 1 keys are its
-/// negatives. `q` [N, D] normalised here with gradient, `k` [N, D] normalised and detached here
+/// negatives. `q` `[N, D]` normalised here with gradient, `k` `[N, D]` normalised and detached here
 /// (momentum-encoder keys). MoCo v3 symmetrises over the two views and scales by 2τ; the method
 /// does that.
 pub fn info_nce_in_batch(q: &Tensor, k: &Tensor, temperature: f64) -> Result<Tensor> {
@@ -56,7 +56,7 @@ pub fn info_nce_in_batch(q: &Tensor, k: &Tensor, temperature: f64) -> Result<Ten
     (log_sum_exp_rows(&logits)? - positive)?.mean_all()
 }
 
-/// Mean cross entropy of `logits` [N, 1 + K] whose target is column 0 for every row.
+/// Mean cross entropy of `logits` `[N, 1 + K]` whose target is column 0 for every row.
 fn cross_entropy_on_first_column(logits: &Tensor) -> Result<Tensor> {
     let positive = logits.narrow(1, 0, 1)?.squeeze(1)?;
     (log_sum_exp_rows(logits)? - positive)?.mean_all()

@@ -28,7 +28,7 @@ pub use swav::{sinkhorn_knopp, swapped_prediction};
 pub(crate) mod testing {
     use candle_core::{Device, Result, Tensor, Var};
 
-    /// An F64 [rows, cols] tensor from nested vectors.
+    /// An F64 `[rows, cols]` tensor from nested vectors.
     pub fn matrix(rows: &[Vec<f64>]) -> Tensor {
         let cols = rows[0].len();
         let flat: Vec<f64> = rows.iter().flatten().copied().collect();

@@ -19,7 +19,7 @@ use super::common::{
 };
 use crate::train::pairs::{label_positive_mask, view_labels};
 
-/// SimCLR's NT-Xent of two views `z1`, `z2` ([N, D] projections, normalised here) at
+/// SimCLR's NT-Xent of two views `z1`, `z2` (`[N, D]` projections, normalised here) at
 /// `temperature` τ; the mean over all 2N views.
 pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     let (batch, _) = expect_float_matrix("z1", z1)?;

@@ -12,7 +12,7 @@ use candle_core::{Result, Tensor};
 
 use super::common::{expect_float_matrix, expect_same_shape, row_cosine};
 
-/// SimSiam's `mean(−cos(p, sg(z)))` for predictions `p` and projections `z`, both [N, D];
+/// SimSiam's `mean(−cos(p, sg(z)))` for predictions `p` and projections `z`, both `[N, D]`;
 /// `z` is detached here.
 pub fn simsiam(p: &Tensor, z: &Tensor) -> Result<Tensor> {
     expect_float_matrix("p", p)?;

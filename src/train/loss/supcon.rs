@@ -19,7 +19,7 @@ use super::common::{
 };
 use crate::train::pairs::label_positive_mask;
 
-/// SupCon's `L_out` of `features` [M, D] (normalised here) with `labels` [M] (any integer dtype;
+/// SupCon's `L_out` of `features` `[M, D]` (normalised here) with `labels` `[M]` (any integer dtype;
 /// a sample's label repeated for each of its views). Returns 0 when no anchor has a positive.
 pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Tensor> {
     let (views, _) = expect_float_matrix("features", features)?;

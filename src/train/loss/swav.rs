@@ -2,7 +2,7 @@
 //! Joulin, "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
 //! NeurIPS 2020.
 //!
-//! Scores `S = z Cᵀ` ([B, K]) compare normalised projections with K normalised prototypes. The
+//! Scores `S = z Cᵀ` (`[B, K]`) compare normalised projections with K normalised prototypes. The
 //! codes solve an entropy-regularised equipartition problem by Sinkhorn–Knopp, without gradient:
 //!
 //! ```text
@@ -20,8 +20,8 @@ use candle_core::{bail, Result, Tensor, D};
 
 use super::common::{expect_float_matrix, expect_positive, expect_same_shape, log_sum_exp_rows};
 
-/// SwAV's codes for `scores` [B, K] (prototype scores of one view): `iterations` rounds of
-/// Sinkhorn–Knopp at regularisation `epsilon`. Returns [B, K], non-negative, each row summing to
+/// SwAV's codes for `scores` `[B, K]` (prototype scores of one view): `iterations` rounds of
+/// Sinkhorn–Knopp at regularisation `epsilon`. Returns `[B, K]`, non-negative, each row summing to
 /// 1. The input is detached: codes are targets.
 pub fn sinkhorn_knopp(scores: &Tensor, epsilon: f64, iterations: usize) -> Result<Tensor> {
     let (batch, prototypes) = expect_float_matrix("scores", scores)?;
@@ -42,7 +42,7 @@ pub fn sinkhorn_knopp(scores: &Tensor, epsilon: f64, iterations: usize) -> Resul
     (q * batch as f64)?.t()?.contiguous()
 }
 
-/// SwAV's swapped prediction: view a's `scores_a` [B, K] predict view b's codes `codes_b` and vice
+/// SwAV's swapped prediction: view a's `scores_a` `[B, K]` predict view b's codes `codes_b` and vice
 /// versa, at `temperature` τ. The codes are detached here.
 pub fn swapped_prediction(
     scores_a: &Tensor,
@@ -61,7 +61,7 @@ pub fn swapped_prediction(
     ((a_predicts_b + b_predicts_a)? * 0.5)?.mean_all()
 }
 
-/// Per-sample `−Σ_k targets_k log softmax(scores/τ)_k`, shape [B].
+/// Per-sample `−Σ_k targets_k log softmax(scores/τ)_k`, shape `[B]`.
 fn cross_entropy_with_soft_targets(
     targets: &Tensor,
     scores: &Tensor,
@@ -78,7 +78,7 @@ mod tests {
     use crate::train::loss::testing::*;
     use candle_core::{DType, Device, Var};
 
-    /// Sinkhorn–Knopp by loops over a [B][K] table, written straight from the SwAV paper.
+    /// Sinkhorn–Knopp by loops over a `[B][K]` table, written straight from the SwAV paper.
     fn reference_codes(scores: &[Vec<f64>], epsilon: f64, iterations: usize) -> Vec<Vec<f64>> {
         let (b, k) = (scores.len(), scores[0].len());
         let mut q: Vec<Vec<f64>> = scores

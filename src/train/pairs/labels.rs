@@ -4,7 +4,7 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
-/// The [M, M] F32 positive mask of `labels` ([M], any integer or float dtype):
+/// The `[M, M]` F32 positive mask of `labels` (`[M]`, any integer or float dtype):
 /// `mask[i][j] = 1` when `labels[i] == labels[j]` and `i != j`, else 0 (an anchor is never its
 /// own positive).
 pub fn label_positive_mask(labels: &Tensor) -> Result<Tensor> {

@@ -5,7 +5,7 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::train::loss::common::l2_normalize;
 
-/// A fixed-size FIFO of past keys ([K, D], F32). It starts full of random unit vectors, as in
+/// A fixed-size FIFO of past keys (`[K, D]`, F32). It starts full of random unit vectors, as in
 /// MoCo, so every slot is always a valid negative; each [`push`](Self::push) overwrites the oldest
 /// entries. Stored keys never carry gradient.
 pub struct MemoryQueue {
@@ -27,7 +27,7 @@ impl MemoryQueue {
         })
     }
 
-    /// Restores a queue saved by [`to_tensor`](Self::to_tensor): `keys` [K, D], oldest first.
+    /// Restores a queue saved by [`to_tensor`](Self::to_tensor): `keys` `[K, D]`, oldest first.
     pub fn from_tensor(keys: &Tensor) -> Result<Self> {
         match keys.dims() {
             [size, dim] if *size > 0 && *dim > 0 => {}
@@ -52,7 +52,7 @@ impl MemoryQueue {
         Tensor::cat(&[oldest, newest], 0)
     }
 
-    /// The stored keys [K, D] in storage order (a ring buffer: the order does not matter to a loss
+    /// The stored keys `[K, D]` in storage order (a ring buffer: the order does not matter to a loss
     /// that uses them as a set of negatives).
     pub fn keys(&self) -> &Tensor {
         &self.keys
@@ -73,7 +73,7 @@ impl MemoryQueue {
         self.keys.dims()[1]
     }
 
-    /// Enqueues `keys` ([B, D], detached here, stored as F32) over the oldest entries, in order,
+    /// Enqueues `keys` (`[B, D]`, detached here, stored as F32) over the oldest entries, in order,
     /// wrapping around the end. When B > K only the last K keys survive, as if pushed one by one.
     /// The caller pushes keys already normalised (MoCo enqueues its normalised keys).
     pub fn push(&mut self, keys: &Tensor) -> Result<()> {
