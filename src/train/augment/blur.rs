@@ -49,36 +49,44 @@ pub fn gaussian_kernel(size: usize, sigma: f32) -> Vec<f32> {
 }
 
 /// Convolves every channel with `kernel` along rows, then along columns, reflecting at borders.
+///
+/// Both passes are written as `out += weight * shifted_source` over whole rows, which keeps the
+/// inner loops contiguous and cheap even without full optimisation.
 pub fn blur_separable(image: &mut Image, kernel: &[f32]) {
     let (height, width) = (image.shape.height, image.shape.width);
-    let radius = (kernel.len() / 2) as isize;
-    let mut scratch = vec![0.0; height * width];
+    let radius = kernel.len() / 2;
+    let mut padded_row = vec![0.0; width + 2 * radius];
+    let mut horizontal = vec![0.0; height * width];
     for plane in image.data.chunks_exact_mut(height * width) {
-        for y in 0..height {
-            for x in 0..width {
-                scratch[y * width + x] = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * plane[y * width + reflect(x as isize + k as isize - radius, width)])
-                    .sum();
+        // Rows: pad each with reflected values, then sum shifted copies.
+        for (row, out) in plane.chunks_exact(width).zip(horizontal.chunks_exact_mut(width)) {
+            for (p, value) in padded_row.iter_mut().enumerate() {
+                *value = row[reflect(p as isize - radius as isize, width)];
+            }
+            out.fill(0.0);
+            for (k, &weight) in kernel.iter().enumerate() {
+                out.iter_mut().zip(&padded_row[k..k + width]).for_each(|(o, &v)| *o += weight * v);
             }
         }
-        for y in 0..height {
-            for x in 0..width {
-                let value: f32 = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * scratch[reflect(y as isize + k as isize - radius, height) * width + x])
-                    .sum();
-                // A convex combination of values in [0, 1]; clamp away rounding.
-                plane[y * width + x] = value.clamp(0.0, 1.0);
+        // Columns: each output row sums whole reflected source rows.
+        for (y, out) in plane.chunks_exact_mut(width).enumerate() {
+            out.fill(0.0);
+            for (k, &weight) in kernel.iter().enumerate() {
+                let source = reflect(y as isize + k as isize - radius as isize, height);
+                let source_row = &horizontal[source * width..(source + 1) * width];
+                out.iter_mut().zip(source_row).for_each(|(o, &v)| *o += weight * v);
             }
+            // A convex combination of values in [0, 1]; clamp away rounding.
+            out.iter_mut().for_each(|v| *v = v.clamp(0.0, 1.0));
         }
     }
 }
 
 /// Index `i` reflected into `0..len` without repeating the edge (PyTorch's "reflect" mode).
 fn reflect(i: isize, len: usize) -> usize {
+    if (0..len as isize).contains(&i) {
+        return i as usize; // the common case, without a division
+    }
     if len == 1 {
         return 0;
     }
