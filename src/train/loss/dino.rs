@@ -177,7 +177,7 @@ mod tests {
     }
 
     /// Two global crops and one local crop, batch 2, K = 3.
-    fn crops() -> (Vec<Vec<Vec<f64>>>, Vec<Vec<Vec<f64>>>) {
+    fn crops() -> (Vec<Rows>, Vec<Rows>) {
         let student = vec![
             vec![vec![0.5, -0.2, 0.1], vec![0.3, 0.8, -0.4]],
             vec![vec![0.2, 0.1, 0.0], vec![-0.6, 0.4, 0.9]],
@@ -252,9 +252,15 @@ mod tests {
     fn rejects_a_single_crop() {
         let x = matrix(&[vec![1.0, 0.0]]);
         let center = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
-        let err = dino(&[x.clone()], &[x], &center, 0.1, 0.04)
-            .unwrap_err()
-            .to_string();
+        let err = dino(
+            std::slice::from_ref(&x),
+            std::slice::from_ref(&x),
+            &center,
+            0.1,
+            0.04,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("two student crops"), "{err}");
     }
 }

@@ -99,7 +99,7 @@ mod tests {
         total / q.len() as f64
     }
 
-    fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    fn example() -> (Rows, Rows, Rows) {
         let q = vec![vec![1.0, 0.3, -0.2], vec![-0.4, 0.9, 0.5]];
         let k = vec![vec![0.8, 0.5, 0.1], vec![-0.1, 1.2, 0.2]];
         let queue = [

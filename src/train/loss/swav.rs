@@ -79,6 +79,7 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// Sinkhorn–Knopp by loops over a `[B][K]` table, written straight from the SwAV paper.
+    #[allow(clippy::needless_range_loop)] // indices mirror the formula
     fn reference_codes(scores: &[Vec<f64>], epsilon: f64, iterations: usize) -> Vec<Vec<f64>> {
         let (b, k) = (scores.len(), scores[0].len());
         let mut q: Vec<Vec<f64>> = scores
