@@ -1,1 +1,269 @@
-fn main() {}
+//! `contrastive`: train contrastive image encoders, evaluate them, benchmark the trainer.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use contrastive::data::ImageShape;
+use contrastive::train::arch::MethodConfig;
+use contrastive::train::config::{DataSource, TrainConfig};
+use contrastive::train::optim::OptimizerConfig;
+use contrastive::train::trainer::{self, Model, TrainOptions};
+use contrastive::train::{bench, checkpoint};
+
+#[derive(Parser)]
+#[command(name = "contrastive", version, about = "Train contrastive image encoders, evaluate and benchmark them")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train an encoder with a contrastive method (or resume a run).
+    Train(TrainArgs),
+    /// Evaluate a run's encoder: k-NN, linear probe, alignment and uniformity.
+    Eval(EvalArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// Folder of MNIST-format IDX files [default: the Debian package's Fashion-MNIST]
+    #[arg(long, conflicts_with = "image_folder")]
+    data: Option<PathBuf>,
+    /// Image-folder dataset: ROOT/<class>/*.png|jpg, or ROOT/train/... and ROOT/test/...
+    #[arg(long)]
+    image_folder: Option<PathBuf>,
+    /// Side of the square images an image folder is resized to
+    #[arg(long, default_value_t = 28, requires = "image_folder")]
+    image_size: usize,
+    /// Channels an image folder is converted to (1: grayscale, 3: RGB)
+    #[arg(long, default_value_t = 1, requires = "image_folder")]
+    channels: usize,
+}
+
+impl DataArgs {
+    fn source(&self) -> Result<Option<DataSource>> {
+        if let Some(root) = &self.image_folder {
+            if !matches!(self.channels, 1 | 3) {
+                bail!("--channels must be 1 or 3, got {}", self.channels);
+            }
+            let shape = ImageShape::new(self.channels, self.image_size, self.image_size);
+            return Ok(Some(DataSource::ImageFolder { root: root.clone(), shape }));
+        }
+        Ok(self.data.clone().map(|dir| DataSource::MnistIdx { dir }))
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OptimizerName {
+    Sgd,
+    Lars,
+    Adamw,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// simclr, moco-v2, byol, simsiam, swav or supcon
+    #[arg(long, default_value = "simclr")]
+    method: String,
+    /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD]
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint
+    #[arg(long)]
+    resume: bool,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Peak learning rate [default: the method's]
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long, value_enum, default_value = "sgd")]
+    optimizer: OptimizerName,
+    #[arg(long, default_value_t = 5e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.0)]
+    warmup_epochs: f64,
+    /// Softmax temperature of the method's loss, where it has one
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Train on the first N images only
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Evaluate k-NN every N epochs (0: only at the end)
+    #[arg(long, default_value_t = 1)]
+    knn_every: usize,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Skip the linear probe and alignment/uniformity at the end
+    #[arg(long)]
+    no_final_eval: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Run folder written by `contrastive train`
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Evaluate on other data than the run's
+    #[command(flatten)]
+    data: DataArgs,
+    /// k-NN only (no linear probe, alignment, uniformity)
+    #[arg(long)]
+    knn_only: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Images/s of one training step of each method vs. a plain candle conv2d step.
+    Train {
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Methods to time [default: all]
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda_device(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda_device(ordinal),
+            _ => bail!("unknown device '{spec}': expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        bail!("this build has no CUDA support: rebuild with `cargo build --release --features cuda`");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
+            let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
+            bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.method));
+    let config = if args.resume {
+        TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?
+    } else {
+        build_config(&args)?
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = stop.clone();
+    ctrlc::set_handler(move || {
+        if handler_stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C stops at once
+        }
+        eprintln!("\nstopping after this step; a checkpoint will be saved (Ctrl-C again to quit now)");
+    })?;
+    let options = TrainOptions {
+        run_dir: run_dir.clone(),
+        device,
+        resume: args.resume,
+        stop: stop.clone(),
+        progress_bar: !args.no_progress,
+        final_eval: !args.no_final_eval,
+    };
+    let state = trainer::train(&config, &options)?;
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("interrupted after {} steps; resume with: contrastive train --out {} --resume", state.step, run_dir.display());
+        std::process::exit(130);
+    }
+    let summary = serde_json::json!({
+        "run": run_dir,
+        "method": config.method.name(),
+        "epochs": state.epoch,
+        "train_seconds": state.train_seconds,
+        "knn_history": state.knn_history,
+        "final_eval": state.final_eval,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut method = MethodConfig::default_for(&args.method)?;
+    if let Some(t) = args.temperature {
+        match &mut method {
+            MethodConfig::Simclr { temperature }
+            | MethodConfig::MocoV2 { temperature, .. }
+            | MethodConfig::Swav { temperature, .. }
+            | MethodConfig::Supcon { temperature } => *temperature = t,
+            _ => bail!("--temperature does not apply to {}", args.method),
+        }
+    }
+    let data = args.data.source()?.unwrap_or_else(DataSource::fashion_mnist);
+    let input = match &data {
+        DataSource::ImageFolder { shape, .. } => *shape,
+        DataSource::MnistIdx { .. } => ImageShape::new(1, 28, 28),
+    };
+    let mut config = TrainConfig::for_method(method, input);
+    config.data = data;
+    config.epochs = args.epochs;
+    config.batch_size = args.batch_size;
+    if let Some(lr) = args.lr {
+        config.learning_rate = lr;
+    }
+    config.optimizer = match args.optimizer {
+        OptimizerName::Sgd => OptimizerConfig::sgd(0.9, args.weight_decay),
+        OptimizerName::Lars => OptimizerConfig::lars(args.weight_decay),
+        OptimizerName::Adamw => OptimizerConfig::adamw(args.weight_decay),
+    };
+    config.warmup_epochs = args.warmup_epochs;
+    config.seed = args.seed;
+    config.train_limit = args.train_limit;
+    config.monitor.knn_every_epochs = args.knn_every;
+    config.validate()?;
+    Ok(config)
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let model = Model::load(&args.checkpoint, &device)?;
+    let source = args.data.source()?.unwrap_or_else(|| model.config.data.clone());
+    let (train_set, test_set) = source.load()?;
+    let test_set = test_set.context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
+    let report = trainer::evaluate(&model, &train_set, &test_set, !args.knn_only)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

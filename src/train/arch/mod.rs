@@ -5,6 +5,7 @@ pub mod conv;
 pub mod im2col;
 pub mod ema;
 pub mod heads;
+pub mod init;
 pub mod methods;
 pub mod resnet;
 

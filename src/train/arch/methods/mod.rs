@@ -19,7 +19,7 @@ pub mod simsiam;
 pub mod supcon;
 pub mod swav;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
@@ -203,12 +203,3 @@ pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
         .collect()
 }
 
-/// A fresh `VarMap` and builder on `device`, seeded for reproducible initialisation.
-pub fn new_varmap(device: &Device, seed: u64) -> Result<VarMap> {
-    device.set_seed(seed)?;
-    Ok(VarMap::new())
-}
-
-pub fn var_builder<'a>(varmap: &'a VarMap, device: &Device) -> VarBuilder<'a> {
-    VarBuilder::from_varmap(varmap, DType::F32, device)
-}

@@ -1,0 +1,106 @@
+//! Checkpoints in a run folder: `config.json`, `weights.safetensors` (every parameter, running
+//! statistic, momentum target and buffer), `optimizer.safetensors` and `state.json`. Every file
+//! is written under a temporary name and renamed into place, so an interrupted save leaves the
+//! previous checkpoint intact.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::EvalReport;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CURVES_FILE: &str = "curves.png";
+const BUFFER_PREFIX: &str = "buffer.";
+
+/// Where training stands, saved with every checkpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunState {
+    /// Full epochs done.
+    pub epoch: usize,
+    /// Batches done inside `epoch` (non-zero only after an interruption).
+    pub batch_in_epoch: usize,
+    /// Optimiser steps done in total.
+    pub step: usize,
+    pub finished: bool,
+    /// `(epoch, k-NN accuracy)` after each evaluated epoch.
+    pub knn_history: Vec<(usize, f64)>,
+    /// `(epoch as a fraction, loss)` at each logged step.
+    pub loss_history: Vec<(f64, f64)>,
+    /// The evaluation at the end of training.
+    pub final_eval: Option<EvalReport>,
+    /// Training time so far, evaluation excluded.
+    pub train_seconds: f64,
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_path(path);
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let tmp = temporary_path(path);
+    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+/// Saves the weights (with `buffers`), the optimiser state and the run state into `dir`.
+pub fn save(dir: &Path, varmap: &VarMap, buffers: &[(String, Tensor)], optimizer: &HashMap<String, Tensor>, state: &RunState) -> Result<()> {
+    let mut weights: HashMap<String, Tensor> =
+        varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    for (name, t) in buffers {
+        weights.insert(format!("{BUFFER_PREFIX}{name}"), t.clone());
+    }
+    save_tensors(&dir.join(WEIGHTS_FILE), &weights)?;
+    save_tensors(&dir.join(OPTIMIZER_FILE), optimizer)?;
+    // The state goes last: it names what the files above hold.
+    write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())
+}
+
+/// Loads the weights into `varmap` (every variable must be in the file) and returns the buffers.
+pub fn load_weights(dir: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let t = tensors.get(name).with_context(|| format!("{} has no tensor '{name}': it does not match the run config", path.display()))?;
+        anyhow::ensure!(
+            t.dims() == var.dims(),
+            "{}: '{name}' has shape {:?}, the model expects {:?}",
+            path.display(),
+            t.dims(),
+            var.dims()
+        );
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    Ok(tensors.into_iter().filter_map(|(n, t)| n.strip_prefix(BUFFER_PREFIX).map(|b| (b.to_string(), t))).collect())
+}
+
+pub fn load_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(OPTIMIZER_FILE);
+    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("cannot read optimiser state {}", path.display()))
+}
+
+pub fn load_state(dir: &Path) -> Result<RunState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}: is this a run folder?", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a valid run state", path.display()))
+}

@@ -1,0 +1,141 @@
+//! The run configuration: everything that describes a training run, written to `config.json` in
+//! the run folder so that a checkpoint can be rebuilt, resumed, evaluated and exported.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::arch::{MethodConfig, ResNetConfig};
+use super::augment::AugmentConfig;
+use super::optim::OptimizerConfig;
+use crate::data::{self, Dataset, ImageShape};
+
+/// Where the images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "format", rename_all = "kebab-case")]
+pub enum DataSource {
+    /// MNIST-format IDX files (`train-images-idx3-ubyte[.gz]`, `t10k-…`), e.g. Fashion-MNIST.
+    MnistIdx { dir: PathBuf },
+    /// `root/<class>/*.png|jpg`, or `root/train/<class>/…` and `root/test/<class>/…`; images are
+    /// converted and resized to `shape`.
+    ImageFolder { root: PathBuf, shape: ImageShape },
+}
+
+impl DataSource {
+    pub fn fashion_mnist() -> Self {
+        Self::MnistIdx { dir: PathBuf::from(data::idx::FASHION_MNIST_DIR) }
+    }
+
+    /// The training set and, where there is one, the test set.
+    pub fn load(&self) -> Result<(Dataset, Option<Dataset>)> {
+        match self {
+            Self::MnistIdx { dir } => {
+                let train = data::idx::load_mnist_format_dir(dir, data::idx::Split::Train)?;
+                let test = data::idx::load_mnist_format_dir(dir, data::idx::Split::Test)?;
+                Ok((train, Some(test)))
+            }
+            Self::ImageFolder { root, shape } => {
+                let (train_dir, test_dir) = (root.join("train"), root.join("test"));
+                if train_dir.is_dir() && test_dir.is_dir() {
+                    let train = data::image_folder::load_image_folder(&train_dir, *shape)?;
+                    let test = data::image_folder::load_image_folder(&test_dir, *shape)?;
+                    ensure!(
+                        train.class_names == test.class_names,
+                        "{} and {} must hold the same class folders",
+                        train_dir.display(),
+                        test_dir.display()
+                    );
+                    Ok((train, Some(test)))
+                } else {
+                    Ok((data::image_folder::load_image_folder(root, *shape)?, None))
+                }
+            }
+        }
+    }
+}
+
+/// How often and how the trainer measures k-NN accuracy during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    /// Evaluate k-NN after every this many epochs (0: never during training).
+    pub knn_every_epochs: usize,
+    /// Use at most this many training images as the k-NN memory bank (all when `None`).
+    pub knn_train_limit: Option<usize>,
+    /// Use at most this many test images (all when `None`).
+    pub knn_test_limit: Option<usize>,
+    /// Log the loss every this many steps.
+    pub log_every_steps: usize,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self { knn_every_epochs: 1, knn_train_limit: None, knn_test_limit: None, log_every_steps: 10 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub method: MethodConfig,
+    pub encoder: ResNetConfig,
+    /// Projection head sizes after the encoder's feature, e.g. `[128, 64]`.
+    pub projector_dims: Vec<usize>,
+    /// One augmentation pipeline per view.
+    pub augment: Vec<AugmentConfig>,
+    pub optimizer: OptimizerConfig,
+    /// Peak learning rate (after warm-up), for `batch_size`.
+    pub learning_rate: f64,
+    pub warmup_epochs: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub data: DataSource,
+    /// Use only the first this many training images (quick runs and tests).
+    pub train_limit: Option<usize>,
+    pub monitor: MonitorConfig,
+}
+
+impl TrainConfig {
+    /// The defaults for a method on Fashion-MNIST-sized images: the canonical encoder, a
+    /// 128→128→64 projector, SGD momentum 0.9 with weight decay 5e-4 and cosine decay.
+    pub fn for_method(method: MethodConfig, input: ImageShape) -> Self {
+        let learning_rate = match method {
+            MethodConfig::Simsiam { .. } => 0.06,
+            _ => 0.12,
+        };
+        Self {
+            augment: method.view_augmentations(),
+            method,
+            encoder: ResNetConfig::canonical(input.channels),
+            projector_dims: vec![128, 64],
+            optimizer: OptimizerConfig::sgd(0.9, 5e-4),
+            learning_rate,
+            warmup_epochs: 0.0,
+            epochs: 3,
+            batch_size: 256,
+            seed: 0,
+            data: DataSource::fashion_mnist(),
+            train_limit: None,
+            monitor: MonitorConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.encoder.validate()?;
+        ensure!(self.batch_size >= 2, "batch size must be at least 2 (contrastive losses need negatives), got {}", self.batch_size);
+        ensure!(self.epochs >= 1, "epochs must be at least 1");
+        ensure!(self.learning_rate > 0.0 && self.learning_rate.is_finite(), "learning rate must be positive, got {}", self.learning_rate);
+        ensure!(!self.projector_dims.is_empty(), "the projector needs at least one layer size");
+        ensure!(self.augment.len() == 2, "methods here train on two views; got {} augmentation pipelines", self.augment.len());
+        Ok(())
+    }
+
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        crate::train::checkpoint::write_atomically(path, serde_json::to_string_pretty(self)?.as_bytes())
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))
+    }
+}
