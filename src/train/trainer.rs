@@ -278,8 +278,9 @@ fn augmented_pair_features(model: &Model, dataset: &Dataset) -> Result<(Tensor, 
 fn draw_curves(dir: &Path, config: &TrainConfig, state: &RunState) {
     let title = format!("{}, batch {}", config.method.name(), config.batch_size);
     let acc: Vec<(f64, f64)> = state.knn_history.iter().map(|&(e, a)| (e as f64, a)).collect();
-    // CURVES-PENDING
-    let _ = (dir, acc, title);
+    if let Err(err) = super::curves::draw_curves(&dir.join(checkpoint::CURVES_FILE), &state.loss_history, &acc, &title) {
+        tracing::warn!("could not draw the training curves: {err:#}");
+    }
 }
 
 fn progress_bar(visible: bool, total: u64, position: u64) -> ProgressBar {
