@@ -66,21 +66,21 @@ fn draw_panel(image: &mut RgbImage, x0: i32, name: &str, series: &[(f64, f64)], 
 
     draw_text(image, left + ((right - left) - text_width(name, 2)) / 2, PLOT_TOP - 26, name, 2, INK);
     let axis_name = "epoch";
-    draw_text(image, left + ((right - left) - text_width(axis_name, 2)) / 2, PLOT_BOTTOM + 30, axis_name, 2, INK);
+    draw_text(image, left + ((right - left) - text_width(axis_name, 2)) / 2, PLOT_BOTTOM + 34, axis_name, 2, INK);
 
     for tick in x_axis.ticks() {
         let (px, _) = to_pixel((tick, y_axis.low));
         draw_line(image, (px, PLOT_TOP), (px, PLOT_BOTTOM), GRID);
         draw_line(image, (px, PLOT_BOTTOM), (px, PLOT_BOTTOM + TICK_LENGTH), INK);
         let label = x_axis.label(tick);
-        draw_text(image, px - text_width(&label, 1) / 2, PLOT_BOTTOM + TICK_LENGTH + 4, &label, 1, INK);
+        draw_text(image, px - text_width(&label, 2) / 2, PLOT_BOTTOM + TICK_LENGTH + 4, &label, 2, INK);
     }
     for tick in y_axis.ticks() {
         let (_, py) = to_pixel((x_axis.low, tick));
         draw_line(image, (left, py), (right, py), GRID);
         draw_line(image, (left - TICK_LENGTH, py), (left, py), INK);
         let label = y_axis.label(tick);
-        draw_text(image, left - TICK_LENGTH - 4 - text_width(&label, 1), py - GLYPH_HEIGHT / 2, &label, 1, INK);
+        draw_text(image, left - TICK_LENGTH - 4 - text_width(&label, 2), py - GLYPH_HEIGHT, &label, 2, INK);
     }
     draw_line(image, (left, PLOT_TOP), (left, PLOT_BOTTOM), INK);
     draw_line(image, (left, PLOT_BOTTOM), (right, PLOT_BOTTOM), INK);
