@@ -2,6 +2,7 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod fused_batch_norm;
 pub mod im2col;
 pub mod ema;
 pub mod heads;

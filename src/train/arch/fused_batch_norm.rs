@@ -1,0 +1,325 @@
+//! Training-mode batch norm (Ioffe & Szegedy 2015, "Batch Normalization") as one CPU op with
+//! its own backward, optionally followed by a ReLU in the same pass.
+//!
+//! Written with candle primitives, batch norm costs a dozen full-tensor passes forward and more
+//! backward (transposed copies, broadcasts, reductions, candle's four-pass ReLU backward). Here,
+//! for `x: [N, C, …]` and `M = N·(product of the trailing dims)` values per channel:
+//!
+//! ```text
+//! forward:   μ = Σx/M,  σ² = Σ(x−μ)²/M,  x̂ = (x−μ)/√(σ²+ε),  y = γ·x̂ + β   [then max(0, y)]
+//! backward:  g = dy [· 1(y>0)],  dβ = Σg,  dγ = Σ g·x̂,
+//!            dx = γ/√(σ²+ε) · (g − dβ/M − x̂·dγ/M)
+//! ```
+//!
+//! Each direction is one statistics pass (parallel over channels, sums in f64) and one
+//! element-wise pass (parallel over images). f32 and f64, CPU only.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Per-channel batch statistics of one forward pass, and what its backward needs.
+#[derive(Debug, Clone)]
+pub struct BatchStatistics {
+    /// Batch mean per channel.
+    pub mean: Vec<f64>,
+    /// Biased batch variance per channel (divided by `count`).
+    pub variance: Vec<f64>,
+    /// Values per channel, `M`.
+    pub count: usize,
+    inv_std: Vec<f64>,
+    gamma: Vec<f64>,
+}
+
+/// `[N, C, rest…]` viewed as `N` images of `C` rows of `plane` values.
+#[derive(Debug, Clone, Copy)]
+struct ChannelLayout {
+    images: usize,
+    channels: usize,
+    plane: usize,
+}
+
+impl ChannelLayout {
+    fn new(dims: &[usize]) -> Result<Self> {
+        if dims.len() < 2 {
+            bail!("batch norm expects [N, C, ...], got shape {dims:?}")
+        }
+        Ok(Self { images: dims[0], channels: dims[1], plane: dims[2..].iter().product() })
+    }
+
+    fn count(&self) -> usize {
+        self.images * self.plane
+    }
+
+    /// The `plane` values of channel `c` in image `n`.
+    fn row<'a, T>(&self, data: &'a [T], n: usize, c: usize) -> &'a [T] {
+        &data[(n * self.channels + c) * self.plane..][..self.plane]
+    }
+}
+
+/// Sums of `a − shift` and `(a − shift)²` over a row, in 16 independent lanes so that the
+/// compiler vectorises them; returned in f64.
+fn shifted_sums<T: WithDType>(row: &[T], shift: T) -> (f64, f64) {
+    const LANES: usize = 16;
+    let zero = T::from_f64(0.0);
+    let (mut sum, mut sum_sq) = ([zero; LANES], [zero; LANES]);
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for i in 0..LANES {
+            let d = chunk[i] - shift;
+            sum[i] += d;
+            sum_sq[i] += d * d;
+        }
+    }
+    let (mut s, mut ss) = (0f64, 0f64);
+    for &a in tail {
+        let d = (a - shift).to_f64();
+        s += d;
+        ss += d * d;
+    }
+    (s + sum.iter().map(|v| v.to_f64()).sum::<f64>(), ss + sum_sq.iter().map(|v| v.to_f64()).sum::<f64>())
+}
+
+/// Sums of `g` and `g·(x − mean)` over a row, where `g = dy` masked by `y > 0` when `relu`.
+fn gradient_sums<T: WithDType>(x: &[T], y: &[T], dy: &[T], mean: T, relu: bool) -> (f64, f64) {
+    const LANES: usize = 16;
+    let zero = T::from_f64(0.0);
+    let (mut sum, mut sum_dot) = ([zero; LANES], [zero; LANES]);
+    let n = x.len() / LANES * LANES;
+    for start in (0..n).step_by(LANES) {
+        let (x, y, dy) = (&x[start..start + LANES], &y[start..start + LANES], &dy[start..start + LANES]);
+        for i in 0..LANES {
+            let g = if relu && y[i] <= zero { zero } else { dy[i] };
+            sum[i] += g;
+            sum_dot[i] += g * (x[i] - mean);
+        }
+    }
+    let (mut s, mut sd) = (0f64, 0f64);
+    for i in n..x.len() {
+        let g = if relu && y[i] <= zero { 0.0 } else { dy[i].to_f64() };
+        s += g;
+        sd += g * (x[i] - mean).to_f64();
+    }
+    (s + sum.iter().map(|v| v.to_f64()).sum::<f64>(), sd + sum_dot.iter().map(|v| v.to_f64()).sum::<f64>())
+}
+
+fn batch_statistics<T: WithDType>(layout: ChannelLayout, x: &[T], gamma: &[T], eps: f64) -> BatchStatistics {
+    let count = layout.count();
+    let (mean, variance): (Vec<f64>, Vec<f64>) = (0..layout.channels)
+        .into_par_iter()
+        .map(|c| {
+            if count == 0 {
+                return (0.0, 0.0);
+            }
+            // Sums around the channel's first value keep E[x²] − E[x]² from cancelling.
+            let shift = layout.row(x, 0, c)[0];
+            let (sum, sum_sq) = (0..layout.images)
+                .map(|n| shifted_sums(layout.row(x, n, c), shift))
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            let shifted_mean = sum / count as f64;
+            (shift.to_f64() + shifted_mean, (sum_sq / count as f64 - shifted_mean * shifted_mean).max(0.0))
+        })
+        .unzip();
+    let inv_std = variance.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    BatchStatistics { mean, variance, count, inv_std, gamma: gamma.iter().map(|g| g.to_f64()).collect() }
+}
+
+/// `y = max?(0, x·scale + shift)` per channel.
+fn normalise<T: WithDType>(layout: ChannelLayout, x: &[T], scale: &[T], shift: &[T], relu: bool) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut y = vec![zero; x.len()];
+    let image_len = (layout.channels * layout.plane).max(1);
+    y.par_chunks_mut(image_len).zip(x.par_chunks(image_len)).for_each(|(y_image, x_image)| {
+        for (c, (y_row, x_row)) in y_image.chunks_mut(layout.plane.max(1)).zip(x_image.chunks(layout.plane.max(1))).enumerate() {
+            let (a, b) = (scale[c], shift[c]);
+            if relu {
+                y_row.iter_mut().zip(x_row).for_each(|(y, &x)| {
+                    let v = x * a + b;
+                    *y = if v > zero { v } else { zero };
+                });
+            } else {
+                y_row.iter_mut().zip(x_row).for_each(|(y, &x)| *y = x * a + b);
+            }
+        }
+    });
+    y
+}
+
+fn forward<T: WithDType>(layout: ChannelLayout, x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, BatchStatistics) {
+    let stats = batch_statistics(layout, x, gamma, eps);
+    let scale: Vec<f64> = (0..layout.channels).map(|c| stats.gamma[c] * stats.inv_std[c]).collect();
+    let shift: Vec<T> = (0..layout.channels).map(|c| T::from_f64(beta[c].to_f64() - stats.mean[c] * scale[c])).collect();
+    let scale: Vec<T> = scale.into_iter().map(T::from_f64).collect();
+    (normalise(layout, x, &scale, &shift, relu), stats)
+}
+
+/// `(dx, dγ, dβ)` from the forward's statistics.
+fn backward<T: WithDType>(layout: ChannelLayout, stats: &BatchStatistics, x: &[T], y: &[T], dy: &[T], relu: bool) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let (d_beta, sum_dot): (Vec<f64>, Vec<f64>) = (0..layout.channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = T::from_f64(stats.mean[c]);
+            (0..layout.images)
+                .map(|n| gradient_sums(layout.row(x, n, c), layout.row(y, n, c), layout.row(dy, n, c), mean, relu))
+                .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+        })
+        .unzip();
+    let d_gamma: Vec<f64> = sum_dot.iter().zip(&stats.inv_std).map(|(s, i)| s * i).collect();
+    // dx = k_dy·g + k_x·x + k_1 per channel (the formula in the module docs, expanded).
+    let m = layout.count().max(1) as f64;
+    let mut coefficients = Vec::with_capacity(layout.channels);
+    for c in 0..layout.channels {
+        let (inv_std, mean) = (stats.inv_std[c], stats.mean[c]);
+        let k_dy = stats.gamma[c] * inv_std;
+        let k_x = -k_dy * inv_std * d_gamma[c] / m;
+        let k_1 = -k_dy * d_beta[c] / m - k_x * mean;
+        coefficients.push((T::from_f64(k_dy), T::from_f64(k_x), T::from_f64(k_1)));
+    }
+    let zero = T::from_f64(0.0);
+    let mut dx = vec![zero; x.len()];
+    let (image_len, plane) = ((layout.channels * layout.plane).max(1), layout.plane.max(1));
+    dx.par_chunks_mut(image_len)
+        .zip(x.par_chunks(image_len).zip(y.par_chunks(image_len)).zip(dy.par_chunks(image_len)))
+        .for_each(|(dx_image, ((x_image, y_image), dy_image))| {
+            for (c, dx_row) in dx_image.chunks_mut(plane).enumerate() {
+                let (k_dy, k_x, k_1) = coefficients[c];
+                let rows = x_image[c * plane..][..plane].iter().zip(&y_image[c * plane..][..plane]).zip(&dy_image[c * plane..][..plane]);
+                for (d, ((&x, &y), &dy)) in dx_row.iter_mut().zip(rows) {
+                    let g = if relu && y <= zero { zero } else { dy };
+                    *d = k_dy * g + k_x * x + k_1;
+                }
+            }
+        });
+    (dx, d_gamma, d_beta)
+}
+
+fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => bail!("fused batch norm: {what} must be contiguous"),
+    }
+}
+
+/// Forward op on `(x, γ, β)`; shares its statistics with the caller (running averages) and
+/// with its own backward.
+struct BatchNormTrain {
+    eps: f64,
+    relu: bool,
+    statistics: Arc<Mutex<Option<BatchStatistics>>>,
+}
+
+impl BatchNormTrain {
+    fn run<T: WithDType>(&self, x: &[T], lx: &Layout, gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
+        let layout = ChannelLayout::new(lx.dims())?;
+        if gamma.len() != layout.channels || beta.len() != layout.channels {
+            bail!("batch norm: input has {} channels but weight and bias have {} and {}", layout.channels, gamma.len(), beta.len())
+        }
+        let (y, stats) = forward(layout, x, gamma, beta, self.eps, self.relu);
+        *self.statistics.lock().expect("batch-norm statistics lock") = Some(stats);
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm-train"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                contiguous(s1, l1, "input")?,
+                l1,
+                contiguous(s2, l2, "weight")?,
+                contiguous(s3, l3, "bias")?,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                contiguous(s1, l1, "input")?,
+                l1,
+                contiguous(s2, l2, "weight")?,
+                contiguous(s3, l3, "bias")?,
+            )?),
+            _ => bail!(
+                "fused batch norm supports f32 or f64 with one dtype for input, weight and bias, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.statistics.lock().expect("batch-norm statistics lock").clone() else {
+            bail!("fused batch norm: backward called before forward")
+        };
+        let parameter_grads = Arc::new(Mutex::new(None));
+        let grad_op = BatchNormTrainGrad { relu: self.relu, stats, parameter_grads: parameter_grads.clone() };
+        let dx = x.apply_op3_no_bwd(y, &dy.contiguous()?, &grad_op)?;
+        let Some((d_gamma, d_beta)) = parameter_grads.lock().expect("batch-norm gradient lock").take() else {
+            bail!("fused batch norm: gradient op produced no parameter gradients")
+        };
+        let channels = d_gamma.len();
+        let d_gamma = Tensor::from_vec(d_gamma, channels, x.device())?.to_dtype(gamma.dtype())?;
+        let d_beta = Tensor::from_vec(d_beta, channels, x.device())?.to_dtype(beta.dtype())?;
+        Ok((Some(dx), Some(d_gamma), Some(d_beta)))
+    }
+}
+
+/// `dx` from `(x, y, dy)`; leaves `(dγ, dβ)` in `parameter_grads`.
+struct BatchNormTrainGrad {
+    relu: bool,
+    stats: BatchStatistics,
+    parameter_grads: Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>,
+}
+
+impl BatchNormTrainGrad {
+    fn run<T: WithDType>(&self, lx: &Layout, x: &[T], y: &[T], dy: &[T]) -> Result<Vec<T>> {
+        let layout = ChannelLayout::new(lx.dims())?;
+        if y.len() != x.len() || dy.len() != x.len() {
+            bail!("fused batch norm backward: input, output and gradient sizes differ ({}, {}, {})", x.len(), y.len(), dy.len())
+        }
+        let (dx, d_gamma, d_beta) = backward(layout, &self.stats, x, y, dy, self.relu);
+        *self.parameter_grads.lock().expect("batch-norm gradient lock") = Some((d_gamma, d_beta));
+        Ok(dx)
+    }
+}
+
+impl CustomOp3 for BatchNormTrainGrad {
+    fn name(&self) -> &'static str {
+        "fused-batch-norm-train-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dx = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.run(l1, contiguous(s1, l1, "input")?, contiguous(s2, l2, "output")?, contiguous(s3, l3, "gradient")?)?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(self.run(l1, contiguous(s1, l1, "input")?, contiguous(s2, l2, "output")?, contiguous(s3, l3, "gradient")?)?)
+            }
+            _ => bail!("fused batch norm backward supports f32 or f64, got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+        };
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+/// Training-mode batch norm of `x: [N, C, …]` with batch statistics, `[max(0, ·)]` when `relu`,
+/// as one op with its own backward; also returns the batch statistics (for running averages).
+/// CPU, f32 or f64 (`x`, `gamma`, `beta` of one dtype).
+pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<(Tensor, BatchStatistics)> {
+    if !x.device().is_cpu() {
+        bail!("fused batch norm runs on the CPU only, got {:?}", x.device())
+    }
+    let statistics = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain { eps, relu, statistics: statistics.clone() };
+    let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let stats = statistics.lock().expect("batch-norm statistics lock").clone();
+    match stats {
+        Some(stats) => Ok((y, stats)),
+        None => bail!("fused batch norm: forward produced no statistics"),
+    }
+}
