@@ -2,13 +2,19 @@
 //! grayscale, widths 32/64/128) at 512 images with candle's conv2d and with the im2col op, in the
 //! same run, and prints the ratio.
 //!
-//! Run: `cargo run --release --example conv_speed [-- --batch 512 --reps 2]`
+//! `--encoder` instead times the whole encoder's forward + backward, as `resnet.rs` writes it and
+//! as a replica with the fused activations.
+//!
+//! Run: `cargo run --release --example conv_speed [-- --batch 512 --reps 2 --im2col-only | --encoder]`
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
+use contrastive::train::arch::activation::add_relu;
+use contrastive::train::arch::batch_norm::BatchNorm2d;
 use contrastive::train::arch::conv::{set_default_backend, Conv2d, ConvBackend};
+use contrastive::train::arch::resnet::{ResNet, ResNetConfig};
 use candle_nn::{VarBuilder, VarMap};
 
 /// One conv layer of the canonical encoder: name, in, out, kernel, stride, padding, input side.
@@ -52,14 +58,110 @@ fn time_layers(backend: ConvBackend, batch: usize, reps: usize) -> Result<Vec<(f
     Ok(times)
 }
 
+/// The canonical encoder rebuilt from this crate's layers with the fused activations:
+/// batch norm + ReLU in one op, residual sum + ReLU in one op.
+struct FusedEncoder {
+    stem: (Conv2d, BatchNorm2d),
+    blocks: Vec<(Conv2d, BatchNorm2d, Conv2d, BatchNorm2d, Option<(Conv2d, BatchNorm2d)>)>,
+}
+
+impl FusedEncoder {
+    fn new(vb: VarBuilder) -> Result<Self> {
+        let stem = (Conv2d::new(vb.pp("stem.conv"), 1, 32, 3, 1, 1)?, BatchNorm2d::new(vb.pp("stem.bn"), 32)?);
+        let mut blocks = Vec::new();
+        for (i, (c_in, c_out, stride)) in [(32, 32, 1), (32, 64, 2), (64, 128, 2)].into_iter().enumerate() {
+            let vb = vb.pp(format!("block{i}"));
+            let shortcut = match stride != 1 || c_in != c_out {
+                true => Some((Conv2d::new(vb.pp("sc.conv"), c_in, c_out, 1, stride, 0)?, BatchNorm2d::new(vb.pp("sc.bn"), c_out)?)),
+                false => None,
+            };
+            blocks.push((
+                Conv2d::new(vb.pp("conv1"), c_in, c_out, 3, stride, 1)?,
+                BatchNorm2d::new(vb.pp("bn1"), c_out)?,
+                Conv2d::new(vb.pp("conv2"), c_out, c_out, 3, 1, 1)?,
+                BatchNorm2d::new(vb.pp("bn2"), c_out)?,
+                shortcut,
+            ));
+        }
+        Ok(Self { stem, blocks })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = self.stem.1.forward_t_relu(&self.stem.0.forward(x)?, train)?;
+        for (conv1, bn1, conv2, bn2, shortcut) in &self.blocks {
+            let y = bn1.forward_t_relu(&conv1.forward(&h)?, train)?;
+            let y = bn2.forward_t(&conv2.forward(&y)?, train)?;
+            let identity = match shortcut {
+                Some((conv, bn)) => bn.forward_t(&conv.forward(&h)?, train)?,
+                None => h.clone(),
+            };
+            h = add_relu(&y, &identity)?;
+        }
+        Ok(h.flatten_from(2)?.mean(D::Minus1)?)
+    }
+}
+
+/// Seconds of (forward, backward) of the whole canonical encoder (convs, batch norms, ReLUs,
+/// pooling) in training mode, and the CPU seconds of both, the best of `reps` runs after one
+/// warm-up: `ResNet` as written in
+/// `resnet.rs` when `!fused`, else [`FusedEncoder`].
+fn time_encoder(fused: bool, batch: usize, reps: usize) -> Result<(f64, f64, f64)> {
+    set_default_backend(ConvBackend::Im2col);
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let (resnet, fused_encoder) = match fused {
+        false => (Some(ResNet::new(vb, &ResNetConfig::canonical(1))?), None),
+        true => (None, Some(FusedEncoder::new(vb)?)),
+    };
+    let images = Tensor::randn(0f32, 1.0, (batch, 1, 28, 28), &device)?;
+    let mut best = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    for _ in 0..reps + 1 {
+        let cpu_start = cpu_seconds();
+        let start = Instant::now();
+        let features = match (&resnet, &fused_encoder) {
+            (Some(net), _) => net.forward_t(&images, true)?,
+            (_, Some(net)) => net.forward_t(&images, true)?,
+            _ => unreachable!(),
+        };
+        let forward = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        features.sum_all()?.backward()?;
+        let backward = start.elapsed().as_secs_f64();
+        best = (best.0.min(forward), best.1.min(backward), best.2.min(cpu_seconds() - cpu_start));
+    }
+    Ok(best)
+}
+
+/// User + system CPU seconds of this process so far (Linux; 0 elsewhere). On a shared machine
+/// the CPU time of a run varies less than its wall time.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str, default: usize| {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect(name))
     };
     let (batch, reps) = (flag("--batch", 512), flag("--reps", 2));
+    if args.iter().any(|a| a == "--encoder") {
+        for (fused, name) in [(false, "resnet.rs ResNet"), (true, "fused-activation replica")] {
+            let (forward, backward, cpu) = time_encoder(fused, batch, reps)?;
+            println!("canonical encoder ({name}), {batch} images, training mode: forward {forward:.3} s, backward {backward:.3} s, total {:.3} s ({cpu:.2} CPU s)", forward + backward);
+        }
+        return Ok(());
+    }
     println!("conv layers of the canonical encoder, {batch} images 28x28, f32, best of {reps} (after a warm-up), {} threads", rayon::current_num_threads());
-    let candle = time_layers(ConvBackend::Candle, batch, reps)?;
+    // `--im2col-only` skips the slow baseline (for profiling).
+    let candle = match args.iter().any(|a| a == "--im2col-only") {
+        true => vec![(f64::NAN, f64::NAN); LAYERS.len()],
+        false => time_layers(ConvBackend::Candle, batch, reps)?,
+    };
     let im2col = time_layers(ConvBackend::Im2col, batch, reps)?;
     println!("{:<36} {:>10} {:>10} {:>10} {:>10} {:>7}", "layer", "candle fwd", "candle bwd", "im2col fwd", "im2col bwd", "ratio");
     let mut totals = [0.0; 4];

@@ -1,5 +1,6 @@
 //! 3. Architectures: encoders, heads, momentum updates.
 
+pub mod activation;
 pub mod batch_norm;
 pub mod conv;
 pub mod fused_batch_norm;
