@@ -15,15 +15,23 @@
 //! dW[c_out, K] = Σₙ dYₙ · colₙᵀ
 //! ```
 //!
-//! Transposes are expressed as gemm strides (never copied), im2col/col2im move whole contiguous
-//! row segments (padding is handled by ranges, not per-element branches), images run in parallel
-//! with rayon (one single-threaded gemm per image), and the backward recomputes `col` instead of
-//! storing it. Supports f32 and f64 contiguous tensors on the CPU.
+//! `Wᵀ` is read through strides (never copied); the weight gradient is accumulated as
+//! `dWᵀ = Σₙ colₙ · dYₙᵀ` with the small `dYₙ` transposed into a scratch buffer. im2col/col2im
+//! move whole contiguous rows: with stride 1 and "same" width a row of the column matrix is
+//! the input channel shifted by a constant, one copy plus a few zeroed border columns; other
+//! shapes copy one output row at a time, padding handled by ranges, not per-element branches.
+//! Images run in parallel with rayon (one single-threaded product per image, through the
+//! AVX-512 kernel of [`super::matmul_avx512`] for f32 where the CPU has it, else the `gemm`
+//! crate), and the backward recomputes `col` instead of storing it. Supports f32 and f64.
+
+use std::any::TypeId;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::matmul_avx512::{matmul_f32, Strided};
 
 /// The sizes of one convolution: input `[batch, in_channels, in_height, in_width]`, square
 /// kernel `[out_channels, in_channels, kernel, kernel]`, no dilation, no groups.
@@ -116,6 +124,39 @@ impl ConvGeometry {
     }
 }
 
+/// Row `(ci, kh, kw)` of the column matrix in a stride-1 convolution whose output is as wide as
+/// its input ("same" width) is the input channel shifted by one constant offset `d`: one
+/// contiguous copy per row, then the columns that wrapped around the image edge are zeroed.
+/// Returns the shift `d` and the range of `q` (index into the row) whose source `q + d` lies
+/// in the channel.
+fn same_width_shift(g: &ConvGeometry, kh: usize, kw: usize, (oh_lo, oh_hi): (usize, usize)) -> (isize, usize, usize) {
+    let w = g.in_width as isize;
+    let d = (kh as isize - g.padding as isize) * w + (kw as isize - g.padding as isize);
+    let channel_len = (g.in_height * g.in_width) as isize;
+    let lo = ((oh_lo * g.out_width) as isize).max(-d);
+    let hi = ((oh_hi * g.out_width) as isize).min(channel_len - d);
+    (d, lo.max(0) as usize, (hi.max(lo)).max(0) as usize)
+}
+
+impl ConvGeometry {
+    /// Stride 1 and equal input and output widths (e.g. 3x3 with padding 1).
+    fn is_same_width(&self) -> bool {
+        self.stride == 1 && self.out_width == self.in_width
+    }
+}
+
+/// Zeroes columns `..ow_lo` and `ow_hi..` of the output rows `oh_lo..oh_hi` of one column row.
+fn zero_outside_columns<T: WithDType>(row: &mut [T], w_out: usize, (oh_lo, oh_hi): (usize, usize), (ow_lo, ow_hi): (usize, usize)) {
+    let zero = T::from_f64(0.0);
+    if ow_lo == 0 && ow_hi == w_out {
+        return;
+    }
+    for segment in row[oh_lo * w_out..oh_hi * w_out].chunks_exact_mut(w_out) {
+        segment[..ow_lo].fill(zero);
+        segment[ow_hi..].fill(zero);
+    }
+}
+
 /// Fills `col` (`K × P`, row-major) with the patches of one image (`c_in × h × w`).
 fn im2col<T: WithDType>(g: &ConvGeometry, image: &[T], col: &mut [T]) {
     let (k, s, p) = (g.kernel, g.stride, g.padding);
@@ -124,28 +165,35 @@ fn im2col<T: WithDType>(g: &ConvGeometry, image: &[T], col: &mut [T]) {
     for ci in 0..g.in_channels {
         let channel = &image[ci * g.in_height * w_in..][..g.in_height * w_in];
         for kh in 0..k {
-            let (oh_lo, oh_hi) = g.valid_outputs(kh, g.in_height, g.out_height);
+            let rows = g.valid_outputs(kh, g.in_height, g.out_height);
             for kw in 0..k {
                 let row = &mut col[((ci * k + kh) * k + kw) * p_len..][..p_len];
-                let (ow_lo, ow_hi) = g.valid_outputs(kw, w_in, w_out);
-                row[..oh_lo * w_out].fill(zero);
-                row[oh_hi * w_out..].fill(zero);
-                for oh in oh_lo..oh_hi {
-                    let segment = &mut row[oh * w_out..][..w_out];
-                    segment[..ow_lo].fill(zero);
-                    segment[ow_hi..].fill(zero);
-                    if ow_lo == ow_hi {
-                        continue;
-                    }
+                let cols = g.valid_outputs(kw, w_in, w_out);
+                row[..rows.0 * w_out].fill(zero);
+                row[rows.1 * w_out..].fill(zero);
+                if g.is_same_width() {
+                    let (d, lo, hi) = same_width_shift(g, kh, kw, rows);
+                    let source = &channel[(lo as isize + d) as usize..(hi as isize + d) as usize];
+                    row[lo..hi].copy_from_slice(source);
+                    row[rows.0 * w_out..lo].fill(zero);
+                    row[hi..rows.1 * w_out].fill(zero);
+                    zero_outside_columns(row, w_out, rows, cols);
+                    continue;
+                }
+                zero_outside_columns(row, w_out, rows, cols);
+                let (ow_lo, ow_hi) = cols;
+                if ow_lo == ow_hi {
+                    continue;
+                }
+                let len = ow_hi - ow_lo;
+                let first = ow_lo * s + kw - p;
+                for oh in rows.0..rows.1 {
                     let source = &channel[(oh * s + kh - p) * w_in..][..w_in];
-                    let first = ow_lo * s + kw - p;
-                    let inside = &mut segment[ow_lo..ow_hi];
-                    if s == 1 {
-                        inside.copy_from_slice(&source[first..first + inside.len()]);
-                    } else {
-                        for (dst, src) in inside.iter_mut().zip(source[first..].iter().step_by(s)) {
-                            *dst = *src;
-                        }
+                    let inside = &mut row[oh * w_out + ow_lo..][..len];
+                    // Bounded slice and index loop: lets the compiler vectorise the strided gather.
+                    let source = &source[first..first + (len - 1) * s + 1];
+                    for (i, dst) in inside.iter_mut().enumerate() {
+                        *dst = source[i * s];
                     }
                 }
             }
@@ -154,32 +202,37 @@ fn im2col<T: WithDType>(g: &ConvGeometry, image: &[T], col: &mut [T]) {
 }
 
 /// Adds the columns of `col` (`K × P`) back onto one image's gradient (`c_in × h × w`): the
-/// adjoint of [`im2col`].
-fn col2im_add<T: WithDType>(g: &ConvGeometry, col: &[T], image: &mut [T]) {
+/// adjoint of [`im2col`]. Entries of `col` that fall on the padding are zeroed on the way.
+fn col2im_add<T: WithDType>(g: &ConvGeometry, col: &mut [T], image: &mut [T]) {
     let (k, s, p) = (g.kernel, g.stride, g.padding);
     let (w_in, w_out, p_len) = (g.in_width, g.out_width, g.col_cols());
     for ci in 0..g.in_channels {
         let channel = &mut image[ci * g.in_height * w_in..][..g.in_height * w_in];
         for kh in 0..k {
-            let (oh_lo, oh_hi) = g.valid_outputs(kh, g.in_height, g.out_height);
+            let rows = g.valid_outputs(kh, g.in_height, g.out_height);
             for kw in 0..k {
-                let row = &col[((ci * k + kh) * k + kw) * p_len..][..p_len];
-                let (ow_lo, ow_hi) = g.valid_outputs(kw, w_in, w_out);
+                let row = &mut col[((ci * k + kh) * k + kw) * p_len..][..p_len];
+                let cols = g.valid_outputs(kw, w_in, w_out);
+                if g.is_same_width() {
+                    // Padding columns would wrap onto the neighbouring image row: drop them first.
+                    zero_outside_columns(row, w_out, rows, cols);
+                    let (d, lo, hi) = same_width_shift(g, kh, kw, rows);
+                    let target = &mut channel[(lo as isize + d) as usize..(hi as isize + d) as usize];
+                    target.iter_mut().zip(&row[lo..hi]).for_each(|(dst, src)| *dst += *src);
+                    continue;
+                }
+                let (ow_lo, ow_hi) = cols;
                 if ow_lo == ow_hi {
                     continue;
                 }
+                let len = ow_hi - ow_lo;
                 let first = ow_lo * s + kw - p;
-                for oh in oh_lo..oh_hi {
-                    let inside = &row[oh * w_out + ow_lo..oh * w_out + ow_hi];
+                for oh in rows.0..rows.1 {
+                    let inside = &row[oh * w_out + ow_lo..][..len];
                     let target = &mut channel[(oh * s + kh - p) * w_in..][..w_in];
-                    if s == 1 {
-                        for (dst, src) in target[first..first + inside.len()].iter_mut().zip(inside) {
-                            *dst += *src;
-                        }
-                    } else {
-                        for (dst, src) in target[first..].iter_mut().step_by(s).zip(inside) {
-                            *dst += *src;
-                        }
+                    let target = &mut target[first..first + (len - 1) * s + 1];
+                    for (i, src) in inside.iter().enumerate() {
+                        target[i * s] += *src;
                     }
                 }
             }
@@ -187,61 +240,96 @@ fn col2im_add<T: WithDType>(g: &ConvGeometry, col: &[T], image: &mut [T]) {
     }
 }
 
-/// A row-major-or-strided matrix operand for [`matmul`]: pointer, row stride, column stride.
+/// `dst[j·rows + i] = src[i·cols + j]`: the transpose of a row-major `rows × cols` matrix, in
+/// cache-sized blocks.
+fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const BLOCK: usize = 16;
+    for i0 in (0..rows).step_by(BLOCK) {
+        for j0 in (0..cols).step_by(BLOCK) {
+            for i in i0..(i0 + BLOCK).min(rows) {
+                for j in j0..(j0 + BLOCK).min(cols) {
+                    dst[j * rows + i] = src[i * cols + j];
+                }
+            }
+        }
+    }
+}
+
+/// A strided matrix operand for [`matmul`]: element `(i, j)` is `data[i·row_stride + j·col_stride]`.
 #[derive(Clone, Copy)]
-struct Operand<T> {
-    ptr: *const T,
+struct Operand<'a, T> {
+    data: &'a [T],
     row_stride: usize,
     col_stride: usize,
 }
 
-impl<T> Operand<T> {
+impl<'a, T> Operand<'a, T> {
     /// A row-major `rows × cols` matrix.
-    fn rows(data: &[T], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), row_stride: cols, col_stride: 1 }
+    fn rows(data: &'a [T], cols: usize) -> Self {
+        Self { data, row_stride: cols, col_stride: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns (read by strides, not copied).
-    fn transposed(data: &[T], cols: usize) -> Self {
-        Self { ptr: data.as_ptr(), row_stride: 1, col_stride: cols }
+    fn transposed(data: &'a [T], cols: usize) -> Self {
+        Self { data, row_stride: 1, col_stride: cols }
+    }
+    /// The last element a `rows × cols` view addresses, plus one.
+    fn extent(&self, rows: usize, cols: usize) -> usize {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * self.row_stride + (cols - 1) * self.col_stride + 1
+        }
     }
 }
 
-/// `dst[m × n] (row-major) = [dst +] lhs[m × k] · rhs[k × n]`, through the `gemm` crate.
-///
-/// # Safety
-/// `dst` must hold `m·n` elements and the operands must address `m × k` and `k × n` matrices
-/// inside live slices.
-unsafe fn matmul<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    lhs: Operand<T>,
-    rhs: Operand<T>,
-    accumulate: bool,
-    parallelism: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
+/// Reinterprets `&[T]` as `&[f32]` when `T` is `f32`.
+fn as_f32<T: 'static>(data: &[T]) -> Option<&[f32]> {
+    // SAFETY: T is f32 (same type id), so the slice's layout is identical.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) })
+}
+
+fn as_f32_mut<T: 'static>(data: &mut [T]) -> Option<&mut [f32]> {
+    // SAFETY: as in `as_f32`.
+    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len()) })
+}
+
+/// `dst[m × n] (row-major) = [dst +] lhs[m × k] · rhs[k × n]`, single-threaded (callers run
+/// one product per image in parallel): the AVX-512 kernel for f32 where the CPU has it, else
+/// the `gemm` crate.
+fn matmul<T: WithDType>((m, n, k): (usize, usize, usize), dst: &mut [T], lhs: Operand<T>, rhs: Operand<T>, accumulate: bool) {
+    assert!(dst.len() >= m * n && lhs.data.len() >= lhs.extent(m, k) && rhs.data.len() >= rhs.extent(k, n), "matmul operands too short for {m}x{n}x{k}");
+    if let (Some(a), Some(b), true) = (as_f32(lhs.data), as_f32(rhs.data), rhs.col_stride == 1) {
+        let a = Strided { data: a, row_stride: lhs.row_stride, col_stride: lhs.col_stride };
+        let b = Strided { data: b, row_stride: rhs.row_stride, col_stride: 1 };
+        if matmul_f32((m, n, k), a, b, as_f32_mut(dst).expect("dst has lhs's type"), n, accumulate) {
+            return;
+        }
+    }
     let one = T::from_f64(1.0);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        accumulate,
-        lhs.ptr,
-        lhs.col_stride as isize,
-        lhs.row_stride as isize,
-        rhs.ptr,
-        rhs.col_stride as isize,
-        rhs.row_stride as isize,
-        one,
-        one,
-        false,
-        false,
-        false,
-        parallelism,
-    )
+    // SAFETY: the assertion above keeps every addressed element inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
 }
 
 /// `y = conv(x, w)` for contiguous `x` (`N × c_in × h × w`) and `w` (`c_out × K`).
@@ -260,17 +348,8 @@ fn conv_forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
                     im2col(g, x_image, col);
                     col
                 };
-                // SAFETY: sizes follow from the geometry: W is c_out × K, col is K × P.
-                unsafe {
-                    matmul(
-                        (g.out_channels, p_len, k_len),
-                        y_image,
-                        Operand::rows(w, k_len),
-                        Operand::rows(col, p_len),
-                        false,
-                        Parallelism::None,
-                    )
-                }
+                // W is c_out × K, col is K × P.
+                matmul((g.out_channels, p_len, k_len), y_image, Operand::rows(w, k_len), Operand::rows(col, p_len), false);
             },
         );
     y
@@ -286,16 +365,14 @@ fn conv_grad_input<T: WithDType>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> 
         .for_each_init(
             || vec![T::from_f64(0.0); col_len],
             |dcol, (dx_image, dy_image)| {
+                // Wᵀ is K × c_out, dY is c_out × P, dcol (or dx) is K × P.
                 let product = (k_len, p_len, g.out_channels);
                 let (lhs, rhs) = (Operand::transposed(w, k_len), Operand::rows(dy_image, p_len));
-                // SAFETY: Wᵀ is K × c_out, dY is c_out × P, dcol (or dx) is K × P.
-                unsafe {
-                    if g.col_is_image() {
-                        matmul(product, dx_image, lhs, rhs, false, Parallelism::None);
-                    } else {
-                        matmul(product, dcol, lhs, rhs, false, Parallelism::None);
-                        col2im_add(g, dcol, dx_image);
-                    }
+                if g.col_is_image() {
+                    matmul(product, dx_image, lhs, rhs, false);
+                } else {
+                    matmul(product, dcol, lhs, rhs, false);
+                    col2im_add(g, dcol, dx_image);
                 }
             },
         );
@@ -303,44 +380,41 @@ fn conv_grad_input<T: WithDType>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> 
 }
 
 /// `dw` (`c_out × K`) for contiguous `x` and `dy`, summed over the batch.
+///
+/// Computed as `dwᵀ[K × c_out] = Σₙ colₙ · dYₙᵀ` so that the product's right operand (the small
+/// `dYₙᵀ`, transposed into a scratch buffer) has contiguous rows.
 fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
-    let (k_len, p_len) = (g.col_rows(), g.col_cols());
+    let (k_len, p_len, c_out) = (g.col_rows(), g.col_cols(), g.out_channels);
     let zero = T::from_f64(0.0);
-    let dw_len = g.out_channels * k_len;
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
     let (in_len, out_len) = (g.input_image_len(), g.output_image_len());
-    (0..g.batch)
+    let dw_transposed = (0..g.batch)
         .into_par_iter()
         .fold(
-            || (vec![zero; dw_len], vec![zero; col_len]),
-            |(mut dw, mut col), n| {
+            || (vec![zero; k_len * c_out], vec![zero; col_len], vec![zero; out_len]),
+            |(mut dwt, mut col, mut dyt), n| {
                 let x_image = &x[n * in_len..][..in_len];
                 if !g.col_is_image() {
                     im2col(g, x_image, &mut col);
                 }
                 let patches: &[T] = if g.col_is_image() { x_image } else { &col };
-                // SAFETY: dY is c_out × P, colᵀ is P × K, dw is c_out × K.
-                unsafe {
-                    matmul(
-                        (g.out_channels, k_len, p_len),
-                        &mut dw,
-                        Operand::rows(&dy[n * out_len..][..out_len], p_len),
-                        Operand::transposed(patches, p_len),
-                        true,
-                        Parallelism::None,
-                    )
-                }
-                (dw, col)
+                transpose_into(&dy[n * out_len..][..out_len], c_out, p_len, &mut dyt);
+                // col is K × P, dYᵀ is P × c_out.
+                matmul((k_len, c_out, p_len), &mut dwt, Operand::rows(patches, p_len), Operand::rows(&dyt, c_out), true);
+                (dwt, col, dyt)
             },
         )
-        .map(|(dw, _)| dw)
+        .map(|(dwt, _, _)| dwt)
         .reduce(
-            || vec![zero; dw_len],
+            || vec![zero; k_len * c_out],
             |mut total, part| {
                 total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p);
                 total
             },
-        )
+        );
+    let mut dw = vec![zero; c_out * k_len];
+    transpose_into(&dw_transposed, k_len, c_out, &mut dw);
+    dw
 }
 
 /// The data of a contiguous tensor, or an error naming the op.
@@ -508,7 +582,9 @@ mod tests {
 
     /// Shapes where candle's own conv2d backward is right: it sizes the input gradient from the
     /// height alone, so with stride 2 the height and width must give the same output padding.
-    const CASES: [((usize, usize, usize, usize), usize, usize, usize, usize); 12] = [
+    const CASES: [((usize, usize, usize, usize), usize, usize, usize, usize); 14] = [
+        ((2, 3, 6, 7), 4, 5, 1, 2),
+        ((2, 2, 5, 5), 3, 5, 1, 1),
         ((1, 1, 5, 5), 2, 3, 1, 1),
         ((3, 2, 7, 6), 3, 3, 1, 1),
         ((3, 2, 7, 9), 3, 3, 2, 1),

@@ -5,6 +5,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod fused_batch_norm;
 pub mod im2col;
+pub mod matmul_avx512;
 pub mod ema;
 pub mod heads;
 pub mod init;
