@@ -19,12 +19,17 @@ fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Res
     }
 }
 
-/// `out[i] = f(a[i], b[i])` in parallel chunks.
+/// `out[i] = f(a[i], b[i])` in parallel chunks, each output written once (no zeroing pass).
 fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); a.len()];
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(out, (a, b))| {
-        out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b));
+    let len = a.len().min(b.len());
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(out, (a, b))| {
+        out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
+            o.write(f(a, b));
+        });
     });
+    // SAFETY: the chunks tile 0..len and every element of each was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
