@@ -5,7 +5,10 @@
 //! `--encoder` instead times the whole encoder's forward + backward, as `resnet.rs` writes it and
 //! as a replica with the fused activations.
 //!
-//! Run: `cargo run --release --example conv_speed [-- --batch 512 --reps 2 --im2col-only | --encoder]`
+//! `--step` times the whole SimCLR training step (batch/2 images, two views), as `contrastive
+//! bench train` does but without its slow baseline.
+//!
+//! Run: `cargo run --release --example conv_speed [-- --batch 512 --reps 2 --im2col-only | --encoder | --step]`
 
 use std::time::Instant;
 
@@ -133,6 +136,37 @@ fn time_encoder(fused: bool, batch: usize, reps: usize) -> Result<(f64, f64, f64
     Ok(best)
 }
 
+/// Seconds of the SimCLR step's phases (forward and loss, backward, optimizer update), each the
+/// best of `reps` after a warm-up step; built as `contrastive::train::bench` builds its step.
+fn step_phases(batch: usize, reps: usize) -> Result<[f64; 3]> {
+    use contrastive::data::ImageShape;
+    use contrastive::train::arch::methods::{self, MethodConfig};
+    use contrastive::train::{config::TrainConfig, optim::Optimizer, trainer::Model};
+    let device = Device::Cpu;
+    let mut config = TrainConfig::for_method(MethodConfig::default_for("simclr")?, ImageShape::new(1, 28, 28));
+    config.batch_size = batch;
+    let mut model = Model::new(&config, &device)?;
+    let mut optimizer = Optimizer::new(config.optimizer.clone(), methods::trainable_vars(&model.varmap));
+    let views = [Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?, Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?];
+    let labels = Tensor::zeros(batch, DType::U32, &device)?;
+    let mut best = [f64::INFINITY; 3];
+    for _ in 0..reps + 1 {
+        let start = Instant::now();
+        let loss = model.method.loss(&views, &labels, 1_000_000)?;
+        let forward = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let grads = loss.backward()?;
+        let backward = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        optimizer.step(&grads, 0.01)?;
+        let update = start.elapsed().as_secs_f64();
+        for (b, t) in best.iter_mut().zip([forward, backward, update]) {
+            *b = b.min(t);
+        }
+    }
+    Ok(best)
+}
+
 /// User + system CPU seconds of this process so far (Linux; 0 elsewhere). On a shared machine
 /// the CPU time of a run varies less than its wall time.
 fn cpu_seconds() -> f64 {
@@ -149,6 +183,15 @@ fn main() -> Result<()> {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect(name))
     };
     let (batch, reps) = (flag("--batch", 512), flag("--reps", 2));
+    if args.iter().any(|a| a == "--step") {
+        // The whole SimCLR step as `contrastive bench train` times it, without its slow baseline.
+        let simclr = contrastive::train::arch::methods::MethodConfig::default_for("simclr")?;
+        let seconds = contrastive::train::bench::step_seconds(&simclr, batch / 2, reps, &Device::Cpu)?;
+        println!("SimCLR step, batch {} (two views), im2col convs: {seconds:.3} s, {:.1} images/s", batch / 2, (batch / 2) as f64 / seconds);
+        let [loss, backward, update] = step_phases(batch / 2, reps)?;
+        println!("  phases (best of {reps}): forward + loss {loss:.3} s, backward {backward:.3} s, optimizer {update:.3} s");
+        return Ok(());
+    }
     if args.iter().any(|a| a == "--encoder") {
         for (fused, name) in [(false, "resnet.rs ResNet"), (true, "fused-activation replica")] {
             let (forward, backward, cpu) = time_encoder(fused, batch, reps)?;

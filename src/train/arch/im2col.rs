@@ -146,14 +146,15 @@ impl ConvGeometry {
 }
 
 /// Zeroes columns `..ow_lo` and `ow_hi..` of the output rows `oh_lo..oh_hi` of one column row.
+/// Column by column: these runs are a single element or two, and a per-row `fill` would cost
+/// a `memset` call each.
 fn zero_outside_columns<T: WithDType>(row: &mut [T], w_out: usize, (oh_lo, oh_hi): (usize, usize), (ow_lo, ow_hi): (usize, usize)) {
     let zero = T::from_f64(0.0);
-    if ow_lo == 0 && ow_hi == w_out {
-        return;
-    }
-    for segment in row[oh_lo * w_out..oh_hi * w_out].chunks_exact_mut(w_out) {
-        segment[..ow_lo].fill(zero);
-        segment[ow_hi..].fill(zero);
+    let rows = &mut row[oh_lo * w_out..oh_hi * w_out];
+    for column in (0..ow_lo).chain(ow_hi..w_out) {
+        for value in rows.iter_mut().skip(column).step_by(w_out) {
+            *value = zero;
+        }
     }
 }
 
