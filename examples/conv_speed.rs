@@ -3,7 +3,7 @@
 //! same run, and prints the ratio.
 //!
 //! `--encoder` instead times the whole encoder's forward + backward, as `resnet.rs` writes it and
-//! as a replica with the fused activations.
+//! as replicas with the fused activations and with fused conv + batch norm.
 //!
 //! `--step` times the whole SimCLR training step (batch/2 images, two views), as `contrastive
 //! bench train` does but without its slow baseline.
@@ -16,6 +16,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
 use contrastive::train::arch::activation::add_relu;
 use contrastive::train::arch::batch_norm::BatchNorm2d;
+use contrastive::train::arch::conv_bn::conv_bn_t;
 use contrastive::train::arch::conv::{set_default_backend, Conv2d, ConvBackend};
 use contrastive::train::arch::resnet::{ResNet, ResNetConfig};
 use candle_nn::{VarBuilder, VarMap};
@@ -62,14 +63,16 @@ fn time_layers(backend: ConvBackend, batch: usize, reps: usize) -> Result<Vec<(f
 }
 
 /// The canonical encoder rebuilt from this crate's layers with the fused activations:
-/// batch norm + ReLU in one op, residual sum + ReLU in one op.
+/// batch norm + ReLU in one op, residual sum + ReLU in one op; with `conv_bn`, each conv and its
+/// batch norm in one op too.
 struct FusedEncoder {
+    conv_bn: bool,
     stem: (Conv2d, BatchNorm2d),
     blocks: Vec<(Conv2d, BatchNorm2d, Conv2d, BatchNorm2d, Option<(Conv2d, BatchNorm2d)>)>,
 }
 
 impl FusedEncoder {
-    fn new(vb: VarBuilder) -> Result<Self> {
+    fn new(vb: VarBuilder, conv_bn: bool) -> Result<Self> {
         let stem = (Conv2d::new(vb.pp("stem.conv"), 1, 32, 3, 1, 1)?, BatchNorm2d::new(vb.pp("stem.bn"), 32)?);
         let mut blocks = Vec::new();
         for (i, (c_in, c_out, stride)) in [(32, 32, 1), (32, 64, 2), (64, 128, 2)].into_iter().enumerate() {
@@ -86,16 +89,24 @@ impl FusedEncoder {
                 shortcut,
             ));
         }
-        Ok(Self { stem, blocks })
+        Ok(Self { conv_bn, stem, blocks })
+    }
+
+    fn layer(&self, conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if self.conv_bn {
+            return Ok(conv_bn_t(conv, bn, x, train, relu)?);
+        }
+        let z = conv.forward(x)?;
+        Ok(if relu { bn.forward_t_relu(&z, train)? } else { bn.forward_t(&z, train)? })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem.1.forward_t_relu(&self.stem.0.forward(x)?, train)?;
+        let mut h = self.layer(&self.stem.0, &self.stem.1, x, train, true)?;
         for (conv1, bn1, conv2, bn2, shortcut) in &self.blocks {
-            let y = bn1.forward_t_relu(&conv1.forward(&h)?, train)?;
-            let y = bn2.forward_t(&conv2.forward(&y)?, train)?;
+            let y = self.layer(conv1, bn1, &h, train, true)?;
+            let y = self.layer(conv2, bn2, &y, train, false)?;
             let identity = match shortcut {
-                Some((conv, bn)) => bn.forward_t(&conv.forward(&h)?, train)?,
+                Some((conv, bn)) => self.layer(conv, bn, &h, train, false)?,
                 None => h.clone(),
             };
             h = add_relu(&y, &identity)?;
@@ -107,15 +118,15 @@ impl FusedEncoder {
 /// Seconds of (forward, backward) of the whole canonical encoder (convs, batch norms, ReLUs,
 /// pooling) in training mode, and the CPU seconds of both, the best of `reps` runs after one
 /// warm-up: `ResNet` as written in
-/// `resnet.rs` when `!fused`, else [`FusedEncoder`].
-fn time_encoder(fused: bool, batch: usize, reps: usize) -> Result<(f64, f64, f64)> {
+/// `resnet.rs` at fusion level 0, else [`FusedEncoder`] (level 2: with fused conv + batch norm).
+fn time_encoder(fusion: u8, batch: usize, reps: usize) -> Result<(f64, f64, f64)> {
     set_default_backend(ConvBackend::Im2col);
     let device = Device::Cpu;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-    let (resnet, fused_encoder) = match fused {
-        false => (Some(ResNet::new(vb, &ResNetConfig::canonical(1))?), None),
-        true => (None, Some(FusedEncoder::new(vb)?)),
+    let (resnet, fused_encoder) = match fusion {
+        0 => (Some(ResNet::new(vb, &ResNetConfig::canonical(1))?), None),
+        level => (None, Some(FusedEncoder::new(vb, level >= 2)?)),
     };
     let images = Tensor::randn(0f32, 1.0, (batch, 1, 28, 28), &device)?;
     let mut best = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
@@ -193,8 +204,8 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.iter().any(|a| a == "--encoder") {
-        for (fused, name) in [(false, "resnet.rs ResNet"), (true, "fused-activation replica")] {
-            let (forward, backward, cpu) = time_encoder(fused, batch, reps)?;
+        for (fusion, name) in [(0, "resnet.rs ResNet"), (1, "replica, fused activations"), (2, "replica, fused conv+BN+act.")] {
+            let (forward, backward, cpu) = time_encoder(fusion, batch, reps)?;
             println!("canonical encoder ({name}), {batch} images, training mode: forward {forward:.3} s, backward {backward:.3} s, total {:.3} s ({cpu:.2} CPU s)", forward + backward);
         }
         return Ok(());

@@ -83,7 +83,7 @@ impl BatchNorm2d {
     }
 
     /// `running ← (1 − momentum)·running + momentum·batch`, with the unbiased batch variance.
-    fn update_running_statistics(&self, stats: &BatchStatistics) -> Result<()> {
+    pub(crate) fn update_running_statistics(&self, stats: &BatchStatistics) -> Result<()> {
         let n = stats.count as f64;
         let unbiased: Vec<f64> = stats.variance.iter().map(|v| v * n / (n - 1.0).max(1.0)).collect();
         let m = self.momentum;

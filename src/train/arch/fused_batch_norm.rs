@@ -243,44 +243,15 @@ struct BatchNormTrain {
     statistics: Arc<Mutex<Option<BatchStatistics>>>,
 }
 
-impl BatchNormTrain {
-    fn run<T: WithDType>(&self, x: &[T], lx: &Layout, gamma: &[T], beta: &[T]) -> Result<Vec<T>> {
-        let layout = ChannelLayout::new(lx.dims())?;
-        if gamma.len() != layout.channels || beta.len() != layout.channels {
-            bail!("batch norm: input has {} channels but weight and bias have {} and {}", layout.channels, gamma.len(), beta.len())
-        }
-        let (y, stats) = forward(layout, x, gamma, beta, self.eps, self.relu);
-        *self.statistics.lock().expect("batch-norm statistics lock") = Some(stats);
-        Ok(y)
-    }
-}
-
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "fused-batch-norm-train"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous(s1, l1, "input")?,
-                l1,
-                contiguous(s2, l2, "weight")?,
-                contiguous(s3, l3, "bias")?,
-            )?),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous(s1, l1, "input")?,
-                l1,
-                contiguous(s2, l2, "weight")?,
-                contiguous(s3, l3, "bias")?,
-            )?),
-            _ => bail!(
-                "fused batch norm supports f32 or f64 with one dtype for input, weight and bias, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let x = contiguous_storage(s1, l1, "input")?;
+        let (y, stats) = train_forward_storage(x, l1.dims(), (s2, l2), (s3, l3), self.eps, self.relu)?;
+        *self.statistics.lock().expect("batch-norm statistics lock") = Some(stats);
         Ok((y, l1.shape().clone()))
     }
 
@@ -288,17 +259,69 @@ impl CustomOp3 for BatchNormTrain {
         let Some(stats) = self.statistics.lock().expect("batch-norm statistics lock").clone() else {
             bail!("fused batch norm: backward called before forward")
         };
-        let parameter_grads = Arc::new(Mutex::new(None));
-        let grad_op = BatchNormTrainGrad { relu: self.relu, stats, parameter_grads: parameter_grads.clone() };
-        let dx = x.apply_op3_no_bwd(y, &dy.contiguous()?, &grad_op)?;
-        let Some((d_gamma, d_beta)) = parameter_grads.lock().expect("batch-norm gradient lock").take() else {
-            bail!("fused batch norm: gradient op produced no parameter gradients")
-        };
+        let (dx, d_gamma, d_beta) = train_backward(x, y, dy, stats, self.relu)?;
         let channels = d_gamma.len();
         let d_gamma = Tensor::from_vec(d_gamma, channels, x.device())?.to_dtype(gamma.dtype())?;
         let d_beta = Tensor::from_vec(d_beta, channels, x.device())?.to_dtype(beta.dtype())?;
         Ok((Some(dx), Some(d_gamma), Some(d_beta)))
     }
+}
+
+/// A contiguous storage's elements as a storage-typed slice view: `(storage, start, end)`.
+type StorageView<'a> = (&'a CpuStorage, usize, usize);
+
+fn contiguous_storage<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<StorageView<'a>> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok((storage, start, end)),
+        None => bail!("fused batch norm: {what} must be contiguous"),
+    }
+}
+
+/// The training forward on CPU storages: `x` (shape `dims`, a contiguous view) and `γ`, `β`
+/// (contiguous, one value per channel, the same float dtype as `x`).
+pub(crate) fn train_forward_storage(
+    (x, start, end): StorageView,
+    dims: &[usize],
+    (gamma, l_gamma): (&CpuStorage, &Layout),
+    (beta, l_beta): (&CpuStorage, &Layout),
+    eps: f64,
+    relu: bool,
+) -> Result<(CpuStorage, BatchStatistics)> {
+    fn run<T: WithDType>(layout: ChannelLayout, x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> Result<(Vec<T>, BatchStatistics)> {
+        if gamma.len() != layout.channels || beta.len() != layout.channels {
+            bail!("batch norm: input has {} channels but weight and bias have {} and {}", layout.channels, gamma.len(), beta.len())
+        }
+        Ok(forward(layout, x, gamma, beta, eps, relu))
+    }
+    let layout = ChannelLayout::new(dims)?;
+    Ok(match (x, gamma, beta) {
+        (CpuStorage::F32(x), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            let (y, stats) = run(layout, &x[start..end], contiguous(gamma, l_gamma, "weight")?, contiguous(beta, l_beta, "bias")?, eps, relu)?;
+            (CpuStorage::F32(y), stats)
+        }
+        (CpuStorage::F64(x), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            let (y, stats) = run(layout, &x[start..end], contiguous(gamma, l_gamma, "weight")?, contiguous(beta, l_beta, "bias")?, eps, relu)?;
+            (CpuStorage::F64(y), stats)
+        }
+        _ => bail!(
+            "fused batch norm supports f32 or f64 with one dtype for input, weight and bias, got {:?}, {:?}, {:?}",
+            x.dtype(),
+            gamma.dtype(),
+            beta.dtype()
+        ),
+    })
+}
+
+/// The training backward: `(dx, dγ, dβ)` from the forward's input `x`, output `y`, statistics,
+/// and the output gradient `dy`.
+pub(crate) fn train_backward(x: &Tensor, y: &Tensor, dy: &Tensor, stats: BatchStatistics, relu: bool) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+    let parameter_grads = Arc::new(Mutex::new(None));
+    let grad_op = BatchNormTrainGrad { relu, stats, parameter_grads: parameter_grads.clone() };
+    let dx = x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &dy.contiguous()?, &grad_op)?;
+    let Some((d_gamma, d_beta)) = parameter_grads.lock().expect("batch-norm gradient lock").take() else {
+        bail!("fused batch norm: gradient op produced no parameter gradients")
+    };
+    Ok((dx, d_gamma, d_beta))
 }
 
 /// `dx` from `(x, y, dy)`; leaves `(dγ, dβ)` in `parameter_grads`.

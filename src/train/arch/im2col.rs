@@ -460,30 +460,32 @@ impl CustomOp2 for Im2colConv2d {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = ConvGeometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let y = dispatch_float(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |x, w| conv_forward(&g, x, w),
-            |x, w| conv_forward(&g, x, w),
-        )?;
-        Ok((y, g.output_shape()))
+        Ok((conv_forward_storage(&g, (s1, l1), (s2, l2))?, g.output_shape()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let geometry = ConvGeometry::new(x.dims(), w.dims(), self.stride, self.padding)?;
-        let dy = dy.contiguous()?;
-        // The stem's input is data: skip its gradient.
-        let dx = match x.track_op() {
-            true => Some(dy.apply_op2_no_bwd(w, &Im2colConvGradInput { geometry })?),
-            false => None,
-        };
-        let dw = match w.track_op() {
-            true => Some(x.apply_op2_no_bwd(&dy, &Im2colConvGradWeight { geometry })?),
-            false => None,
-        };
-        Ok((dx, dw))
+        conv_backward(x, w, dy, ConvGeometry::new(x.dims(), w.dims(), self.stride, self.padding)?)
     }
+}
+
+/// The convolution of contiguous CPU storages `x` and `w` (f32 or f64).
+pub(crate) fn conv_forward_storage(g: &ConvGeometry, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<CpuStorage> {
+    dispatch_float("im2col-conv2d", x, w, |x, w| conv_forward(g, x, w), |x, w| conv_forward(g, x, w))
+}
+
+/// `(dx, dw)` from the output gradient `dy`, each only where its operand tracks gradients
+/// (the stem's input is data).
+pub(crate) fn conv_backward(x: &Tensor, w: &Tensor, dy: &Tensor, geometry: ConvGeometry) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let dx = match x.track_op() {
+        true => Some(dy.apply_op2_no_bwd(w, &Im2colConvGradInput { geometry })?),
+        false => None,
+    };
+    let dw = match w.track_op() {
+        true => Some(x.apply_op2_no_bwd(&dy, &Im2colConvGradWeight { geometry })?),
+        false => None,
+    };
+    Ok((dx, dw))
 }
 
 /// `dx` from `(dy, w)`.

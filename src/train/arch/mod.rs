@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod batch_norm;
 pub mod conv;
+pub mod conv_bn;
 pub mod fused_batch_norm;
 pub mod im2col;
 pub mod matmul_avx512;
