@@ -68,8 +68,11 @@ fn time_layers(backend: ConvBackend, batch: usize, reps: usize) -> Result<Vec<(f
 struct FusedEncoder {
     conv_bn: bool,
     stem: (Conv2d, BatchNorm2d),
-    blocks: Vec<(Conv2d, BatchNorm2d, Conv2d, BatchNorm2d, Option<(Conv2d, BatchNorm2d)>)>,
+    blocks: Vec<Block>,
 }
+
+/// conv1, bn1, conv2, bn2, and the projection shortcut if the shape changes.
+type Block = (Conv2d, BatchNorm2d, Conv2d, BatchNorm2d, Option<(Conv2d, BatchNorm2d)>);
 
 impl FusedEncoder {
     fn new(vb: VarBuilder, conv_bn: bool) -> Result<Self> {

@@ -328,8 +328,11 @@ pub(crate) fn train_backward(x: &Tensor, y: &Tensor, dy: &Tensor, stats: BatchSt
 struct BatchNormTrainGrad {
     relu: bool,
     stats: BatchStatistics,
-    parameter_grads: Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>,
+    parameter_grads: ParameterGrads,
 }
+
+/// `(dγ, dβ)`, handed out of the gradient op beside its tensor result.
+type ParameterGrads = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
 
 impl BatchNormTrainGrad {
     fn run<T: WithDType>(&self, lx: &Layout, x: &[T], y: &[T], dy: &[T]) -> Result<Vec<T>> {

@@ -583,9 +583,12 @@ mod tests {
         }
     }
 
+    /// Input dims, output channels, kernel, stride, padding.
+    type Case = ((usize, usize, usize, usize), usize, usize, usize, usize);
+
     /// Shapes where candle's own conv2d backward is right: it sizes the input gradient from the
     /// height alone, so with stride 2 the height and width must give the same output padding.
-    const CASES: [((usize, usize, usize, usize), usize, usize, usize, usize); 14] = [
+    const CASES: [Case; 14] = [
         ((2, 3, 6, 7), 4, 5, 1, 2),
         ((2, 2, 5, 5), 3, 5, 1, 1),
         ((1, 1, 5, 5), 2, 3, 1, 1),
