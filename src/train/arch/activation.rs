@@ -3,11 +3,14 @@
 //! candle's `relu` backward builds its mask with `zeros_like`, `ge` and `to_dtype` before the
 //! multiply: four full-tensor passes. These ops compute `dx = dy·1(y > 0)` from the output in one
 //! pass, and [`add_relu`] fuses a residual sum into the same op (`y = max(0, a + b)`, both
-//! gradients `dy·1(y > 0)`). Other devices and dtypes fall back to candle's own ops.
+//! gradients `dy·1(y > 0)`; at exactly 0 the gradient is 0, as PyTorch, where candle passes it).
+//! Other devices, dtypes and [`ConvBackend::Candle`] fall back to candle's own ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+
+use super::conv::{default_backend, ConvBackend};
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to share work.
 const CHUNK: usize = 1 << 16;
@@ -127,8 +130,9 @@ impl CustomOp2 for AddRelu {
     }
 }
 
+/// Whether the custom ops apply: CPU f32/f64 with the custom-op backend.
 fn is_cpu_float(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && default_backend() == ConvBackend::Im2col
 }
 
 /// `max(0, x)`; on CPU f32/f64 its backward is one pass (candle's takes four).

@@ -1,10 +1,11 @@
 //! 2-D batch normalisation with running statistics (Ioffe & Szegedy 2015). Training on the CPU
-//! runs the fused op of [`super::fused_batch_norm`]; elsewhere it is written with candle
-//! primitives.
+//! runs the fused op of [`super::fused_batch_norm`]; elsewhere (and with
+//! [`ConvBackend::Candle`]) it is written with candle primitives.
 
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
+use super::conv::{default_backend, ConvBackend};
 use super::fused_batch_norm::{batch_norm_train, BatchStatistics};
 
 /// Batch norm over the channel axis of NCHW tensors. Training uses the batch statistics and
@@ -69,7 +70,7 @@ impl BatchNorm2d {
     }
 
     fn forward_with_activation(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if train && x.device().is_cpu() {
+        if train && x.device().is_cpu() && default_backend() == ConvBackend::Im2col {
             let (y, stats) = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
             self.update_running_statistics(&stats)?;
             return Ok(y);

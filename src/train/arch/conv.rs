@@ -6,12 +6,13 @@ use candle_nn::{Init, VarBuilder};
 
 use super::im2col::conv2d_im2col;
 
-/// Which implementation runs a convolution.
+/// Which implementation runs the encoder's layers on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvBackend {
-    /// candle's stock `conv2d` (its CPU backward is slow).
+    /// candle's stock ops: `conv2d` (its CPU backward is slow), batch norm and ReLU from
+    /// primitives. The plain-candle baseline of benchmarks.
     Candle,
-    /// im2col + gemm custom op on CPU.
+    /// The custom CPU ops: im2col + gemm convolution, fused batch norm, one-pass ReLUs.
     Im2col,
 }
 
