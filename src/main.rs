@@ -114,6 +114,9 @@ struct TrainArgs {
     no_final_eval: bool,
     #[arg(long)]
     no_progress: bool,
+    /// Stop with a checkpoint after this many steps in total (continue later with --resume)
+    #[arg(long)]
+    stop_at_step: Option<usize>,
 }
 
 #[derive(Args)]
@@ -146,6 +149,11 @@ enum BenchCommand {
         device: String,
     },
 }
+
+// glibc's allocator returns each large freed tensor to the kernel and page-faults it back in on
+// the next step; mimalloc keeps the memory, which measurably speeds up training.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn parse_device(spec: &str) -> Result<Device> {
     match spec {
@@ -203,11 +211,12 @@ fn train(args: TrainArgs) -> Result<()> {
         stop: stop.clone(),
         progress_bar: !args.no_progress,
         final_eval: !args.no_final_eval,
+        stop_at_step: args.stop_at_step,
     };
     let state = trainer::train(&config, &options)?;
-    if stop.load(Ordering::SeqCst) {
-        eprintln!("interrupted after {} steps; resume with: contrastive train --out {} --resume", state.step, run_dir.display());
-        std::process::exit(130);
+    if !state.finished {
+        eprintln!("stopped after {} steps; resume with: contrastive train --out {} --resume", state.step, run_dir.display());
+        std::process::exit(if stop.load(Ordering::SeqCst) { 130 } else { 0 });
     }
     let summary = serde_json::json!({
         "run": run_dir,

@@ -44,6 +44,7 @@ impl Model {
                 varmap: &varmap,
                 encoder: &config.encoder,
                 projector_dims: &config.projector_dims,
+                seed: config.seed,
             },
         )?;
         Ok(Self { config: config.clone(), varmap, method, device: device.clone() })
@@ -75,6 +76,8 @@ pub struct TrainOptions {
     pub progress_bar: bool,
     /// Run the linear probe and alignment/uniformity at the end.
     pub final_eval: bool,
+    /// Stop (as if interrupted, with a checkpoint) once this many steps are done in total.
+    pub stop_at_step: Option<usize>,
 }
 
 /// Trains (or resumes) the run described by `config` in `options.run_dir`.
@@ -143,8 +146,8 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         let loader = BatchLoader::spawn(train_set.clone(), pipelines.clone(), loader_config.clone(), epoch);
         let mut window = (Instant::now(), 0usize);
         for batch in loader.skip(state.batch_in_epoch) {
-            if options.stop.load(Ordering::SeqCst) {
-                bar.abandon_with_message("interrupted: checkpoint saved");
+            if options.stop.load(Ordering::SeqCst) || options.stop_at_step.is_some_and(|s| state.step >= s) {
+                bar.abandon_with_message("stopped: checkpoint saved");
                 checkpoint::save(dir, &model.varmap, &model.method.buffers()?, &optimizer.state_tensors(), &state)?;
                 return Ok(state);
             }

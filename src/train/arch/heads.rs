@@ -68,21 +68,22 @@ impl Mlp {
         let mut h = x.clone();
         for layer in &self.layers {
             h = layer.linear.forward(&h)?;
-            if let Some(bn) = &layer.batch_norm {
-                h = batch_norm_1d(bn, &h, train)?;
-            }
-            if layer.relu {
-                h = h.relu()?;
-            }
+            h = match &layer.batch_norm {
+                Some(bn) => batch_norm_1d(bn, &h, train, layer.relu)?,
+                None if layer.relu => h.relu()?,
+                None => h,
+            };
         }
         Ok(h)
     }
 }
 
-/// Batch norm of `[N, D]` features, as a `[N, D, 1, 1]` image batch.
-fn batch_norm_1d(bn: &BatchNorm2d, x: &Tensor, train: bool) -> Result<Tensor> {
+/// Batch norm (then ReLU if asked, fused) of `[N, D]` features, as a `[N, D, 1, 1]` image batch.
+fn batch_norm_1d(bn: &BatchNorm2d, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
     let (n, d) = x.dims2()?;
-    bn.forward_t(&x.reshape((n, d, 1, 1))?, train)?.reshape((n, d))
+    let x = x.reshape((n, d, 1, 1))?;
+    let y = if relu { bn.forward_t_relu(&x, train)? } else { bn.forward_t(&x, train)? };
+    y.reshape((n, d))
 }
 
 /// SwAV's prototypes: `K` learnable vectors, kept on the unit sphere, that score normalised

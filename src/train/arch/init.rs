@@ -50,6 +50,14 @@ fn sample(init: Init, shape: &Shape, rng: &mut StdRng) -> Result<Vec<f32>> {
     }
 }
 
+/// A standard-normal `[rows, cols]` tensor drawn from `(seed, name)`, for buffers that are not
+/// variables (MoCo's initial queue).
+pub fn seeded_randn(rows: usize, cols: usize, seed: u64, name: &str, device: &Device) -> Result<Tensor> {
+    let shape = Shape::from((rows, cols));
+    let values = sample(Init::Randn { mean: 0.0, stdev: 1.0 }, &shape, &mut StdRng::seed_from_u64(name_seed(seed, name)))?;
+    Tensor::from_vec(values, shape, device)
+}
+
 impl SimpleBackend for SeededVarMap {
     fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
         let mut vars = self.varmap.data().lock().expect("varmap lock");

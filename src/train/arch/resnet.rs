@@ -5,8 +5,10 @@ use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::activation::add_relu;
 use super::batch_norm::BatchNorm2d;
 use super::conv::Conv2d;
+use super::conv_bn::conv_bn_t;
 
 /// Widths, depths and strides of a CIFAR-style ResNet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,13 +82,14 @@ impl BasicBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let h = self.bn2.forward_t(&self.conv2.forward(&h)?, train)?;
+        // Fused conv + BN (+ ReLU) ops: one pass each way and no gradient buffer for the conv output.
+        let h = conv_bn_t(&self.conv1, &self.bn1, x, train, true)?;
+        let h = conv_bn_t(&self.conv2, &self.bn2, &h, train, false)?;
         let identity = match &self.shortcut {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            Some((conv, bn)) => conv_bn_t(conv, bn, x, train, false)?,
             None => x.clone(),
         };
-        (h + identity)?.relu()
+        add_relu(&h, &identity)
     }
 }
 
@@ -123,7 +126,7 @@ impl ResNet {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem_bn.forward_t(&self.stem_conv.forward(x)?, train)?.relu()?;
+        let mut h = conv_bn_t(&self.stem_conv, &self.stem_bn, x, train, true)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }

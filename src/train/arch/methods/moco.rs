@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
+use crate::train::arch::init::seeded_randn;
 use crate::train::arch::{EmaPairs, MlpConfig, ResNet};
 use crate::train::loss;
 use crate::train::pairs::MemoryQueue;
@@ -38,7 +39,9 @@ impl MocoV2 {
         let projector = MlpConfig { hidden_batch_norm: false, ..parts.projector_config() };
         let query = parts.branch(&projector)?;
         let (key, ema) = parts.target_branch(&projector)?;
-        let queue = MemoryQueue::new(queue_size, projector.out_dim(), parts.vb.device())?;
+        // MoCo starts the queue with random unit vectors; drawn from the seed so runs repeat.
+        let random = seeded_randn(queue_size, projector.out_dim(), parts.seed, "buffer.queue", parts.vb.device())?;
+        let queue = MemoryQueue::from_tensor(&loss::l2_normalize(&random)?)?;
         Ok(Self { config, temperature, momentum, query, key, ema, queue, pending_keys: None })
     }
 }

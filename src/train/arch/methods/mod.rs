@@ -130,6 +130,8 @@ pub struct MethodParts<'a> {
     pub encoder: &'a ResNetConfig,
     /// The projection head's sizes after the encoder, e.g. `[128, 64]` for 128→128→64.
     pub projector_dims: &'a [usize],
+    /// The run's seed, for state that is drawn at random but is not a variable.
+    pub seed: u64,
 }
 
 impl MethodParts<'_> {
