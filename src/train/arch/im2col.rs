@@ -380,6 +380,9 @@ fn conv_grad_input<T: WithDType>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> 
     dx
 }
 
+/// Images per partial sum of the weight gradient.
+const GRAD_WEIGHT_CHUNK: usize = 32;
+
 /// `dw` (`c_out × K`) for contiguous `x` and `dy`, summed over the batch.
 ///
 /// Computed as `dwᵀ[K × c_out] = Σₙ colₙ · dYₙᵀ` so that the product's right operand (the small
@@ -389,11 +392,14 @@ fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T>
     let zero = T::from_f64(0.0);
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
     let (in_len, out_len) = (g.input_image_len(), g.output_image_len());
-    let dw_transposed = (0..g.batch)
-        .into_par_iter()
-        .fold(
-            || (vec![zero; k_len * c_out], vec![zero; col_len], vec![zero; out_len]),
-            |(mut dwt, mut col, mut dyt), n| {
+    // Fixed chunks of images, each summed in order, then the chunks summed in order: the result
+    // does not depend on how rayon schedules the work, so training runs repeat exactly.
+    let partials: Vec<Vec<T>> = (0..g.batch)
+        .collect::<Vec<_>>()
+        .par_chunks(GRAD_WEIGHT_CHUNK)
+        .map(|images| {
+            let (mut dwt, mut col, mut dyt) = (vec![zero; k_len * c_out], vec![zero; col_len], vec![zero; out_len]);
+            for &n in images {
                 let x_image = &x[n * in_len..][..in_len];
                 if !g.col_is_image() {
                     im2col(g, x_image, &mut col);
@@ -402,17 +408,14 @@ fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T>
                 transpose_into(&dy[n * out_len..][..out_len], c_out, p_len, &mut dyt);
                 // col is K × P, dYᵀ is P × c_out.
                 matmul((k_len, c_out, p_len), &mut dwt, Operand::rows(patches, p_len), Operand::rows(&dyt, c_out), true);
-                (dwt, col, dyt)
-            },
-        )
-        .map(|(dwt, _, _)| dwt)
-        .reduce(
-            || vec![zero; k_len * c_out],
-            |mut total, part| {
-                total.iter_mut().zip(&part).for_each(|(t, p)| *t += *p);
-                total
-            },
-        );
+            }
+            dwt
+        })
+        .collect();
+    let mut dw_transposed = vec![zero; k_len * c_out];
+    for part in &partials {
+        dw_transposed.iter_mut().zip(part).for_each(|(t, p)| *t += *p);
+    }
     let mut dw = vec![zero; c_out * k_len];
     transpose_into(&dw_transposed, k_len, c_out, &mut dw);
     dw
