@@ -7,7 +7,11 @@
 //! - loss: InfoNCE against the queue, symmetrised over the two views (as in MoCo v2+/v3);
 //! - after each step: momentum update, then the batch's keys enter the queue.
 //!
-//! Single-device training runs without MoCo's shuffled batch norm.
+//! Shuffled batch norm on one device: batch-norm statistics shared by a query and its positive
+//! key would let the model tell the current batch's keys from the queue's by their batch
+//! signature instead of their content (MoCo, section 3.3). Queries are normalised in
+//! [`BN_GROUPS`] groups of consecutive samples and keys in groups that take one sample from each
+//! query group, as MoCo's per-GPU batches with shuffled keys.
 
 use std::collections::HashMap;
 
@@ -18,6 +22,9 @@ use crate::train::arch::init::seeded_randn;
 use crate::train::arch::{EmaPairs, MlpConfig, ResNet};
 use crate::train::loss;
 use crate::train::pairs::MemoryQueue;
+
+/// Separate batch-norm groups per view (MoCo used 8 GPUs; 4 groups keep each group large).
+pub const BN_GROUPS: usize = 4;
 
 pub struct MocoV2 {
     config: MethodConfig,
@@ -52,8 +59,11 @@ impl Method for MocoV2 {
     }
 
     fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _step: usize) -> Result<Tensor> {
-        let q = self.query.project_views(views, true)?;
-        let k: Vec<Tensor> = self.key.project_views(views, true)?.iter().map(Tensor::detach).collect();
+        let n = views[0].dim(0)?;
+        let groups = BN_GROUPS.min(n);
+        let q = self.query.project_views_grouped(views, groups, None)?;
+        let shuffle = interleave_groups(n, groups, views[0].device())?;
+        let k: Vec<Tensor> = self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
         let queue = self.queue.keys();
         let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
         let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
@@ -81,6 +91,33 @@ impl Method for MocoV2 {
         if let Some(queue) = buffers.get("queue") {
             self.queue = MemoryQueue::from_tensor(queue)?;
         }
+        Ok(())
+    }
+}
+
+/// The permutation that deals samples `0..n` into `groups` groups round-robin, so that each key
+/// group holds samples from every query group (`[0, g, 2g, …, 1, g+1, …]`), and its inverse.
+pub fn interleave_groups(n: usize, groups: usize, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let order: Vec<u32> = (0..groups).flat_map(|g| (g..n).step_by(groups)).map(|i| i as u32).collect();
+    let mut inverse = vec![0u32; n];
+    for (position, &i) in order.iter().enumerate() {
+        inverse[i as usize] = position as u32;
+    }
+    Ok((Tensor::new(order, device)?, Tensor::new(inverse, device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaving_takes_one_sample_from_each_consecutive_group_and_inverts() -> Result<()> {
+        let (order, inverse) = interleave_groups(8, 4, &candle_core::Device::Cpu)?;
+        // Query groups are {0,1}, {2,3}, {4,5}, {6,7}; key groups {0,4}, {1,5}, {2,6}, {3,7}.
+        assert_eq!(order.to_vec1::<u32>()?, vec![0, 4, 1, 5, 2, 6, 3, 7]);
+        let x = Tensor::arange(0u32, 8, &candle_core::Device::Cpu)?;
+        let back = x.index_select(&order, 0)?.index_select(&inverse, 0)?;
+        assert_eq!(back.to_vec1::<u32>()?, (0..8).collect::<Vec<u32>>());
         Ok(())
     }
 }

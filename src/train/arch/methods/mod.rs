@@ -188,6 +188,30 @@ impl Branch {
         let z = self.projector.forward_t(&self.encoder.forward_t(&Tensor::cat(views, 0)?, train)?, train)?;
         z.chunk(views.len(), 0)
     }
+
+    /// As [`Branch::project_views`], but batch norm sees each view in `groups` separate groups
+    /// of samples: consecutive ones, or those of `shuffle = (order, inverse)` (MoCo's shuffled BN).
+    pub fn project_views_grouped(&self, views: &[Tensor], groups: usize, shuffle: Option<&(Tensor, Tensor)>) -> Result<Vec<Tensor>> {
+        views
+            .iter()
+            .map(|view| {
+                let x = match shuffle {
+                    Some((order, _)) => view.index_select(order, 0)?,
+                    None => view.clone(),
+                };
+                let parts = x
+                    .chunk(groups, 0)?
+                    .iter()
+                    .map(|part| self.projector.forward_t(&self.encoder.forward_t(part, true)?, true))
+                    .collect::<Result<Vec<_>>>()?;
+                let z = Tensor::cat(&parts, 0)?;
+                match shuffle {
+                    Some((_, inverse)) => z.index_select(inverse, 0),
+                    None => Ok(z),
+                }
+            })
+            .collect()
+    }
 }
 
 /// Every variable of the map with its name, sorted by name so that orders are reproducible.
