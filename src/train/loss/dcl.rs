@@ -98,23 +98,9 @@ mod tests {
         sum / (2 * n) as f64
     }
 
-    fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-        let z1 = vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-        ];
-        let z2 = vec![
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-            vec![0.2, -0.2, 1.5],
-        ];
-        (z1, z2)
-    }
-
     #[test]
     fn matches_the_definition() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let dcl_value = dcl(&matrix(&z1), &matrix(&z2), 0.1)?.to_scalar::<f64>()?;
         assert!((dcl_value - reference(&z1, &z2, 0.1, None)).abs() < 1e-10);
         let dclw_value = dclw(&matrix(&z1), &matrix(&z2), 0.1, 0.5)?.to_scalar::<f64>()?;
@@ -141,7 +127,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let inputs = [matrix(&z1), matrix(&z2)];
         assert_gradients_match_finite_differences(&inputs, &[0, 1], |x| dcl(&x[0], &x[1], 0.2));
     }
@@ -150,7 +136,7 @@ mod tests {
     fn dclw_weight_carries_no_gradient() -> Result<()> {
         // With the weights frozen, DCLW's gradient equals that of decoupled() given those weights
         // as constants.
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let (a, b) = (matrix(&z1), matrix(&z2));
         let e: Vec<f64> = (0..3)
             .map(|i| (cosine(&z1[i], &z2[i]) / 0.5).exp())

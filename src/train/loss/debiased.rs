@@ -79,23 +79,9 @@ mod tests {
         total / (2 * n) as f64
     }
 
-    fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-        let z1 = vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-        ];
-        let z2 = vec![
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-            vec![0.2, -0.2, 1.5],
-        ];
-        (z1, z2)
-    }
-
     #[test]
     fn matches_the_definition_with_and_without_the_floor() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         // At τ 0.5 (checked by hand on this example) τ⁺ 0.05 keeps every anchor's corrected sum
         // above the floor, τ⁺ 0.1 floors 4 of the 6 anchors, τ⁺ 0.9 floors all of them.
         for (temperature, tau_plus) in [(0.5, 0.05), (0.5, 0.1), (0.5, 0.9), (0.1, 0.1)] {
@@ -119,7 +105,7 @@ mod tests {
 
     #[test]
     fn zero_class_prior_is_nt_xent() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let (a, b) = (matrix(&z1), matrix(&z2));
         let debiased = debiased_nt_xent(&a, &b, 0.2, 0.0)?.to_scalar::<f64>()?;
         let plain = nt_xent(&a, &b, 0.2)?.to_scalar::<f64>()?;
@@ -129,7 +115,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| {
             debiased_nt_xent(&x[0], &x[1], 0.5, 0.05)
         });
@@ -141,7 +127,7 @@ mod tests {
 
     #[test]
     fn rejects_a_class_prior_of_one() {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let err = debiased_nt_xent(&matrix(&z1), &matrix(&z2), 0.5, 1.0)
             .unwrap_err()
             .to_string();

@@ -38,6 +38,13 @@ pub(crate) mod testing {
         Tensor::from_vec(flat, (rows.len(), cols), &Device::Cpu).expect("matrix shape")
     }
 
+    /// Two views of three samples in three dimensions, shared by the pairwise losses' tests.
+    pub fn two_view_example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+        let z1 = vec![vec![1.0, 0.2, -0.5], vec![-0.3, 0.8, 0.1], vec![0.4, -0.6, 0.9]];
+        let z2 = vec![vec![0.9, 0.1, -0.2], vec![-0.5, 1.1, 0.3], vec![0.2, -0.2, 1.5]];
+        (z1, z2)
+    }
+
     pub fn dot(a: &[f64], b: &[f64]) -> f64 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }

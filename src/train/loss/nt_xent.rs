@@ -56,23 +56,9 @@ mod tests {
         total / (2 * n) as f64
     }
 
-    fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-        let z1 = vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-        ];
-        let z2 = vec![
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-            vec![0.2, -0.2, 1.5],
-        ];
-        (z1, z2)
-    }
-
     #[test]
     fn matches_the_definition() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         for temperature in [0.1, 0.5, 1.0] {
             let loss = nt_xent(&matrix(&z1), &matrix(&z2), temperature)?.to_scalar::<f64>()?;
             let expected = reference(&z1, &z2, temperature);
@@ -86,7 +72,7 @@ mod tests {
 
     #[test]
     fn f32_agrees_with_f64() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let loss32 = nt_xent(
             &matrix(&z1).to_dtype(DType::F32)?,
             &matrix(&z2).to_dtype(DType::F32)?,
@@ -118,7 +104,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| {
             nt_xent(&x[0], &x[1], 0.2)
         });
@@ -126,7 +112,7 @@ mod tests {
 
     #[test]
     fn gradients_reach_both_views_in_f32() -> Result<()> {
-        let (z1, z2) = example();
+        let (z1, z2) = two_view_example();
         let z1 = Var::from_tensor(&matrix(&z1).to_dtype(DType::F32)?)?;
         let z2 = Var::from_tensor(&matrix(&z2).to_dtype(DType::F32)?)?;
         let grads = nt_xent(z1.as_tensor(), z2.as_tensor(), 0.1)?.backward()?;
