@@ -61,7 +61,10 @@ impl Optimizer {
         let t = self.steps as i32;
         for param in &mut self.params {
             let Some(grad) = grads.get(param.var.as_tensor()) else { continue };
-            let theta = param.var.as_tensor();
+            // Gradients carry the step's backward graph; optimiser state built from them would
+            // keep every step's graph alive through the momentum chain.
+            let grad = &grad.detach();
+            let theta = &param.var.as_tensor().detach();
             let is_vector = theta.rank() <= 1;
             let update = match self.config {
                 OptimizerConfig::Sgd { momentum, weight_decay, nesterov } => {
@@ -235,6 +238,20 @@ mod tests {
         // b = 0.9·b₁ + θ₁ where b₁ = θ₀ = [1, −2] and θ₁ = 0.9·θ₀.
         let expected = before[0] - 0.1 * (0.9 * 1.0 + before[0]);
         assert!((var.as_tensor().to_vec1::<f64>()?[0] - expected).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn optimiser_state_holds_no_backward_graph() -> Result<()> {
+        // State built from gradients that still carried their graph kept every step's graph
+        // alive through the momentum chain (memory grew ~10 MB a step in a full run).
+        let var = Var::new(&[[1.0f64, -2.0]], &Device::Cpu)?;
+        for config in [OptimizerConfig::sgd(0.9, 1e-4), OptimizerConfig::lars(1e-4), OptimizerConfig::adamw(1e-4)] {
+            let mut opt = Optimizer::new(config, vec![("w".into(), var.clone())]);
+            let loss = var.as_tensor().matmul(&var.as_tensor().t()?)?.sum_all()?;
+            opt.step(&loss.backward()?, 0.1)?;
+            assert!(opt.state_tensors().values().all(|t| !t.track_op()));
+        }
         Ok(())
     }
 
