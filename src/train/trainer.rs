@@ -219,17 +219,18 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
 }
 
 fn monitor_knn(model: &Model, train_set: &Dataset, test_set: &Dataset, monitor: &super::config::MonitorConfig) -> Result<f64> {
-    let train_set = monitor.knn_train_limit.map_or_else(|| train_set.clone(), |n| train_set.head(n));
-    let test_set = monitor.knn_test_limit.map_or_else(|| test_set.clone(), |n| test_set.head(n));
-    let (train_features, test_features) = (model.encode(&train_set)?, model.encode(&test_set)?);
-    Ok(eval::knn_accuracy(
+    // Copies only where a limit asks for a smaller set.
+    let (train_head, test_head) = (monitor.knn_train_limit.map(|n| train_set.head(n)), monitor.knn_test_limit.map(|n| test_set.head(n)));
+    let (train_set, test_set) = (train_head.as_ref().unwrap_or(train_set), test_head.as_ref().unwrap_or(test_set));
+    let (train_features, test_features) = (model.encode(train_set)?, model.encode(test_set)?);
+    eval::knn_accuracy(
         &train_features,
         &train_set.labels,
         &test_features,
         &test_set.labels,
         train_set.num_classes(),
         &eval::KnnConfig::default(),
-    )?)
+    )
 }
 
 /// The field's protocol on frozen encoder features: weighted k-NN (k = 200, T = 0.1), and

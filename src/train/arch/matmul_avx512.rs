@@ -201,7 +201,7 @@ mod tests {
         // A 3x5 product into a destination with row stride 8: the padding columns stay put.
         let a = vec![1f32; 3 * 4];
         let b = vec![1f32; 4 * 5];
-        let mut c = vec![-1f32; 3 * 8];
+        let mut c = [-1f32; 3 * 8];
         let a = Strided { data: &a, row_stride: 4, col_stride: 1 };
         let b = Strided { data: &b, row_stride: 5, col_stride: 1 };
         assert!(matmul_f32((3, 5, 4), a, b, &mut c[..2 * 8 + 5], 8, false));
