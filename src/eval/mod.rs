@@ -16,7 +16,7 @@ pub use knn::{knn_accuracy, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
 
 use anyhow::{ensure, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The evaluation figures the trainer logs and stores in a run's manifest.
@@ -32,14 +32,11 @@ pub struct EvalReport {
     pub uniformity: Option<f64>,
 }
 
-/// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`.
-/// Zero rows stay zero instead of becoming NaN (the norm is clamped at 1e-12, as in
-/// PyTorch's `F.normalize`).
+/// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`; zero rows stay zero (the
+/// losses' [`crate::train::loss::l2_normalize`] after a shape check).
 pub(crate) fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
     ensure!(x.rank() == 2, "features must be a [N, D] matrix, got shape {:?}", x.shape());
-    let x = x.to_dtype(DType::F32)?;
-    let norms = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::INFINITY)?;
-    Ok(x.broadcast_div(&norms)?)
+    Ok(crate::train::loss::l2_normalize(&x.to_dtype(DType::F32)?)?)
 }
 
 /// Checks that `features` has one row per label and that every label is below `num_classes`.

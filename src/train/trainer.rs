@@ -126,7 +126,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
     }
 
     let train_set = Arc::new(train_set);
-    let pipelines: Vec<Arc<Pipeline>> = config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect();
+    let pipelines = view_pipelines(config);
     let loader_config =
         LoaderConfig { batch_size: config.batch_size, seed: config.seed, shuffle: true, drop_last: true, prefetch: 2 };
     let steps_per_epoch = crate::data::loader::batches_per_epoch(train_set.len(), config.batch_size, true);
@@ -148,7 +148,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         for batch in loader.skip(state.batch_in_epoch) {
             if options.stop.load(Ordering::SeqCst) || options.stop_at_step.is_some_and(|s| state.step >= s) {
                 bar.abandon_with_message("stopped: checkpoint saved");
-                checkpoint::save(dir, &model.varmap, &model.method.buffers()?, &optimizer.state_tensors(), &state)?;
+                save_checkpoint(dir, &model, &optimizer, &state)?;
                 return Ok(state);
             }
             let started = Instant::now();
@@ -201,7 +201,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
             bar.println(format!("epoch {}: k-NN accuracy {accuracy:.4}", state.epoch));
             writeln!(metrics, "{}", json!({"epoch": state.epoch, "step": state.step, "knn_accuracy": accuracy}))?;
         }
-        checkpoint::save(dir, &model.varmap, &model.method.buffers()?, &optimizer.state_tensors(), &state)?;
+        save_checkpoint(dir, &model, &optimizer, &state)?;
         draw_curves(dir, config, &state);
     }
     bar.finish_with_message("done");
@@ -214,8 +214,18 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         }
     }
     state.finished = true;
-    checkpoint::save(dir, &model.varmap, &model.method.buffers()?, &optimizer.state_tensors(), &state)?;
+    save_checkpoint(dir, &model, &optimizer, &state)?;
     Ok(state)
+}
+
+/// Weights, buffers, optimiser state and run state, into the run folder.
+fn save_checkpoint(dir: &Path, model: &Model, optimizer: &Optimizer, state: &RunState) -> Result<()> {
+    checkpoint::save(dir, &model.varmap, &model.method.buffers()?, &optimizer.state_tensors(), state)
+}
+
+/// One augmentation pipeline per view, as the config describes them.
+fn view_pipelines(config: &TrainConfig) -> Vec<Arc<Pipeline>> {
+    config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect()
 }
 
 fn monitor_knn(model: &Model, train_set: &Dataset, test_set: &Dataset, monitor: &super::config::MonitorConfig) -> Result<f64> {
@@ -268,7 +278,7 @@ pub fn evaluate(model: &Model, train_set: &Dataset, test_set: &Dataset, full: bo
 /// Features of two augmented views of (up to 2,048 of) the images, for alignment.
 fn augmented_pair_features(model: &Model, dataset: &Dataset) -> Result<(Tensor, Tensor)> {
     let subset = Arc::new(dataset.head(2048));
-    let pipelines: Vec<Arc<Pipeline>> = model.config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect();
+    let pipelines = view_pipelines(&model.config);
     let config = LoaderConfig { batch_size: subset.len(), seed: model.config.seed ^ 0xa11, shuffle: false, drop_last: false, prefetch: 1 };
     let batch = BatchLoader::spawn(subset.clone(), pipelines, config, 0).next().context("no batch for alignment")?;
     let mut features = Vec::new();
