@@ -5,4 +5,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod export;
+pub mod registry;
+pub mod runtime;
 pub mod train;

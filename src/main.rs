@@ -9,6 +9,8 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use contrastive::data::ImageShape;
+use contrastive::export::ExportOptions;
+use contrastive::registry::ModelRepository;
 use contrastive::train::arch::MethodConfig;
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::optim::OptimizerConfig;
@@ -16,7 +18,7 @@ use contrastive::train::trainer::{self, Model, TrainOptions};
 use contrastive::train::{bench, checkpoint};
 
 #[derive(Parser)]
-#[command(name = "contrastive", version, about = "Train contrastive image encoders, evaluate and benchmark them")]
+#[command(name = "contrastive", version, about = "Train contrastive image encoders, export them to ONNX and serve their embeddings")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,9 +30,33 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a run's encoder: k-NN, linear probe, alignment and uniformity.
     Eval(EvalArgs),
+    /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
+    Export(ExportArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// The run folder whose latest checkpoint is exported
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Model name in the repository (lowercase letters, digits, '-', '_', '.')
+    #[arg(long)]
+    name: String,
+    /// The model repository
+    #[arg(long, default_value = "models")]
+    models: PathBuf,
+    /// Version to publish [default: the latest + 1]
+    #[arg(long)]
+    version: Option<u64>,
+    /// L2-normalise the embedding inside the ONNX graph
+    #[arg(long)]
+    l2_normalize: bool,
+    /// Largest |candle − ONNX Runtime| difference allowed
+    #[arg(long, default_value_t = contrastive::export::PARITY_TOLERANCE)]
+    tolerance: f32,
 }
 
 #[derive(Args)]
@@ -181,6 +207,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
+        Command::Export(args) => export(args),
         Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
             let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
             bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
@@ -225,6 +252,22 @@ fn train(args: TrainArgs) -> Result<()> {
         "train_seconds": state.train_seconds,
         "knn_history": state.knn_history,
         "final_eval": state.final_eval,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    let repo = ModelRepository::new(&args.models);
+    let options = ExportOptions { name: args.name, version: args.version, l2_normalize: args.l2_normalize, tolerance: args.tolerance };
+    let manifest = contrastive::export::export_checkpoint(&args.checkpoint, &repo, &options)?;
+    let summary = serde_json::json!({
+        "model": manifest.name,
+        "version": manifest.version,
+        "path": repo.version_dir(&manifest.name, manifest.version),
+        "embedding_dimensions": manifest.output.dimensions,
+        "parity_max_abs_diff": manifest.parity.max_abs_diff,
+        "evaluation": manifest.evaluation,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

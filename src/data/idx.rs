@@ -15,6 +15,8 @@ use super::{Dataset, ImageShape};
 
 /// Where the `dataset-fashion-mnist` system package installs the (gzipped) IDX files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+/// The side of MNIST-format images (MNIST, Fashion-MNIST, KMNIST and EMNIST are all 28×28).
+pub const IMAGE_SIDE: usize = 28;
 
 /// Fashion-MNIST's class names, indexed by label (Xiao, Rasul & Vollgraf 2017, Zalando).
 pub const FASHION_MNIST_CLASSES: [&str; 10] =

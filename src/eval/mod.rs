@@ -20,7 +20,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The evaluation figures the trainer logs and stores in a run's manifest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
     /// Test accuracy of the weighted k-NN classifier ([`knn_accuracy`]).
     pub knn_accuracy: f64,

@@ -63,14 +63,20 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
 }
 
-/// Saves the weights (with `buffers`), the optimiser state and the run state into `dir`.
-pub fn save(dir: &Path, varmap: &VarMap, buffers: &[(String, Tensor)], optimizer: &HashMap<String, Tensor>, state: &RunState) -> Result<()> {
+/// Every variable of `varmap` plus the method's buffers (prefixed `buffer.`): the content of a
+/// weights file, which [`load_weights`] reads back.
+pub fn weight_tensors(varmap: &VarMap, buffers: &[(String, Tensor)]) -> HashMap<String, Tensor> {
     let mut weights: HashMap<String, Tensor> =
         varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     for (name, t) in buffers {
         weights.insert(format!("{BUFFER_PREFIX}{name}"), t.clone());
     }
-    save_tensors(&dir.join(WEIGHTS_FILE), &weights)?;
+    weights
+}
+
+/// Saves the weights (with `buffers`), the optimiser state and the run state into `dir`.
+pub fn save(dir: &Path, varmap: &VarMap, buffers: &[(String, Tensor)], optimizer: &HashMap<String, Tensor>, state: &RunState) -> Result<()> {
+    save_tensors(&dir.join(WEIGHTS_FILE), &weight_tensors(varmap, buffers))?;
     save_tensors(&dir.join(OPTIMIZER_FILE), optimizer)?;
     // The state goes last: it names what the files above hold.
     write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())
@@ -78,8 +84,12 @@ pub fn save(dir: &Path, varmap: &VarMap, buffers: &[(String, Tensor)], optimizer
 
 /// Loads the weights into `varmap` (every variable must be in the file) and returns the buffers.
 pub fn load_weights(dir: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&path, device).with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
+    load_weights_file(&dir.join(WEIGHTS_FILE), varmap, device)
+}
+
+/// [`load_weights`] from a weights file anywhere (a model version's, for instance).
+pub fn load_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load(path, device).with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
         let t = tensors.get(name).with_context(|| format!("{} has no tensor '{name}': it does not match the run config", path.display()))?;
         anyhow::ensure!(

@@ -27,6 +27,14 @@ impl DataSource {
         Self::MnistIdx { dir: PathBuf::from(data::idx::FASHION_MNIST_DIR) }
     }
 
+    /// The shape of the images the encoder takes.
+    pub fn image_shape(&self) -> ImageShape {
+        match self {
+            Self::MnistIdx { .. } => ImageShape::new(1, data::idx::IMAGE_SIDE, data::idx::IMAGE_SIDE),
+            Self::ImageFolder { shape, .. } => *shape,
+        }
+    }
+
     /// The training set and, where there is one, the test set.
     pub fn load(&self) -> Result<(Dataset, Option<Dataset>)> {
         match self {

@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
+use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 
 use super::conv::{default_backend, ConvBackend};
 use super::fused_batch_norm::{batch_norm_train, BatchStatistics};
@@ -55,6 +56,23 @@ impl BatchNorm2d {
     }
     pub fn eps(&self) -> f64 {
         self.eps
+    }
+
+    /// Evaluation mode as a per-channel affine map `x·scale + shift`, with
+    /// `scale = γ/√(σ²_running + ε)` and `shift = β − μ_running·scale` (what conv folding needs).
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let scale = (self.weight() / (self.running_var() + self.eps)?.sqrt()?)?;
+        let shift = (self.bias() - self.running_mean() * &scale)?;
+        Ok((scale, shift))
+    }
+
+    /// Emits an ONNX `BatchNormalization` node (evaluation mode) over `[N, C, …]`.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
+        let scale = g.tensor(&format!("{name}.weight"), self.weight())?;
+        let bias = g.tensor(&format!("{name}.bias"), self.bias())?;
+        let mean = g.tensor(&format!("{name}.running_mean"), self.running_mean())?;
+        let var = g.tensor(&format!("{name}.running_var"), self.running_var())?;
+        g.node("BatchNormalization", &[input, &scale, &bias, &mean, &var], name, &[("epsilon", Attr::Float(self.eps as f32))])
     }
 
     /// `γ·(x − μ)/√(σ² + ε) + β` over `x: [N, C, …]`, with batch statistics (and a running-average

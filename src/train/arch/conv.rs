@@ -3,7 +3,9 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 
+use super::batch_norm::BatchNorm2d;
 use super::im2col::conv2d_im2col;
 
 /// Which implementation runs the encoder's layers on the CPU.
@@ -58,6 +60,30 @@ impl Conv2d {
     }
     pub fn padding(&self) -> usize {
         self.padding
+    }
+
+    /// Emits this convolution as an ONNX `Conv` node named `name`, with the evaluation-mode
+    /// batch norm that follows it folded into its kernel and bias when given.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str, folded: Option<&BatchNorm2d>) -> ExportResult<String> {
+        let (out_channels, _, kernel, _) = self.weight.dims4()?;
+        let mut inputs = vec![input.to_string()];
+        match folded {
+            Some(bn) => {
+                let (scale, shift) = bn.eval_affine()?;
+                let weight = self.weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
+                inputs.push(g.tensor(&format!("{name}.weight"), &weight)?);
+                inputs.push(g.tensor(&format!("{name}.bias"), &shift)?);
+            }
+            None => inputs.push(g.tensor(&format!("{name}.weight"), &self.weight)?),
+        }
+        let (k, s, p) = (kernel as i64, self.stride as i64, self.padding as i64);
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        g.node(
+            "Conv",
+            &inputs,
+            name,
+            &[("kernel_shape", Attr::Ints(vec![k, k])), ("strides", Attr::Ints(vec![s, s])), ("pads", Attr::Ints(vec![p, p, p, p]))],
+        )
     }
 
     /// `x`: `[batch, in_channels, height, width]`. CPU f32/f64 tensors use the im2col op

@@ -3,6 +3,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
+use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 use serde::{Deserialize, Serialize};
 
 use super::batch_norm::BatchNorm2d;
@@ -76,6 +77,35 @@ impl Mlp {
         }
         Ok(h)
     }
+}
+
+impl Mlp {
+    /// The MLP in evaluation mode as ONNX nodes (`Gemm`, `BatchNormalization`, `Relu`), values
+    /// named `{name}.layerK.*`.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
+        let mut h = input.to_string();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let prefix = format!("{name}.layer{}", i + 1);
+            h = linear_to_onnx(&layer.linear, g, &h, &format!("{prefix}.linear"))?;
+            if let Some(bn) = &layer.batch_norm {
+                h = bn.to_onnx(g, &h, &format!("{prefix}.bn"))?;
+            }
+            if layer.relu {
+                h = g.node("Relu", &[&h], &format!("{prefix}.relu"), &[])?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// `y = x·Wᵀ + b` as an ONNX `Gemm` with `transB = 1` (candle stores `W` as `[out, in]`).
+fn linear_to_onnx(linear: &Linear, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
+    let weight = g.tensor(&format!("{name}.weight"), linear.weight())?;
+    let bias = match linear.bias() {
+        Some(bias) => g.tensor(&format!("{name}.bias"), bias)?,
+        None => String::new(),
+    };
+    g.node("Gemm", &[input, &weight, &bias], name, &[("transB", Attr::Int(1))])
 }
 
 /// Batch norm (then ReLU if asked, fused) of `[N, D]` features, as a `[N, D, 1, 1]` image batch.

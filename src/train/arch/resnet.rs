@@ -3,6 +3,7 @@
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
+use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 use serde::{Deserialize, Serialize};
 
 use super::activation::add_relu;
@@ -91,6 +92,20 @@ impl BasicBlock {
         };
         add_relu(&h, &identity)
     }
+
+    /// The block in evaluation mode as ONNX nodes (batch norms folded into the convs); values
+    /// are named `{name}.conv1`, `{name}.add`, ….
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
+        let h = self.conv1.to_onnx(g, input, &format!("{name}.conv1"), Some(&self.bn1))?;
+        let h = g.node("Relu", &[&h], &format!("{name}.relu1"), &[])?;
+        let h = self.conv2.to_onnx(g, &h, &format!("{name}.conv2"), Some(&self.bn2))?;
+        let identity = match &self.shortcut {
+            Some((conv, bn)) => conv.to_onnx(g, input, &format!("{name}.shortcut.conv"), Some(bn))?,
+            None => input.to_string(),
+        };
+        let sum = g.node("Add", &[&h, &identity], &format!("{name}.add"), &[])?;
+        g.node("Relu", &[&sum], &format!("{name}.relu2"), &[])
+    }
 }
 
 /// The ResNet encoder: `[N, C, H, W]` images to `[N, feature_dim]` features.
@@ -132,6 +147,22 @@ impl ResNet {
         }
         // Global mean pooling: pooling ops' backward only works when kernel == stride.
         h.flatten_from(2)?.mean(D::Minus1)
+    }
+
+    /// The encoder in evaluation mode as ONNX nodes reading `input` (`[N, C, H, W]`); returns the
+    /// `[N, feature_dim]` feature value, named `features`.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str) -> ExportResult<String> {
+        let h = self.stem_conv.to_onnx(g, input, "stem.conv", Some(&self.stem_bn))?;
+        let mut h = g.node("Relu", &[&h], "stem.relu", &[])?;
+        let mut names = Vec::new();
+        for (stage, &depth) in self.config.blocks.iter().enumerate() {
+            names.extend((0..depth).map(|block| format!("stage{}.block{}", stage + 1, block + 1)));
+        }
+        for (block, name) in self.blocks.iter().zip(&names) {
+            h = block.to_onnx(g, &h, name)?;
+        }
+        let pooled = g.node("GlobalAveragePool", &[&h], "pool", &[])?;
+        g.node("Flatten", &[&pooled], "features", &[("axis", Attr::Int(1))])
     }
 }
 

@@ -1,0 +1,177 @@
+//! Trained encoder → ONNX graph → parity check against ONNX Runtime → a new version in the model
+//! repository. The embedding is the backbone feature; the projection head stays in
+//! `weights.safetensors` for fine-tuning.
+
+pub mod parity;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use contrastive_export::{onnx::ModelProto, Dim, GraphBuilder};
+
+use crate::data::{Dataset, ImageShape};
+use crate::eval::EvalReport;
+use crate::registry::manifest::{Architecture, ChannelOrder, FileDigest, InputSpec, OutputSpec, TrainingSummary};
+use crate::registry::{Manifest, ModelRepository, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
+use crate::train::arch::ResNet;
+use crate::train::checkpoint;
+use crate::train::trainer::Model;
+
+pub use parity::{check_parity, PARITY_TOLERANCE};
+
+pub const INPUT_NAME: &str = "image";
+pub const OUTPUT_NAME: &str = "embedding";
+/// Added to ‖x‖² before the square root, as the trainer's own `l2_normalize`.
+const NORM_EPS_SQUARED: f32 = 1e-24;
+
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub name: String,
+    /// `None`: the next version.
+    pub version: Option<u64>,
+    /// Put the L2 normalisation inside the graph.
+    pub l2_normalize: bool,
+    pub tolerance: f32,
+}
+
+impl ExportOptions {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), version: None, l2_normalize: false, tolerance: PARITY_TOLERANCE }
+    }
+}
+
+/// What the manifest says about where a model came from.
+#[derive(Debug, Clone)]
+pub struct Provenance {
+    pub source: String,
+    pub evaluation: Option<EvalReport>,
+    pub epochs: usize,
+    pub steps: usize,
+}
+
+/// The encoder as an ONNX model: `image` `[batch, C, H, W]` in, `embedding` `[batch, D]` out.
+pub fn encoder_graph(encoder: &ResNet, shape: ImageShape, l2_normalize: bool, metadata: &[(String, String)]) -> Result<ModelProto> {
+    let mut g = GraphBuilder::new("encoder");
+    let dims = [Dim::batch(), Dim::Fixed(shape.channels), Dim::Fixed(shape.height), Dim::Fixed(shape.width)];
+    let input = g.input(INPUT_NAME, &dims)?;
+    let features = encoder.to_onnx(&mut g, &input)?;
+    let embedding = if l2_normalize {
+        // x / sqrt(Σx² + ε²), as crate::train::loss::common::l2_normalize.
+        let sum_sq = g.node("ReduceSumSquare", &[&features], "l2.sum_sq", &[("axes", contrastive_export::Attr::Ints(vec![1]))])?;
+        let eps = g.initializer("l2.eps_sq", &[], &[NORM_EPS_SQUARED])?;
+        let shifted = g.node("Add", &[&sum_sq, &eps], "l2.shifted", &[])?;
+        let norm = g.node("Sqrt", &[&shifted], "l2.norm", &[])?;
+        g.node("Div", &[&features, &norm], OUTPUT_NAME, &[])?
+    } else {
+        g.node("Identity", &[&features], OUTPUT_NAME, &[])?
+    };
+    g.output(&embedding, &[Dim::batch(), Dim::Fixed(encoder.feature_dim())])?;
+    let doc = "Contrastive image encoder: images scaled to [0, 1] in, backbone features out.";
+    Ok(g.finish(env!("CARGO_PKG_VERSION"), doc, metadata))
+}
+
+/// Exports `model`'s encoder, checks parity, and publishes it as a new version of
+/// `options.name` with its weights and manifest. Parity uses random inputs and, when given, the
+/// first images of `images`. Returns the published manifest.
+pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOptions, provenance: &Provenance, images: Option<&Dataset>) -> Result<Manifest> {
+    let config = &model.config;
+    let shape = config.data.image_shape();
+    let encoder = model.method.encoder();
+    let channel_order = ChannelOrder::for_channels(shape.channels)?;
+    let metadata = vec![
+        ("name".to_string(), options.name.clone()),
+        ("method".to_string(), config.method.name().to_string()),
+        ("input".to_string(), format!("{}x{}x{} {channel_order:?}, scaled to [0, 1]", shape.channels, shape.height, shape.width)),
+        ("embedding_dimensions".to_string(), encoder.feature_dim().to_string()),
+    ];
+    let graph = encoder_graph(encoder, shape, options.l2_normalize, &metadata)?;
+    let onnx_bytes = contrastive_export::to_bytes(&graph);
+    let parity = check_parity(model, &onnx_bytes, options.l2_normalize, images, options.tolerance)?;
+
+    let mut manifest = Manifest {
+        format: crate::registry::manifest::MANIFEST_FORMAT,
+        name: options.name.clone(),
+        version: 0,
+        created_at: crate::registry::manifest::now_rfc3339(),
+        architecture: Architecture {
+            encoder: "resnet".into(),
+            resnet: config.encoder.clone(),
+            encoder_parameters: encoder_parameters(model),
+            projector_dims: config.projector_dims.clone(),
+        },
+        input: InputSpec {
+            name: INPUT_NAME.into(),
+            channels: shape.channels,
+            height: shape.height,
+            width: shape.width,
+            channel_order,
+            resize: "bilinear".into(),
+            scale: 1.0 / 255.0,
+        },
+        output: OutputSpec { name: OUTPUT_NAME.into(), dimensions: encoder.feature_dim(), l2_normalized: options.l2_normalize },
+        training: TrainingSummary {
+            method: config.method.name().into(),
+            loss: config.method.loss_name().into(),
+            data: describe_data(config),
+            epochs: provenance.epochs,
+            steps: provenance.steps,
+            batch_size: config.batch_size,
+            config: config.clone(),
+        },
+        evaluation: provenance.evaluation.clone(),
+        parity,
+        source: provenance.source.clone(),
+        files: Default::default(),
+    };
+    let weights = checkpoint::weight_tensors(&model.varmap, &model.method.buffers()?);
+    let version = repo.publish(&options.name, options.version, |dir, version| {
+        std::fs::write(dir.join(MODEL_FILE), &onnx_bytes).with_context(|| format!("cannot write {}", dir.join(MODEL_FILE).display()))?;
+        candle_core::safetensors::save(&weights, dir.join(WEIGHTS_FILE)).context("cannot write the weights")?;
+        for file in [MODEL_FILE, WEIGHTS_FILE] {
+            manifest.files.insert(file.to_string(), FileDigest::of_file(&dir.join(file))?);
+        }
+        manifest.version = version;
+        std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest)?)?;
+        Ok(())
+    })?;
+    debug_assert_eq!(manifest.version, version);
+    Ok(manifest)
+}
+
+/// `contrastive export`: a run folder's latest checkpoint to a new model version. Parity uses the
+/// run's test images when its data can be loaded here.
+pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &ExportOptions) -> Result<Manifest> {
+    let model = Model::load(run_dir, &candle_core::Device::Cpu).with_context(|| format!("cannot load the checkpoint in {}", run_dir.display()))?;
+    let state = checkpoint::load_state(run_dir)?;
+    let images = match model.config.data.load() {
+        Ok((train, test)) => Some(test.unwrap_or(train)),
+        Err(error) => {
+            tracing::warn!(%error, "the run's data cannot be loaded here: parity uses random inputs only");
+            None
+        }
+    };
+    let provenance = Provenance {
+        source: format!("run folder {}", run_dir.display()),
+        evaluation: state.final_eval.clone(),
+        epochs: state.epoch,
+        steps: state.step,
+    };
+    publish_model(repo, &model, options, &provenance, images.as_ref())
+}
+
+fn encoder_parameters(model: &Model) -> usize {
+    let vars = model.varmap.data().lock().expect("varmap lock");
+    vars.iter()
+        .filter(|(name, _)| name.starts_with("encoder.") && !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .map(|(_, var)| var.elem_count())
+        .sum()
+}
+
+fn describe_data(config: &crate::train::config::TrainConfig) -> String {
+    use crate::train::config::DataSource;
+    let limit = config.train_limit.map(|n| format!(", first {n} training images")).unwrap_or_default();
+    match &config.data {
+        DataSource::MnistIdx { dir } => format!("MNIST-format IDX files in {}{limit}", dir.display()),
+        DataSource::ImageFolder { root, .. } => format!("image folder {}{limit}", root.display()),
+    }
+}

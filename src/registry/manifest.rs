@@ -1,0 +1,175 @@
+//! `manifest.json`: what a model version is, how to feed it, how it was made and how good it is.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::EvalReport;
+use crate::train::arch::ResNetConfig;
+use crate::train::config::TrainConfig;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MODEL_FILE: &str = "model.onnx";
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// Bumped when a field changes meaning; readers refuse versions they do not know.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub version: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub architecture: Architecture,
+    pub input: InputSpec,
+    pub output: OutputSpec,
+    pub training: TrainingSummary,
+    /// Test-set evaluation of the encoder, when one was run.
+    pub evaluation: Option<EvalReport>,
+    pub parity: ParityReport,
+    /// Where the weights came from: a run folder, or a fine-tune job.
+    pub source: String,
+    /// Size and SHA-256 of each file of the version, checked when a server loads it.
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    /// The encoder family ("resnet").
+    pub encoder: String,
+    pub resnet: ResNetConfig,
+    pub encoder_parameters: usize,
+    /// The projection head, kept in `weights.safetensors` for fine-tuning (not in the ONNX graph).
+    pub projector_dims: Vec<usize>,
+}
+
+/// Channel layout the model expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    Gray,
+    Rgb,
+}
+
+impl ChannelOrder {
+    pub fn for_channels(channels: usize) -> Result<Self> {
+        match channels {
+            1 => Ok(Self::Gray),
+            3 => Ok(Self::Rgb),
+            n => anyhow::bail!("models take 1 (gray) or 3 (RGB) channels, not {n}"),
+        }
+    }
+}
+
+/// How an image becomes the model's input tensor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    /// The ONNX input's name; its shape is `[batch, channels, height, width]`, float32.
+    pub name: String,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channel_order: ChannelOrder,
+    /// Decoded images are resized to `height × width` with this filter.
+    pub resize: String,
+    /// Pixel values are multiplied by this (1/255: inputs lie in [0, 1]); no mean/std shift.
+    pub scale: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    pub name: String,
+    pub dimensions: usize,
+    /// Whether the graph itself L2-normalises the embedding.
+    pub l2_normalized: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub method: String,
+    pub loss: String,
+    /// The data it was trained on, in words.
+    pub data: String,
+    pub epochs: usize,
+    pub steps: usize,
+    pub batch_size: usize,
+    /// The full run configuration, so that the encoder can be rebuilt for fine-tuning.
+    pub config: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParityReport {
+    /// The largest |candle − ONNX Runtime| over every case.
+    pub max_abs_diff: f32,
+    pub tolerance: f32,
+    pub onnxruntime_version: String,
+    pub cases: Vec<ParityCase>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParityCase {
+    /// "random" or "images".
+    pub input: String,
+    pub batch: usize,
+    pub max_abs_diff: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    pub fn of_file(path: &Path) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let bytes = std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Self { bytes, sha256: format!("{:x}", hasher.finalize()) })
+    }
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let manifest: Self = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        anyhow::ensure!(
+            manifest.format == MANIFEST_FORMAT,
+            "{} has manifest format {}; this program reads format {MANIFEST_FORMAT}",
+            path.display(),
+            manifest.format
+        );
+        Ok(manifest)
+    }
+
+    /// Checks that every listed file of `dir` has its recorded size and digest.
+    pub fn verify_files(&self, dir: &Path) -> Result<()> {
+        for (name, expected) in &self.files {
+            let actual = FileDigest::of_file(&dir.join(name))?;
+            anyhow::ensure!(
+                &actual == expected,
+                "{} does not match its manifest ({} bytes, sha256 {}; expected {} bytes, sha256 {})",
+                dir.join(name).display(),
+                actual.bytes,
+                actual.sha256,
+                expected.bytes,
+                expected.sha256
+            );
+        }
+        Ok(())
+    }
+
+    /// `[channels, height, width]` of one input image.
+    pub fn image_dims(&self) -> [usize; 3] {
+        [self.input.channels, self.input.height, self.input.width]
+    }
+}
+
+/// The current time as RFC 3339 (UTC, seconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
