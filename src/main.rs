@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use contrastive::data::ImageShape;
 use contrastive::export::ExportOptions;
 use contrastive::registry::ModelRepository;
+use contrastive::serve::config::{ServeArgs, ServeSettings};
 use contrastive::train::arch::MethodConfig;
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::optim::OptimizerConfig;
@@ -32,9 +33,49 @@ enum Command {
     Eval(EvalArgs),
     /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
     Export(ExportArgs),
+    /// Serve embeddings (and fine-tune jobs) over gRPC from the model repository.
+    Serve(ServeArgs),
+    /// Embed image files with a running server; prints JSON.
+    Embed(EmbedArgs),
+    /// Ask a running server's grpc.health.v1 whether it is SERVING (exit 0) or not (exit 1).
+    Health(HealthArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// Server address
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CONTRASTIVE_SERVER")]
+    addr: String,
+    /// Model name [default: the server's default model]
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Model version [default: the latest ready]
+    #[arg(long, default_value_t = 0)]
+    version: u64,
+    /// Keep the first N dimensions (then normalise)
+    #[arg(long, default_value_t = 0)]
+    dimensions: u32,
+    /// Return the raw embedding, not L2-normalised
+    #[arg(long)]
+    no_normalize: bool,
+    /// API key, sent as `authorization: Bearer <key>`
+    #[arg(long, env = "CONTRASTIVE_API_KEY")]
+    api_key: Option<String>,
+    /// PNG or JPEG files
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CONTRASTIVE_SERVER")]
+    addr: String,
+    /// Service to ask about [default: the whole server]
+    #[arg(long, default_value = "")]
+    service: String,
 }
 
 #[derive(Args)]
@@ -208,6 +249,9 @@ fn main() -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Export(args) => export(args),
+        Command::Serve(args) => serve(args),
+        Command::Embed(args) => async_runtime()?.block_on(embed(args)),
+        Command::Health(args) => async_runtime()?.block_on(health(args)),
         Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
             let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
             bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
@@ -254,6 +298,59 @@ fn train(args: TrainArgs) -> Result<()> {
         "final_eval": state.final_eval,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn async_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let settings = ServeSettings::resolve(&args)?;
+    async_runtime()?.block_on(contrastive::serve::run(settings, |addr| {
+        // One machine-readable line, so scripts and tests learn the port when it was 0.
+        println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+    }))
+}
+
+async fn embed(args: EmbedArgs) -> Result<()> {
+    let mut inputs = Vec::new();
+    for file in &args.files {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        inputs.push(contrastive::proto::v1::Input { data: Some(contrastive::proto::v1::input::Data::Image(bytes)) });
+    }
+    let request = contrastive::proto::v1::EmbedRequest {
+        model: args.model,
+        version: args.version,
+        inputs,
+        normalize: Some(!args.no_normalize),
+        dimensions: args.dimensions,
+    };
+    let mut client = contrastive::client::embedding_client(&args.addr, args.api_key.as_deref()).await?;
+    let response = client.embed(request).await.map_err(contrastive::client::status_error)?.into_inner();
+    let embeddings: Vec<_> = args
+        .files
+        .iter()
+        .zip(&response.embeddings)
+        .map(|(file, e)| serde_json::json!({ "file": file, "embedding": e.values }))
+        .collect();
+    let timing = response.timing.unwrap_or_default();
+    let out = serde_json::json!({
+        "model": response.model,
+        "version": response.version,
+        "embeddings": embeddings,
+        "timing_ms": { "queue": timing.queue_ms, "inference": timing.inference_ms, "total": timing.total_ms },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn health(args: HealthArgs) -> Result<()> {
+    let status = contrastive::client::health(&args.addr, &args.service).await?;
+    println!("{status}");
+    if status != "SERVING" {
+        std::process::exit(1);
+    }
     Ok(())
 }
 

@@ -1,0 +1,248 @@
+//! `contrastive.v1.EmbeddingService`: validation, preprocessing on the blocking pool, the dynamic
+//! batcher, post-processing (truncation, L2 normalisation) and per-RPC metrics.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::batcher::BatchError;
+use super::metrics;
+use super::models::{LoadedVersion, LookupError, ModelStore, VersionStatus};
+use super::preprocess::preprocess_all;
+use crate::proto::v1::embedding_service_server::EmbeddingService;
+use crate::proto::v1::{
+    embed_stream_response, EmbedRequest, EmbedResponse, EmbedStreamRequest, EmbedStreamResponse, Embedding, Error as ProtoError,
+    GetModelRequest, ListModelsRequest, ListModelsResponse, ManifestSummary, ModelInfo, Timing, VersionInfo, VersionState,
+};
+
+/// Limits on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub max_client_batch: usize,
+    /// Requests one stream may have in flight at once.
+    pub max_stream_in_flight: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self { max_client_batch: 256, max_stream_in_flight: 64 }
+    }
+}
+
+#[derive(Clone)]
+pub struct EmbeddingApi {
+    store: Arc<ModelStore>,
+    limits: RequestLimits,
+}
+
+impl EmbeddingApi {
+    pub fn new(store: Arc<ModelStore>, limits: RequestLimits) -> Self {
+        Self { store, limits }
+    }
+
+    async fn embed_request(&self, request: EmbedRequest) -> Result<EmbedResponse, Status> {
+        let received = Instant::now();
+        if request.inputs.is_empty() {
+            return Err(Status::invalid_argument("the request has no inputs"));
+        }
+        if request.inputs.len() > self.limits.max_client_batch {
+            return Err(Status::invalid_argument(format!(
+                "the request has {} inputs; at most {} are allowed per request (max_client_batch)",
+                request.inputs.len(),
+                self.limits.max_client_batch
+            )));
+        }
+        let model = self.store.resolve(&request.model, request.version).map_err(lookup_status)?;
+        let width = model.manifest.output.dimensions;
+        let dimensions = request.dimensions as usize;
+        if dimensions > width {
+            return Err(Status::invalid_argument(format!("dimensions {dimensions} exceeds the embedding size of {} ({width})", model.name)));
+        }
+        let count = request.inputs.len();
+        let spec = model.manifest.input.clone();
+        let inputs = request.inputs;
+        let images = tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec))
+            .await
+            .map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let output = model.batcher.embed(images, count).await.map_err(batch_status)?;
+        metrics::queue_wait(&format!("{}:{}", model.name, model.version), output.queue);
+
+        let keep = if dimensions == 0 { output.dimensions } else { dimensions };
+        let normalize = request.normalize.unwrap_or(true);
+        let embeddings = output
+            .embeddings
+            .chunks(output.dimensions)
+            .map(|row| {
+                let mut values = row[..keep].to_vec();
+                if normalize {
+                    l2_normalize(&mut values);
+                }
+                Embedding { values }
+            })
+            .collect();
+        Ok(EmbedResponse {
+            model: model.name.clone(),
+            version: model.version,
+            embeddings,
+            timing: Some(Timing {
+                queue_ms: output.queue.as_secs_f64() * 1e3,
+                inference_ms: output.inference.as_secs_f64() * 1e3,
+                total_ms: received.elapsed().as_secs_f64() * 1e3,
+            }),
+        })
+    }
+}
+
+/// `x / sqrt(Σx² + ε²)`, as the trainer's normalisation.
+fn l2_normalize(values: &mut [f32]) {
+    let norm = (values.iter().map(|v| v * v).sum::<f32>() + 1e-24).sqrt();
+    values.iter_mut().for_each(|v| *v /= norm);
+}
+
+fn lookup_status(error: LookupError) -> Status {
+    match error {
+        LookupError::NoModels => Status::unavailable(error.to_string()),
+        _ => Status::not_found(error.to_string()),
+    }
+}
+
+fn batch_status(error: BatchError) -> Status {
+    match error {
+        BatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
+        BatchError::Stopped(_) => Status::unavailable(error.to_string()),
+        BatchError::Inference(_) => Status::internal(error.to_string()),
+    }
+}
+
+type EmbedStreamOutput = Pin<Box<dyn Stream<Item = Result<EmbedStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EmbeddingService for EmbeddingApi {
+    async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
+        let started = Instant::now();
+        let result = self.embed_request(request.into_inner()).await;
+        metrics::request("Embed", result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), started.elapsed());
+        result.map(Response::new)
+    }
+
+    type EmbedStreamStream = EmbedStreamOutput;
+
+    /// Requests run concurrently (up to `max_stream_in_flight`); responses leave in request order.
+    async fn embed_stream(&self, request: Request<Streaming<EmbedStreamRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (pending_tx, mut pending_rx) = mpsc::channel::<tokio::task::JoinHandle<EmbedStreamResponse>>(self.limits.max_stream_in_flight);
+        let (out_tx, out_rx) = mpsc::channel(self.limits.max_stream_in_flight);
+        let api = self.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(status) => {
+                        tracing::debug!(%status, "embed stream ended by the client");
+                        break;
+                    }
+                };
+                let api = api.clone();
+                let handle = tokio::spawn(async move {
+                    let started = Instant::now();
+                    let id = message.id;
+                    let result = match message.request {
+                        Some(request) => api.embed_request(request).await,
+                        None => Err(Status::invalid_argument("stream message without a request")),
+                    };
+                    metrics::request("EmbedStream", result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), started.elapsed());
+                    let result = match result {
+                        Ok(response) => embed_stream_response::Result::Response(response),
+                        Err(status) => embed_stream_response::Result::Error(ProtoError { code: status.code() as i32, message: status.message().to_string() }),
+                    };
+                    EmbedStreamResponse { id, result: Some(result) }
+                });
+                if pending_tx.send(handle).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(handle) = pending_rx.recv().await {
+                let response = match handle.await {
+                    Ok(response) => Ok(response),
+                    Err(e) => Err(Status::internal(format!("a stream request failed: {e}"))),
+                };
+                if out_tx.send(response).await.is_err() {
+                    reader.abort(); // the client went away
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let default = self.store.default_model();
+        let models = self.store.snapshot().into_iter().map(|(name, versions)| model_info(&name, &versions, default.as_deref())).collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+
+    async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelInfo>, Status> {
+        let default = self.store.default_model();
+        let name = match request.into_inner().name {
+            name if name.is_empty() => default.clone().ok_or_else(|| Status::unavailable("no model is loaded yet"))?,
+            name => name,
+        };
+        let snapshot = self.store.snapshot();
+        let versions = snapshot.get(&name).ok_or_else(|| {
+            let available = snapshot.keys().cloned().collect::<Vec<_>>().join(", ");
+            Status::not_found(format!("model {name:?} is not in the repository (available: {available})"))
+        })?;
+        Ok(Response::new(model_info(&name, versions, default.as_deref())))
+    }
+}
+
+fn model_info(name: &str, versions: &std::collections::BTreeMap<u64, VersionStatus>, default: Option<&str>) -> ModelInfo {
+    let latest_ready_version = versions.iter().rev().find(|(_, s)| matches!(s, VersionStatus::Ready(_))).map_or(0, |(v, _)| *v);
+    ModelInfo {
+        name: name.to_string(),
+        is_default: default == Some(name),
+        latest_ready_version,
+        versions: versions
+            .iter()
+            .map(|(&version, status)| match status {
+                VersionStatus::Ready(loaded) => version_info(loaded),
+                VersionStatus::Failed(reason) => {
+                    VersionInfo { version, state: VersionState::Failed as i32, error: reason.clone(), ..Default::default() }
+                }
+            })
+            .collect(),
+    }
+}
+
+fn version_info(loaded: &LoadedVersion) -> VersionInfo {
+    let m = &loaded.manifest;
+    let evaluation = m.evaluation.as_ref();
+    VersionInfo {
+        version: loaded.version,
+        state: VersionState::Ready as i32,
+        error: String::new(),
+        input_shape: m.image_dims().iter().map(|&d| d as u32).collect(),
+        channel_order: format!("{:?}", m.input.channel_order).to_lowercase(),
+        embedding_dimensions: m.output.dimensions as u32,
+        execution_provider: loaded.provider.to_string(),
+        manifest: Some(ManifestSummary {
+            method: m.training.method.clone(),
+            loss: m.training.loss.clone(),
+            data: m.training.data.clone(),
+            epochs: m.training.epochs as u32,
+            knn_accuracy: evaluation.map_or(0.0, |e| e.knn_accuracy),
+            linear_probe_accuracy: evaluation.and_then(|e| e.linear_probe_accuracy).unwrap_or(0.0),
+            parity_max_abs_diff: m.parity.max_abs_diff as f64,
+            created_at: m.created_at.clone(),
+            source: m.source.clone(),
+        }),
+    }
+}

@@ -1,0 +1,143 @@
+//! `contrastive serve`: the gRPC server. Embeddings through ONNX Runtime with dynamic batching
+//! ([`embedding`], [`batcher`]), the loaded side of the model repository ([`models`]),
+//! `grpc.health.v1`, server reflection, Prometheus metrics, TLS, API keys, graceful shutdown.
+
+pub mod auth;
+pub mod batcher;
+pub mod config;
+pub mod embedding;
+pub mod metrics;
+pub mod models;
+pub mod preprocess;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use self::auth::ApiKeys;
+use self::config::ServeSettings;
+use self::embedding::EmbeddingApi;
+use self::models::{LoadOptions, ModelStore};
+use crate::proto::v1::embedding_service_server::EmbeddingServiceServer;
+use crate::registry::ModelRepository;
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish, drains
+/// the batch queues and returns. `on_listening` receives the bound address (useful with port 0).
+pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+    metrics::install(settings.metrics_addr)?;
+    let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("cannot listen on {}", settings.addr))?;
+    let local_addr = listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<EmbeddingServiceServer<EmbeddingApi>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let repository = ModelRepository::new(&settings.models);
+    match repository.remove_abandoned_staging() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed staging folders of interrupted publishes"),
+        Err(error) => tracing::warn!(%error, "cannot clean staging folders"),
+    }
+    let load = LoadOptions { session: settings.session, batcher: settings.batcher, keep_versions: settings.keep_versions };
+    let store = Arc::new(ModelStore::new(repository, load, settings.default_model.clone()));
+    let poller = Poller::start(store.clone(), settings.poll_interval, health.clone());
+
+    let api_keys = match &settings.api_key_file {
+        Some(path) => ApiKeys::from_file(path)?,
+        None => ApiKeys::open(),
+    };
+    let embedding_keys = if settings.auth_embeddings { api_keys.clone() } else { ApiKeys::open() };
+    let embedding = EmbeddingServiceServer::new(EmbeddingApi::new(store.clone(), settings.limits))
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
+    let embedding = tonic::service::interceptor::InterceptedService::new(embedding, move |r| embedding_keys.check(r));
+
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &settings.tls {
+        let cert = std::fs::read(cert).with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("cannot read the TLS key {}", key.display()))?;
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))).context("invalid TLS certificate or key")?;
+    }
+    tracing::info!(addr = %local_addr, models = %settings.models.display(), tls = settings.tls.is_some(), "serving");
+    on_listening(local_addr);
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(embedding)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .await
+        .context("the gRPC server failed")?;
+
+    tracing::info!("stopped accepting; draining queues");
+    poller.stop();
+    store.clear();
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+/// Scans the repository on a plain thread (loading a model is blocking work) and keeps the
+/// health status in step: SERVING once any version is ready.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poller {
+    fn start(store: Arc<ModelStore>, interval: std::time::Duration, health: tonic_health::server::HealthReporter) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let runtime = tokio::runtime::Handle::current();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("model poller".into())
+                .spawn(move || {
+                    let mut serving = None;
+                    while !stop.load(Ordering::Acquire) {
+                        let ready = store.scan().unwrap_or_else(|error| {
+                            tracing::error!(%error, "cannot scan the model repository");
+                            store.ready_count()
+                        });
+                        if serving != Some(ready > 0) {
+                            serving = Some(ready > 0);
+                            let health = health.clone();
+                            runtime.block_on(async move {
+                                let status = if ready > 0 { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+                                health.set_service_status("", status).await;
+                                health.set_service_status("contrastive.v1.EmbeddingService", status).await;
+                            });
+                        }
+                        std::thread::park_timeout(interval);
+                    }
+                })
+                .expect("spawn the model poller")
+        };
+        Self { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
