@@ -39,6 +39,8 @@ enum Command {
     Embed(EmbedArgs),
     /// Ask a running server's grpc.health.v1 whether it is SERVING (exit 0) or not (exit 1).
     Health(HealthArgs),
+    /// Supervised-contrastive fine-tune jobs on a running server.
+    Finetune(contrastive::finetune::client::FinetuneArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -252,6 +254,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(args),
         Command::Embed(args) => async_runtime()?.block_on(embed(args)),
         Command::Health(args) => async_runtime()?.block_on(health(args)),
+        Command::Finetune(args) => async_runtime()?.block_on(contrastive::finetune::client::run(args)),
         Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
             let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
             bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)

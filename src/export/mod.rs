@@ -47,6 +47,8 @@ pub struct Provenance {
     pub evaluation: Option<EvalReport>,
     pub epochs: usize,
     pub steps: usize,
+    /// The training data in words, when it was not the run config's data source.
+    pub data: Option<String>,
 }
 
 /// The encoder as an ONNX model: `image` `[batch, C, H, W]` in, `embedding` `[batch, D]` out.
@@ -112,7 +114,7 @@ pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOpti
         training: TrainingSummary {
             method: config.method.name().into(),
             loss: config.method.loss_name().into(),
-            data: describe_data(config),
+            data: provenance.data.clone().unwrap_or_else(|| describe_data(config)),
             epochs: provenance.epochs,
             steps: provenance.steps,
             batch_size: config.batch_size,
@@ -155,6 +157,7 @@ pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &Expor
         evaluation: state.final_eval.clone(),
         epochs: state.epoch,
         steps: state.step,
+        data: None,
     };
     publish_model(repo, &model, options, &provenance, images.as_ref())
 }

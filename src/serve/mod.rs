@@ -1,8 +1,10 @@
 //! `contrastive serve`: the gRPC server. Embeddings through ONNX Runtime with dynamic batching
 //! ([`embedding`], [`batcher`]), the loaded side of the model repository ([`models`]),
-//! `grpc.health.v1`, server reflection, Prometheus metrics, TLS, API keys, graceful shutdown.
+//! fine-tune jobs ([`crate::finetune`]), `grpc.health.v1`, server reflection, Prometheus metrics,
+//! TLS, API keys, graceful shutdown.
 
 pub mod auth;
+pub mod bench;
 pub mod batcher;
 pub mod config;
 pub mod embedding;
@@ -23,7 +25,12 @@ use self::auth::ApiKeys;
 use self::config::ServeSettings;
 use self::embedding::EmbeddingApi;
 use self::models::{LoadOptions, ModelStore};
+use crate::finetune::datasets::{DatasetLimits, DatasetStore};
+use crate::finetune::runner::{JobRunner, RunnerSettings};
+use crate::finetune::service::FineTuneApi;
+use crate::finetune::store::JobStore;
 use crate::proto::v1::embedding_service_server::EmbeddingServiceServer;
+use crate::proto::v1::fine_tune_service_server::FineTuneServiceServer;
 use crate::registry::ModelRepository;
 
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish, drains
@@ -61,6 +68,18 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         .max_encoding_message_size(settings.max_message_bytes);
     let embedding = tonic::service::interceptor::InterceptedService::new(embedding, move |r| embedding_keys.check(r));
 
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("cannot create the data folder {}", settings.data_dir.display()))?;
+    let jobs = Arc::new(JobStore::open(&settings.data_dir.join("jobs.sqlite"))?);
+    let dataset_limits = DatasetLimits { max_images: settings.max_dataset_images, max_image_bytes: settings.max_image_bytes, ..DatasetLimits::default() };
+    let datasets = Arc::new(DatasetStore::new(settings.data_dir.join("datasets"), dataset_limits));
+    let runner_settings = RunnerSettings { concurrency: settings.finetune_concurrency, threads: settings.finetune_threads, ..RunnerSettings::default() };
+    let runner = JobRunner::start(jobs, datasets, store.clone(), runner_settings)?;
+    let finetune_api = FineTuneApi::new(runner.clone(), api_keys.clone(), settings.finetune_data_root.clone(), settings.max_jobs_per_client);
+    let finetune = FineTuneServiceServer::new(finetune_api)
+        .max_decoding_message_size(settings.max_message_bytes)
+        .max_encoding_message_size(settings.max_message_bytes);
+    let finetune = tonic::service::interceptor::InterceptedService::new(finetune, move |r| api_keys.check(r));
+
     let mut builder = Server::builder();
     if let Some((cert, key)) = &settings.tls {
         let cert = std::fs::read(cert).with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
@@ -73,11 +92,13 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedding)
+        .add_service(finetune)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
         .await
         .context("the gRPC server failed")?;
 
     tracing::info!("stopped accepting; draining queues");
+    runner.shutdown();
     poller.stop();
     store.clear();
     tracing::info!("shut down");
