@@ -82,7 +82,7 @@ pub struct CreateArgs {
     /// [default: 0.1]
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Backbone stages that train, from the top (0 = projection head only) [default: all]
+    /// Backbone stages that train, from the top (0 = projection head only) [default: 1]
     #[arg(long)]
     pub trainable_stages: Option<u32>,
     #[arg(long, default_value_t = 0)]

@@ -70,6 +70,10 @@ pub fn with_defaults(h: Option<HyperParameters>) -> HyperParameters {
     if h.holdout_fraction == 0.0 {
         h.holdout_fraction = 0.2;
     }
+    // On a few hundred images, training deeper stages overfits (measured in the README).
+    if h.trainable_stages.is_none() {
+        h.trainable_stages = Some(1);
+    }
     h
 }
 
@@ -335,6 +339,9 @@ impl JobRunner {
         self.record(id, Event::Before(before.clone()))?;
 
         let trainable = trainable_variables(&model, h.trainable_stages, config.encoder.widths.len());
+        // Batch norm updates its running statistics in every training forward pass, even in
+        // frozen stages; keep the base's so that a frozen stage really stays as it was.
+        let frozen_statistics = frozen_running_statistics(&model, &trainable);
         let mut optimizer = Optimizer::new(config.optimizer.clone(), trainable);
         let train = Arc::new(train);
         let pipelines: Vec<Arc<Pipeline>> = config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect();
@@ -372,6 +379,9 @@ impl JobRunner {
             self.record(id, Event::Progress(0.9 * (epoch + 1) as f64 / config.epochs as f64))?;
         }
 
+        for (var, saved) in &frozen_statistics {
+            var.set(saved)?;
+        }
         let after = evaluate(&model, &train, &heldout)?;
         self.record(id, Event::After(after.clone()))?;
         if after.knn_accuracy < before.knn_accuracy && !job.allow_worse {
@@ -464,6 +474,19 @@ fn trainable_variables(model: &Model, stages: Option<u32>, total_stages: usize) 
         .filter(|(name, _)| {
             let Some(rest) = name.strip_prefix("encoder.") else { return true };
             rest.strip_prefix("stage").and_then(|s| s.split('.').next()).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n >= first_trained)
+        })
+        .collect()
+}
+
+/// Copies of the running statistics of every batch norm whose scale is not trained.
+fn frozen_running_statistics(model: &Model, trainable: &[(String, candle_core::Var)]) -> Vec<(candle_core::Var, Tensor)> {
+    let trained: std::collections::HashSet<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
+    let vars = model.varmap.data().lock().expect("varmap lock");
+    vars.iter()
+        .filter_map(|(name, var)| {
+            let layer = name.strip_suffix(".running_mean").or_else(|| name.strip_suffix(".running_var"))?;
+            let frozen = !trained.contains(format!("{layer}.weight").as_str());
+            frozen.then(|| (var.clone(), var.as_tensor().copy().expect("copy a CPU tensor")))
         })
         .collect()
 }
