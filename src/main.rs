@@ -34,7 +34,7 @@ enum Command {
     /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
     Export(ExportArgs),
     /// Serve embeddings (and fine-tune jobs) over gRPC from the model repository.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Embed image files with a running server; prints JSON.
     Embed(EmbedArgs),
     /// Ask a running server's grpc.health.v1 whether it is SERVING (exit 0) or not (exit 1).
@@ -251,7 +251,7 @@ fn main() -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Export(args) => export(args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Embed(args) => async_runtime()?.block_on(embed(args)),
         Command::Health(args) => async_runtime()?.block_on(health(args)),
         Command::Finetune(args) => async_runtime()?.block_on(contrastive::finetune::client::run(args)),

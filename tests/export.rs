@@ -51,7 +51,7 @@ fn model_with_random_statistics(config: &TrainConfig, seed: u64) -> Model {
 }
 
 fn provenance() -> Provenance {
-    Provenance { source: "test".into(), evaluation: None, epochs: 0, steps: 0 }
+    Provenance { source: "test".into(), evaluation: None, epochs: 0, steps: 0, data: None }
 }
 
 /// Independent of the export's own check: reload the published file and compare with candle.

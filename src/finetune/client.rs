@@ -222,7 +222,7 @@ fn dataset_json(info: &DatasetInfo) -> Value {
 
 /// A job as JSON for people and scripts.
 pub fn job_json(job: &Job) -> Value {
-    let h = job.hyper_parameters.clone().unwrap_or_default();
+    let h = job.hyper_parameters.unwrap_or_default();
     let evaluation = |e: &Option<crate::proto::v1::Evaluation>| e.as_ref().map(|e| json!({ "knn_accuracy": e.knn_accuracy, "linear_probe_accuracy": e.linear_probe_accuracy }));
     json!({
         "job_id": job.job_id,

@@ -311,14 +311,14 @@ impl JobRunner {
 
         let record = self.store.dataset(&job.dataset_id)?.ok_or_else(|| not_found(format!("dataset {} does not exist", job.dataset_id)))?;
         let images = self.datasets.load(&record)?;
-        let h = job.hyper_parameters.clone().unwrap_or_default();
+        let h = job.hyper_parameters.unwrap_or_default();
         let (train, heldout) = split_dataset(&images, &manifest, h.holdout_fraction, h.seed, self.settings.min_images_per_class).map_err(|e| invalid(format!("{e:#}")))?;
         Ok(Prepared { manifest, base_version: base.version, weights, train, heldout, repository: repository.clone() })
     }
 
     fn train_and_publish(&self, job: &Job, prepared: Prepared, cancel: &AtomicBool) -> Result<(), Stop> {
         let id = job.job_id.as_str();
-        let h = job.hyper_parameters.clone().unwrap_or_default();
+        let h = job.hyper_parameters.unwrap_or_default();
         let Prepared { manifest, base_version, weights, train, heldout, repository } = prepared;
         let device = Device::Cpu;
 
@@ -336,7 +336,7 @@ impl JobRunner {
         checkpoint::load_weights_file(&weights, &model.varmap, &device).context("cannot load the base model's weights")?;
 
         let before = evaluate(&model, &train, &heldout)?;
-        self.record(id, Event::Before(before.clone()))?;
+        self.record(id, Event::Before(before))?;
 
         let trainable = trainable_variables(&model, h.trainable_stages, config.encoder.widths.len());
         // Batch norm updates its running statistics in every training forward pass, even in
@@ -383,7 +383,7 @@ impl JobRunner {
             var.set(saved)?;
         }
         let after = evaluate(&model, &train, &heldout)?;
-        self.record(id, Event::After(after.clone()))?;
+        self.record(id, Event::After(after))?;
         if after.knn_accuracy < before.knn_accuracy && !job.allow_worse {
             return Err(Stop::Failed {
                 code: tonic::Code::FailedPrecondition,
