@@ -108,27 +108,22 @@ impl GraphBuilder {
 
     /// A constant float tensor stored in the model (little-endian `raw_data`).
     pub fn initializer(&mut self, name: &str, dims: &[usize], values: &[f32]) -> Result<String> {
-        check_count(name, dims, values.len())?;
-        let name = self.claim(name)?;
         let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializers.push(onnx::TensorProto {
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Float as i32,
-            name: name.clone(),
-            raw_data,
-            ..Default::default()
-        });
-        Ok(name)
+        self.push_initializer(name, dims, values.len(), DataType::Float, raw_data)
     }
 
     /// A constant int64 tensor (shapes, axes).
     pub fn initializer_i64(&mut self, name: &str, dims: &[usize], values: &[i64]) -> Result<String> {
-        check_count(name, dims, values.len())?;
-        let name = self.claim(name)?;
         let raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.push_initializer(name, dims, values.len(), DataType::Int64, raw_data)
+    }
+
+    fn push_initializer(&mut self, name: &str, dims: &[usize], count: usize, data_type: DataType, raw_data: Vec<u8>) -> Result<String> {
+        check_count(name, dims, count)?;
+        let name = self.claim(name)?;
         self.initializers.push(onnx::TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: DataType::Int64 as i32,
+            data_type: data_type as i32,
             name: name.clone(),
             raw_data,
             ..Default::default()
