@@ -130,8 +130,10 @@ mod tests {
         let image = DynamicImage::ImageLuma8(image::GrayImage::from_raw(4, 4, pixels.clone()).unwrap());
         let mut out = Vec::new();
         image_to_tensor(&png(image), &spec(1, 4), &mut out).unwrap();
-        let expected: Vec<f32> = pixels.iter().map(|&p| p as f32 / 255.0).collect();
-        assert_eq!(out, expected);
+        assert_eq!(out.len(), pixels.len());
+        for (value, &pixel) in out.iter().zip(&pixels) {
+            assert!((value - pixel as f32 / 255.0).abs() < 1e-6, "{value} for pixel {pixel}");
+        }
     }
 
     #[test]
