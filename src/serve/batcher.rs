@@ -35,6 +35,8 @@ impl Default for BatcherConfig {
 pub enum BatchError {
     #[error("the queue of {model} is full ({queued} images waiting, capacity {capacity}); retry later")]
     QueueFull { model: String, queued: usize, capacity: usize },
+    #[error("the request has {count} images but the queue of {model} holds at most {capacity}; send smaller requests")]
+    TooLarge { model: String, count: usize, capacity: usize },
     #[error("{0} is shutting down")]
     Stopped(String),
     #[error("inference failed: {0}")]
@@ -104,6 +106,9 @@ impl Batcher {
         let sender = self.sender.as_ref().ok_or_else(|| BatchError::Stopped(self.label.clone()))?;
         // Reserve room for the whole request, or refuse it whole.
         let capacity = self.config.queue_capacity;
+        if count > capacity {
+            return Err(BatchError::TooLarge { model: self.label.clone(), count, capacity });
+        }
         self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| (queued + count <= capacity).then_some(queued + count))
             .map_err(|queued| BatchError::QueueFull { model: self.label.clone(), queued, capacity })?;

@@ -2,9 +2,11 @@
 //! ONNX Runtime throughput measured in the same run (the ceiling: batch 64, no network, no
 //! decoding), so the figures hold on a shared, noisy machine.
 //!
-//! Rows: the in-process baseline (measured before the server starts and again after it stops),
-//! then the real server binary on loopback with (a) `request_batch`-image requests and (b)
-//! single-image requests, 64 in flight, which only dynamic batching turns into full batches.
+//! Rows: the in-process baseline, then the real server binary on loopback with (a)
+//! `request_batch`-image requests and (b) single-image requests, 64 in flight, which only dynamic
+//! batching turns into full batches. A baseline segment runs before the server starts and after
+//! every server row (the server sits idle meanwhile), and each row is divided by the mean of the
+//! segments either side of it, so load that others put on the machine during the run cancels.
 //! Two load generators: a tonic client in this process (always), and `h2load` (nghttp2) posting
 //! a gRPC-framed body, which costs the server's CPUs much less. Both are checked first: the
 //! server's embeddings must match in-process ONNX Runtime, and h2load's responses must carry
@@ -79,7 +81,7 @@ pub struct ServeBenchOptions {
     /// The server's --max-delay-ms
     #[arg(long, default_value_t = 2)]
     pub max_delay_ms: u64,
-    /// Measured seconds per server row (the baseline gets half before and half after the server)
+    /// Measured seconds per server row; each baseline segment gets half of it
     #[arg(long, default_value_t = 8.0)]
     pub duration_secs: f64,
     /// Unmeasured seconds before each measurement
@@ -159,12 +161,15 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     let session = SessionOptions { device: InferenceDevice::Cpu, intra_threads: options.intra_threads };
 
     eprintln!("baseline: in-process ONNX Runtime, batch {}, {half:.1} s", options.request_batch);
-    let (before, expected) = in_process(&model_path, session, &workload, secs(options.warmup_secs), secs(half))?;
+    let mut baseline = Baseline::load(&model_path, session, &workload)?;
+    let mut segments = vec![baseline.measure(secs(options.warmup_secs), secs(half))?];
+    // The session is warm after the first segment; later ones need only a moment to settle.
+    let segment_warmup = secs(options.warmup_secs.min(0.5));
 
     let server = ServerProcess::spawn(options, &scratch.0)?;
     eprintln!("server {} (pid {}) is serving", server.addr, server.child.id());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(options.client_threads).enable_all().build()?;
-    let response_len = runtime.block_on(verify(&server.url(), &workload, &expected, &options.model, version))?;
+    let response_len = runtime.block_on(verify(&server.url(), &workload, &baseline.expected, &options.model, version))?;
 
     let mut rows = Vec::new();
     let phases = [(Load::Batched, &workload.batched, options.batch_in_flight), (Load::Single, &workload.single, options.in_flight)];
@@ -172,7 +177,8 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
         for (load, requests, in_flight) in phases {
             eprintln!("{}, tonic, {in_flight} in flight", load.label(options.request_batch));
             let measured = runtime.block_on(tonic_load(&server, requests.clone(), in_flight, secs(options.warmup_secs), secs(options.duration_secs)))?;
-            rows.push(Row { load: Some(load), generator: "tonic", measured });
+            rows.push(Row { load, generator: "tonic", measured });
+            segments.push(baseline.measure(segment_warmup, secs(half))?);
         }
     }
     if let Some(h2load) = &h2load {
@@ -188,16 +194,13 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
                 warmup: secs(options.warmup_secs),
                 duration: secs(options.duration_secs),
             };
-            rows.push(Row { load: Some(load), generator: "h2load", measured: run.measure(&server)? });
+            rows.push(Row { load, generator: "h2load", measured: run.measure(&server)? });
+            segments.push(baseline.measure(segment_warmup, secs(half))?);
         }
     }
     drop(runtime);
     drop(server);
-
-    eprintln!("baseline again, {half:.1} s");
-    let (after, _) = in_process(&model_path, session, &workload, secs(options.warmup_secs), secs(half))?;
-    let baseline = before.images_per_s.midpoint(after.images_per_s);
-    print_report(options, &manifest.name, version, h2load.as_deref(), &before, &after, baseline, &rows);
+    print_report(options, &manifest.name, version, h2load.as_deref(), &segments, &rows);
     Ok(())
 }
 
@@ -302,45 +305,59 @@ struct Measured {
     server_total_ms: Option<f64>,
 }
 
-/// Runs the baseline: whole batches through ONNX Runtime in this process for `duration` after
-/// `warmup`. Also returns the L2-normalised embeddings of the first batch, to check the server.
-fn in_process(model: &Path, session: SessionOptions, workload: &Workload, warmup: Duration, duration: Duration) -> Result<(Measured, Vec<Vec<f32>>)> {
-    ensure!(!workload.batches.is_empty(), "no whole batch of {} images to run", workload.batch);
-    let mut encoder = OnnxEncoder::load(model, session)?;
-    let (first, dimensions) = encoder.run(&workload.batches[0], workload.batch, workload.dims)?;
-    let expected = first
-        .chunks(dimensions)
-        .map(|row| {
-            let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-24).sqrt();
-            row.iter().map(|v| v / norm).collect()
-        })
-        .collect();
-    let mut next = 0;
-    let mut run_one = |encoder: &mut OnnxEncoder| -> Result<()> {
-        encoder.run(&workload.batches[next % workload.batches.len()], workload.batch, workload.dims)?;
-        next += 1;
+/// The baseline: whole batches through ONNX Runtime in this process.
+struct Baseline<'a> {
+    encoder: OnnxEncoder,
+    workload: &'a Workload,
+    next: usize,
+    /// The L2-normalised embeddings of the first batch, to check the server's answers against.
+    expected: Vec<Vec<f32>>,
+}
+
+impl<'a> Baseline<'a> {
+    fn load(model: &Path, session: SessionOptions, workload: &'a Workload) -> Result<Self> {
+        ensure!(!workload.batches.is_empty(), "no whole batch of {} images to run", workload.batch);
+        let mut encoder = OnnxEncoder::load(model, session)?;
+        let (first, dimensions) = encoder.run(&workload.batches[0], workload.batch, workload.dims)?;
+        let expected = first
+            .chunks(dimensions)
+            .map(|row| {
+                let norm = (row.iter().map(|v| v * v).sum::<f32>() + 1e-24).sqrt();
+                row.iter().map(|v| v / norm).collect()
+            })
+            .collect();
+        Ok(Self { encoder, workload, next: 0, expected })
+    }
+
+    fn run_one(&mut self) -> Result<()> {
+        let batches = &self.workload.batches;
+        self.encoder.run(&batches[self.next % batches.len()], self.workload.batch, self.workload.dims)?;
+        self.next += 1;
         Ok(())
-    };
-    let warm = Instant::now();
-    while warm.elapsed() < warmup {
-        run_one(&mut encoder)?;
     }
-    let cpu = ProcessCpu::of_self();
-    let start = Instant::now();
-    let mut latencies_ms = Vec::new();
-    while start.elapsed() < duration {
-        let began = Instant::now();
-        run_one(&mut encoder)?;
-        latencies_ms.push(began.elapsed().as_secs_f64() * 1e3);
+
+    /// One segment: batches for `duration` after `warmup`.
+    fn measure(&mut self, warmup: Duration, duration: Duration) -> Result<Measured> {
+        let warm = Instant::now();
+        while warm.elapsed() < warmup {
+            self.run_one()?;
+        }
+        let cpu = ProcessCpu::of_self();
+        let start = Instant::now();
+        let mut latencies_ms = Vec::new();
+        while start.elapsed() < duration {
+            let began = Instant::now();
+            self.run_one()?;
+            latencies_ms.push(began.elapsed().as_secs_f64() * 1e3);
+        }
+        let wall = start.elapsed().as_secs_f64();
+        Ok(Measured {
+            images_per_s: (latencies_ms.len() * self.workload.batch) as f64 / wall,
+            latencies_ms,
+            generator_cpu: cpu.and_then(|cpu| cpu.cores_since(wall)),
+            ..Measured::default()
+        })
     }
-    let wall = start.elapsed().as_secs_f64();
-    let measured = Measured {
-        images_per_s: (latencies_ms.len() * workload.batch) as f64 / wall,
-        latencies_ms,
-        generator_cpu: cpu.and_then(|cpu| cpu.cores_since(wall)),
-        ..Measured::default()
-    };
-    Ok((measured, expected))
 }
 
 /// The server binary on loopback, killed when dropped.
@@ -800,22 +817,12 @@ impl Drop for ScratchDir {
 }
 
 struct Row {
-    load: Option<Load>,
+    load: Load,
     generator: &'static str,
     measured: Measured,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_report(
-    options: &ServeBenchOptions,
-    model: &str,
-    version: u64,
-    h2load: Option<&Path>,
-    before: &Measured,
-    after: &Measured,
-    baseline: f64,
-    rows: &[Row],
-) {
+fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: Option<&Path>, segments: &[Measured], rows: &[Row]) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "?".into());
     let generators = match (options.generator, h2load) {
@@ -836,35 +843,44 @@ fn print_report(
         "in flight: (a) {} requests of {} images, (b) {} requests of 1 image, one HTTP/2 connection; generators: {generators}",
         options.batch_in_flight, options.request_batch, options.in_flight
     );
+    let rates: Vec<String> = segments.iter().map(|s| format!("{:.0}", s.images_per_s)).collect();
     println!(
-        "baseline: in-process batch {}: {:.0} images/s before the server, {:.0} after; ratios use their mean {:.0}",
-        options.request_batch, before.images_per_s, after.images_per_s, baseline
+        "baseline segments (in-process batch {}, before the server and after each row), images/s: {}",
+        options.request_batch,
+        rates.join(", ")
     );
     println!();
     println!(
-        "{:<34} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} {:>9} {:>8} {:>6} {:>6}  errors",
-        "row", "generator", "images/s", "ratio", "p50 ms", "p99 ms", "batch", "ORT busy", "gen CPU", "server", "srv ms"
+        "{:<34} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} {:>8} {:>7} {:>6} {:>6}  errors",
+        "row", "generator", "images/s", "baseline", "ratio", "p50 ms", "p99 ms", "batch", "ORT busy", "gen CPU", "server", "srv ms"
     );
-    let mut baseline_row = Measured { images_per_s: baseline, generator_cpu: before.generator_cpu, ..Measured::default() };
-    baseline_row.latencies_ms = before.latencies_ms.iter().chain(&after.latencies_ms).copied().collect();
-    let baseline_label = format!("baseline in-process, batch {}", options.request_batch);
-    print_row(&baseline_label, "-", &baseline_row, baseline);
-    for row in rows {
-        let label = row.load.map_or_else(String::new, |load| format!("server {}", load.label(options.request_batch)));
-        print_row(&label, row.generator, &row.measured, baseline);
-    }
-    println!();
-    println!("batch: mean images per ONNX Runtime batch; ORT busy: fraction of the time the server's ORT ran; gen CPU and server: cores busy");
-    println!("(baseline: this process); srv ms: mean of the server's own Timing.total_ms (tonic only).");
-    for row in rows {
-        let Some(load) = row.load else { continue };
-        let (target, name) = match load {
+    let mean = segments.iter().map(|s| s.images_per_s).sum::<f64>() / segments.len() as f64;
+    let all = Measured {
+        images_per_s: mean,
+        latencies_ms: segments.iter().flat_map(|s| s.latencies_ms.iter().copied()).collect(),
+        generator_cpu: Some(segments.iter().filter_map(|s| s.generator_cpu).sum::<f64>() / segments.len() as f64),
+        ..Measured::default()
+    };
+    print_row(&format!("baseline in-process, batch {}", options.request_batch), "-", &all, mean);
+    let mut verdicts = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        // Segment i ran just before this row and segment i + 1 just after it.
+        let around = segments.get(i + 1).map_or(mean, |after| segments[i].images_per_s.midpoint(after.images_per_s));
+        print_row(&format!("server {}", row.load.label(options.request_batch)), row.generator, &row.measured, around);
+        let (target, name) = match row.load {
             Load::Batched => (TARGET_BATCHED, "(a)"),
             Load::Single => (TARGET_SINGLE, "(b)"),
         };
-        let ratio = row.measured.images_per_s / baseline;
+        let ratio = row.measured.images_per_s / around;
         let verdict = if ratio >= target && row.measured.errors.is_empty() { "meets" } else { "misses" };
-        println!("target {name} ≥ {target:.2} with {}: {ratio:.3} {verdict}", row.generator);
+        verdicts.push(format!("target {name} ≥ {target:.2} with {}: {ratio:.3} {verdict}", row.generator));
+    }
+    println!();
+    println!("baseline: mean of the in-process segments just before and after the row; batch: mean images per ONNX Runtime batch;");
+    println!("ORT busy: fraction of the time the server's ONNX Runtime ran; gen CPU: cores the load generator kept busy (baseline: this");
+    println!("process); server: cores the server kept busy; srv ms: mean of the server's own Timing.total_ms (tonic only).");
+    for verdict in verdicts {
+        println!("{verdict}");
     }
 }
 
@@ -872,10 +888,11 @@ fn print_row(label: &str, generator: &str, m: &Measured, baseline: f64) {
     let opt = |value: Option<f64>, digits: usize| value.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"));
     let errors = if m.errors.is_empty() { "0".to_string() } else { m.errors.iter().map(|(what, n)| format!("{n} {what}")).collect::<Vec<_>>().join(", ") };
     println!(
-        "{:<34} {:>9} {:>9.0} {:>6.3} {:>8.2} {:>8.2} {:>6} {:>9} {:>8} {:>6} {:>6}  {}",
+        "{:<34} {:>9} {:>9.0} {:>9.0} {:>6.3} {:>8.2} {:>8.2} {:>6} {:>8} {:>7} {:>6} {:>6}  {}",
         label,
         generator,
         m.images_per_s,
+        baseline,
         m.images_per_s / baseline,
         percentile(&m.latencies_ms, 50.0),
         percentile(&m.latencies_ms, 99.0),

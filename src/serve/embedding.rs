@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -38,11 +38,20 @@ impl Default for RequestLimits {
 pub struct EmbeddingApi {
     store: Arc<ModelStore>,
     limits: RequestLimits,
+    /// Turns true when the server starts shutting down: open streams stop reading.
+    shutdown: watch::Receiver<bool>,
+}
+
+/// What the stream's writer receives, in request order.
+enum StreamItem {
+    Pending(tokio::task::JoinHandle<EmbedStreamResponse>),
+    /// The stream cannot go on (undecodable message, shutdown): sent after earlier answers.
+    End(Status),
 }
 
 impl EmbeddingApi {
-    pub fn new(store: Arc<ModelStore>, limits: RequestLimits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Arc<ModelStore>, limits: RequestLimits, shutdown: watch::Receiver<bool>) -> Self {
+        Self { store, limits, shutdown }
     }
 
     async fn embed_request(&self, request: EmbedRequest) -> Result<EmbedResponse, Status> {
@@ -99,6 +108,18 @@ impl EmbeddingApi {
     }
 }
 
+/// Resolves once the shutdown flag is set (never, if its sender is gone without setting it).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// `x / sqrt(Σx² + ε²)`, as the trainer's normalisation.
 fn l2_normalize(values: &mut [f32]) {
     let norm = (values.iter().map(|v| v * v).sum::<f32>() + 1e-24).sqrt();
@@ -115,6 +136,7 @@ fn lookup_status(error: LookupError) -> Status {
 fn batch_status(error: BatchError) -> Status {
     match error {
         BatchError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
+        BatchError::TooLarge { .. } => Status::invalid_argument(error.to_string()),
         BatchError::Stopped(_) => Status::unavailable(error.to_string()),
         BatchError::Inference(_) => Status::internal(error.to_string()),
     }
@@ -134,17 +156,29 @@ impl EmbeddingService for EmbeddingApi {
     type EmbedStreamStream = EmbedStreamOutput;
 
     /// Requests run concurrently (up to `max_stream_in_flight`); responses leave in request order.
+    /// A message that cannot be decoded, or a server shutdown, ends the stream with a status
+    /// after the answers to the requests before it.
     async fn embed_stream(&self, request: Request<Streaming<EmbedStreamRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let mut incoming = request.into_inner();
-        let (pending_tx, mut pending_rx) = mpsc::channel::<tokio::task::JoinHandle<EmbedStreamResponse>>(self.limits.max_stream_in_flight);
+        let (pending_tx, mut pending_rx) = mpsc::channel::<StreamItem>(self.limits.max_stream_in_flight);
         let (out_tx, out_rx) = mpsc::channel(self.limits.max_stream_in_flight);
         let api = self.clone();
+        let mut shutdown = self.shutdown.clone();
         let reader = tokio::spawn(async move {
-            while let Some(message) = incoming.next().await {
+            loop {
+                let message = tokio::select! {
+                    message = incoming.next() => message,
+                    _ = stopping(&mut shutdown) => {
+                        let _ = pending_tx.send(StreamItem::End(Status::unavailable("the server is shutting down"))).await;
+                        break;
+                    }
+                };
                 let message = match message {
-                    Ok(message) => message,
-                    Err(status) => {
-                        tracing::debug!(%status, "embed stream ended by the client");
+                    None => break,
+                    Some(Ok(message)) => message,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "embed stream message refused");
+                        let _ = pending_tx.send(StreamItem::End(status)).await;
                         break;
                     }
                 };
@@ -163,19 +197,25 @@ impl EmbeddingService for EmbeddingApi {
                     };
                     EmbedStreamResponse { id, result: Some(result) }
                 });
-                if pending_tx.send(handle).await.is_err() {
+                if pending_tx.send(StreamItem::Pending(handle)).await.is_err() {
                     break;
                 }
             }
         });
         tokio::spawn(async move {
-            while let Some(handle) = pending_rx.recv().await {
-                let response = match handle.await {
-                    Ok(response) => Ok(response),
-                    Err(e) => Err(Status::internal(format!("a stream request failed: {e}"))),
+            while let Some(item) = pending_rx.recv().await {
+                let (response, last) = match item {
+                    StreamItem::Pending(handle) => match handle.await {
+                        Ok(response) => (Ok(response), false),
+                        Err(e) => (Err(Status::internal(format!("a stream request failed: {e}"))), true),
+                    },
+                    StreamItem::End(status) => (Err(status), true),
                 };
                 if out_tx.send(response).await.is_err() {
                     reader.abort(); // the client went away
+                    break;
+                }
+                if last {
                     break;
                 }
             }

@@ -63,7 +63,8 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         None => ApiKeys::open(),
     };
     let embedding_keys = if settings.auth_embeddings { api_keys.clone() } else { ApiKeys::open() };
-    let embedding = EmbeddingServiceServer::new(EmbeddingApi::new(store.clone(), settings.limits))
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let embedding = EmbeddingServiceServer::new(EmbeddingApi::new(store.clone(), settings.limits, stopping))
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
     let embedding = tonic::service::interceptor::InterceptedService::new(embedding, move |r| embedding_keys.check(r));
@@ -88,14 +89,37 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
     }
     tracing::info!(addr = %local_addr, models = %settings.models.display(), tls = settings.tls.is_some(), "serving");
     on_listening(local_addr);
-    builder
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = {
+        let health = health.clone();
+        async move {
+            shutdown_signal().await;
+            // Load balancers stop sending; open streams stop reading.
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            health.set_not_serving::<EmbeddingServiceServer<EmbeddingApi>>().await;
+            let _ = stopping_tx.send(true);
+            let _ = signalled_tx.send(());
+        }
+    };
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedding)
         .add_service(finetune)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await
-        .context("the gRPC server failed")?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    // In-flight requests get DRAIN_LIMIT after the signal; a client that holds a connection
+    // open longer does not keep the process alive.
+    let drain_limit = async {
+        if signalled.await.is_ok() {
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result.context("the gRPC server failed")?,
+        _ = drain_limit => tracing::warn!(seconds = DRAIN_LIMIT.as_secs(), "connections still open after the drain limit; closing them"),
+    }
 
     tracing::info!("stopped accepting; draining queues");
     runner.shutdown();
@@ -104,6 +128,9 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
     tracing::info!("shut down");
     Ok(())
 }
+
+/// How long in-flight work may take after SIGTERM.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
