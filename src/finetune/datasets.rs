@@ -34,6 +34,11 @@ const EXTENSION: &str = "ds";
 /// Image file endings read from a server folder (compared case-insensitively).
 const IMAGE_EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
+/// A dataset over one of its [`DatasetLimits`] (the server answers RESOURCE_EXHAUSTED).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LimitExceeded(pub String);
+
 /// What one dataset may hold; every upload and server folder is checked against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatasetLimits {
@@ -272,7 +277,7 @@ impl Tally {
         let limits = &self.limits;
         let number = self.images + 1;
         if self.images >= limits.max_images {
-            bail!("image {number} is one too many: max_images is {}", limits.max_images);
+            return Err(LimitExceeded(format!("image {number} is one too many: max_images is {}", limits.max_images)).into());
         }
         if label.is_empty() {
             bail!("image {number} has an empty label");
@@ -290,14 +295,15 @@ impl Tally {
             bail!("image {number} (label {label:?}) is empty");
         }
         if len > limits.max_image_bytes as u64 {
-            bail!("image {number} (label {label:?}) is {len} bytes, over max_image_bytes {}", limits.max_image_bytes);
+            return Err(LimitExceeded(format!("image {number} (label {label:?}) is {len} bytes, over max_image_bytes {}", limits.max_image_bytes)).into());
         }
         let total = self.image_bytes + len;
         if total > limits.max_total_bytes {
-            bail!(
+            return Err(LimitExceeded(format!(
                 "image {number} (label {label:?}) brings the dataset to {total} image bytes, over max_total_bytes {}",
                 limits.max_total_bytes
-            );
+            ))
+            .into());
         }
         Ok(())
     }

@@ -289,6 +289,14 @@ impl JobRunner {
         let id = job.job_id.as_str();
         self.transition(id, JobState::Validating, None, Some("validating the dataset and the base model"))?;
         let prepared = self.validate(&job)?;
+        let message = format!(
+            "validated: base {} version {}, {} training and {} held-out images",
+            job.base_model,
+            prepared.base_version,
+            prepared.train.len(),
+            prepared.heldout.len()
+        );
+        self.record(id, Event::Message(message))?;
         if cancel.load(Ordering::Acquire) {
             return Err(Stop::Cancelled);
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::datasets::{read_server_folder, LabeledImage};
+use super::datasets::{read_server_folder, LabeledImage, LimitExceeded};
 use super::runner::{check_output_model, validate_hyper_parameters, with_defaults, JobRunner};
 use super::store::DatasetRecord;
 use crate::proto::v1::fine_tune_service_server::FineTuneService;
@@ -32,9 +32,18 @@ impl FineTuneApi {
     }
 
     fn save_dataset(&self, name: &str, images: &[LabeledImage]) -> Result<DatasetRecord, Status> {
-        let record = self.runner.datasets().save(name, images).map_err(|e| Status::invalid_argument(format!("dataset: {e:#}")))?;
+        let record = self.runner.datasets().save(name, images).map_err(dataset_status)?;
         self.runner.store().insert_dataset(&record).map_err(internal)?;
         Ok(record)
+    }
+}
+
+/// A dataset over its limits is RESOURCE_EXHAUSTED; any other bad dataset INVALID_ARGUMENT.
+fn dataset_status(error: anyhow::Error) -> Status {
+    if error.downcast_ref::<LimitExceeded>().is_some() {
+        Status::resource_exhausted(format!("dataset: {error:#}"))
+    } else {
+        Status::invalid_argument(format!("dataset: {error:#}"))
     }
 }
 
@@ -59,14 +68,7 @@ impl FineTuneService for FineTuneApi {
                 }
             };
             for image in &chunk.images {
-                tokio::task::block_in_place(|| writer.add(&image.image, &image.label)).map_err(|e| {
-                    let message = format!("image {}: {e:#}", writer.len());
-                    if message.contains("limit") || message.contains("at most") {
-                        Status::resource_exhausted(message)
-                    } else {
-                        Status::invalid_argument(message)
-                    }
-                })?;
+                tokio::task::block_in_place(|| writer.add(&image.image, &image.label)).map_err(dataset_status)?;
             }
         }
         let writer = writer.ok_or_else(|| Status::invalid_argument("the upload holds no chunk"))?;

@@ -882,6 +882,27 @@ fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: 
     for verdict in verdicts {
         println!("{verdict}");
     }
+    for warning in busy_machine_warnings(segments, options.intra_threads) {
+        println!("warning: {warning}");
+    }
+}
+
+/// Signs that others loaded the machine during the run: then a process with more threads (the
+/// server) wins a larger share of the cores than the baseline, and the ratios mislead.
+fn busy_machine_warnings(segments: &[Measured], intra_threads: usize) -> Vec<String> {
+    let rates: Vec<f64> = segments.iter().map(|s| s.images_per_s).collect();
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    let (min, max) = rates.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+    let mut warnings = Vec::new();
+    if (max - min) / mean > 0.15 {
+        warnings.push(format!("the baseline segments range from {min:.0} to {max:.0} images/s: the machine's speed changed during the run"));
+    }
+    let cores: Vec<f64> = segments.iter().filter_map(|s| s.generator_cpu).collect();
+    let cores = cores.iter().sum::<f64>() / cores.len().max(1) as f64;
+    if intra_threads > 0 && cores < 0.85 * intra_threads as f64 {
+        warnings.push(format!("the in-process baseline kept only {cores:.2} cores busy with {intra_threads} intra-op threads: others are using the CPUs"));
+    }
+    warnings
 }
 
 fn print_row(label: &str, generator: &str, m: &Measured, baseline: f64) {

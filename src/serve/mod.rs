@@ -56,6 +56,10 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
     }
     let load = LoadOptions { session: settings.session, batcher: settings.batcher, keep_versions: settings.keep_versions };
     let store = Arc::new(ModelStore::new(repository, load, settings.default_model.clone()));
+    // Load what is there before fine-tune workers look for base models; the poller keeps it fresh.
+    if let Err(error) = tokio::task::block_in_place(|| store.scan()) {
+        tracing::error!(%error, "cannot scan the model repository");
+    }
     let poller = Poller::start(store.clone(), settings.poll_interval, health.clone());
 
     let api_keys = match &settings.api_key_file {
