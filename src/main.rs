@@ -217,6 +217,8 @@ enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Embedding throughput and latency of the gRPC server vs. in-process ONNX Runtime.
+    Serve(Box<contrastive::serve::bench::ServeBenchOptions>),
 }
 
 // glibc's allocator returns each large freed tensor to the kernel and page-faults it back in on
@@ -259,6 +261,7 @@ fn main() -> Result<()> {
             let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
             bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
         }
+        Command::Bench(BenchCommand::Serve(options)) => contrastive::serve::bench::run(&options),
     }
 }
 

@@ -152,13 +152,11 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     let h2load = match options.generator {
         Generator::Tonic => None,
         Generator::Auto => find_on_path("h2load"),
-        Generator::H2load => {
-            Some(find_on_path("h2load").context("--generator h2load: h2load is not on PATH (Debian: apt-get install nghttp2-client)")?)
-        }
+        Generator::H2load => Some(find_on_path("h2load").context("--generator h2load: h2load is not on PATH (Debian: apt-get install nghttp2-client)")?),
     };
     let scratch = ScratchDir::create()?;
     let half = options.duration_secs / 2.0;
-    let session = SessionOptions { device: InferenceDevice::Cpu, intra_threads: options.intra_threads };
+    let session = SessionOptions { device: InferenceDevice::Cpu, intra_threads: options.intra_threads, ..SessionOptions::default() };
 
     eprintln!("baseline: in-process ONNX Runtime, batch {}, {half:.1} s", options.request_batch);
     let mut baseline = Baseline::load(&model_path, session, &workload)?;
@@ -480,7 +478,12 @@ async fn verify(url: &str, workload: &Workload, expected: &[Vec<f32>], model: &s
     let mut lengths = [0; 2];
     for (load, request, expected) in [(Load::Batched, &workload.batched[0], expected), (Load::Single, &workload.single[0], &expected[..1])] {
         let response = client.embed(request.clone()).await.map_err(crate::client::status_error).context("the check request failed")?.into_inner();
-        ensure!(response.model == model && response.version == version, "the server answered with {}:{}, not {model}:{version}", response.model, response.version);
+        ensure!(
+            response.model == model && response.version == version,
+            "the server answered with {}:{}, not {model}:{version}",
+            response.model,
+            response.version
+        );
         ensure!(response.embeddings.len() == expected.len(), "{} embeddings for {} images", response.embeddings.len(), expected.len());
         for (i, (got, want)) in response.embeddings.iter().zip(expected).enumerate() {
             ensure!(got.values.len() == want.len(), "embedding {i} has {} values, not {}", got.values.len(), want.len());
@@ -844,11 +847,7 @@ fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: 
         options.batch_in_flight, options.request_batch, options.in_flight
     );
     let rates: Vec<String> = segments.iter().map(|s| format!("{:.0}", s.images_per_s)).collect();
-    println!(
-        "baseline segments (in-process batch {}, before the server and after each row), images/s: {}",
-        options.request_batch,
-        rates.join(", ")
-    );
+    println!("baseline segments (in-process batch {}, before the server and after each row), images/s: {}", options.request_batch, rates.join(", "));
     println!();
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} {:>8} {:>7} {:>6} {:>6}  errors",

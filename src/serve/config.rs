@@ -173,7 +173,7 @@ impl ServeSettings {
             addr: pick!(addr, "127.0.0.1:50051".parse().expect("a valid address")),
             models: pick!(models, PathBuf::from("models")),
             default_model: args.default_model.clone().or(file.default_model.clone()),
-            session: SessionOptions { device, intra_threads: pick!(intra_threads, 0) },
+            session: SessionOptions { device, intra_threads: pick!(intra_threads, 0), spin: false },
             batcher: BatcherConfig {
                 max_batch: pick!(max_batch, 64),
                 max_delay: Duration::from_millis(pick!(max_delay_ms, 2)),

@@ -75,10 +75,14 @@ impl EmbeddingApi {
         let count = request.inputs.len();
         let spec = model.manifest.input.clone();
         let inputs = request.inputs;
-        let images = tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec))
-            .await
-            .map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Tensors are only checked and copied: inline. Image decoding is CPU work: the blocking pool.
+        let all_tensors = inputs.iter().all(|i| matches!(i.data, Some(crate::proto::v1::input::Data::Tensor(_))));
+        let images = if all_tensors {
+            preprocess_all(&inputs, &spec)
+        } else {
+            tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec)).await.map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let output = model.batcher.embed(images, count).await.map_err(batch_status)?;
         metrics::queue_wait(&format!("{}:{}", model.name, model.version), output.queue);
 

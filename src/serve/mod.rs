@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use self::auth::ApiKeys;
@@ -105,12 +104,16 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
             let _ = signalled_tx.send(());
         }
     };
+    // Small responses must not wait for Nagle's algorithm and delayed ACKs (tonic's own
+    // tcp_nodelay setting does not apply to a listener it is handed): measured, single-image
+    // requests ran at 0.3 of in-process speed without it.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(embedding)
         .add_service(finetune)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     // In-flight requests get DRAIN_LIMIT after the signal; a client that holds a connection
     // open longer does not keep the process alive.
     let drain_limit = async {
