@@ -33,7 +33,7 @@ use crate::train::arch::{methods, MethodConfig};
 use crate::train::augment::Pipeline;
 use crate::train::checkpoint;
 use crate::train::optim::{LrSchedule, Optimizer, OptimizerConfig};
-use crate::train::trainer::Model;
+use crate::train::trainer::{train_step, Model, StepOutcome};
 
 /// Limits and resources of the job runner.
 #[derive(Debug, Clone)]
@@ -365,21 +365,13 @@ impl JobRunner {
                 if cancel.load(Ordering::Acquire) {
                     return Err(Stop::Cancelled);
                 }
-                let n = batch.labels.len();
-                let views: Vec<Tensor> = batch
-                    .views
-                    .iter()
-                    .map(|v| Tensor::from_slice(v, (n, shape.channels, shape.height, shape.width), &device))
-                    .collect::<candle_core::Result<_>>()?;
-                let labels = Tensor::from_slice(&batch.labels, n, &device)?;
-                let loss = model.method.loss(&views, &labels, step)?;
-                let value = loss.to_scalar::<f32>()? as f64;
-                if !value.is_finite() {
-                    return Err(invalid(format!("the loss became {value} at epoch {}: lower the learning rate (now {})", epoch + 1, h.learning_rate)));
+                match train_step(&mut model, &mut optimizer, &batch, shape, step, schedule.at(step), total_steps)? {
+                    StepOutcome::Loss(value) => loss_sum += value,
+                    StepOutcome::NonFinite(value) => {
+                        return Err(invalid(format!("the loss became {value} at epoch {}: lower the learning rate (now {})", epoch + 1, h.learning_rate)))
+                    }
                 }
-                optimizer.step(&loss.backward()?, schedule.at(step))?;
                 step += 1;
-                loss_sum += value;
             }
             let epoch_metrics = EpochMetrics { epoch: epoch as u32 + 1, train_loss: loss_sum / steps_per_epoch as f64 };
             self.record(id, Event::Epoch(epoch_metrics))?;

@@ -153,27 +153,18 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
             }
             let started = Instant::now();
             let n = batch.labels.len();
-            let views: Vec<Tensor> = batch
-                .views
-                .iter()
-                .map(|v| Tensor::from_slice(v, (n, shape.channels, shape.height, shape.width), &options.device))
-                .collect::<candle_core::Result<_>>()?;
-            let labels = Tensor::from_slice(&batch.labels, n, &options.device)?;
-            let loss = model.method.loss(&views, &labels, state.step)?;
-            let loss_value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                bail!(
-                    "the loss became {loss_value} at step {} (epoch {}): lower the learning rate (now {})",
+            let lr = schedule.at(state.step);
+            let loss_value = match train_step(&mut model, &mut optimizer, &batch, shape, state.step, lr, total_steps)? {
+                StepOutcome::Loss(value) => value,
+                StepOutcome::NonFinite(value) => bail!(
+                    "the loss became {value} at step {} (epoch {}): lower the learning rate (now {})",
                     state.step,
                     epoch + 1,
                     config.learning_rate
-                );
-            }
-            let lr = schedule.at(state.step);
-            optimizer.step(&loss.backward()?, lr)?;
+                ),
+            };
             state.step += 1;
             state.batch_in_epoch += 1;
-            model.method.after_step(state.step as f64 / total_steps as f64)?;
             state.train_seconds += started.elapsed().as_secs_f64();
 
             window.1 += n;
@@ -216,6 +207,42 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
     state.finished = true;
     save_checkpoint(dir, &model, &optimizer, &state)?;
     Ok(state)
+}
+
+/// What one optimisation step gave.
+pub enum StepOutcome {
+    Loss(f64),
+    /// The loss was NaN or infinite; nothing was updated.
+    NonFinite(f64),
+}
+
+/// One optimisation step on a batch: its views through the method's loss, backward, the update
+/// at learning rate `lr`, then the method's own after-step work (EMA targets, ...). `step` is the
+/// number of steps done before this one, out of `total_steps`.
+pub fn train_step(
+    model: &mut Model,
+    optimizer: &mut Optimizer,
+    batch: &crate::data::loader::Batch,
+    shape: crate::data::ImageShape,
+    step: usize,
+    lr: f64,
+    total_steps: usize,
+) -> Result<StepOutcome> {
+    let n = batch.labels.len();
+    let views: Vec<Tensor> = batch
+        .views
+        .iter()
+        .map(|v| Tensor::from_slice(v, (n, shape.channels, shape.height, shape.width), &model.device))
+        .collect::<candle_core::Result<_>>()?;
+    let labels = Tensor::from_slice(&batch.labels, n, &model.device)?;
+    let loss = model.method.loss(&views, &labels, step)?;
+    let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Ok(StepOutcome::NonFinite(value));
+    }
+    optimizer.step(&loss.backward()?, lr)?;
+    model.method.after_step((step + 1) as f64 / total_steps as f64)?;
+    Ok(StepOutcome::Loss(value))
 }
 
 /// Weights, buffers, optimiser state and run state, into the run folder.
