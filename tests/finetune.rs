@@ -5,14 +5,17 @@
 //!
 //! Needs the ONNX Runtime library: `scripts/fetch-onnxruntime`.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Cursor, Read};
+use std::io::{BufReader, Cursor};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{read_listening_addr, read_log};
 use contrastive::client::{embedding_client, finetune_client, AuthChannel};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::data::Dataset;
@@ -108,26 +111,7 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn contrastive serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        // The first stdout line names the bound port; read it off-thread to bound the wait.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = tx.send(stdout.read_line(&mut line).map(|_| line));
-            stdout
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Ok(line)) if !line.is_empty() => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the server printed no address ({other:?}); its log:\n{}", read_tail(&log));
-            }
-        };
-        let stdout = reader.join().unwrap();
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("first stdout line {line:?} is not JSON: {e}"));
-        let addr = value["listening"].as_str().unwrap_or_else(|| panic!("no \"listening\" in {line:?}"));
-        assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "listening on {addr}");
+        let (addr, stdout) = read_listening_addr(&mut child, &log, Duration::from_secs(60));
         Self { url: format!("http://{addr}"), child, _stdout: stdout, log }
     }
 
@@ -138,7 +122,7 @@ impl Server {
             if matches!(&status, Ok(s) if s == "SERVING") {
                 return;
             }
-            assert!(Instant::now() < deadline, "not SERVING after 30 s (last answer {status:?}); log:\n{}", read_tail(&self.log));
+            assert!(Instant::now() < deadline, "not SERVING after 30 s (last answer {status:?}); log:\n{}", read_log(&self.log));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -163,20 +147,11 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- log of the server at {} ---\n{}", self.url, read_tail(&self.log));
+            eprintln!("--- log of the server at {} ---\n{}", self.url, read_log(&self.log));
         }
     }
 }
 
-fn read_tail(path: &Path) -> String {
-    let mut text = String::new();
-    if let Ok(mut file) = std::fs::File::open(path) {
-        let _ = file.read_to_string(&mut text);
-    }
-    let start = text.len().saturating_sub(8000);
-    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-    text[start..].to_string()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Data

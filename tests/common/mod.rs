@@ -92,28 +92,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         let mut child = command.spawn().expect("spawn contrastive serve");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-
-        // The first stdout line names the bound address; read it off-thread to bound the wait.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut line = String::new();
-            let result = stdout.read_line(&mut line).map(|_| line);
-            let _ = tx.send(result);
-            stdout
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(line)) if !line.is_empty() => line,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the server printed no address ({other:?}); its log:\n{}", read_log(&log));
-            }
-        };
-        let stdout = reader.join().unwrap();
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("first stdout line {line:?} is not JSON: {e}"));
-        let addr = value["listening"].as_str().unwrap_or_else(|| panic!("no \"listening\" in {line:?}")).to_string();
-        assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "listening on {addr}");
+        let (addr, stdout) = read_listening_addr(&mut child, &log, Duration::from_secs(30));
         Self { url: format!("http://{addr}"), addr, models, child, _stdout: stdout, log, dir }
     }
 
@@ -158,12 +137,39 @@ impl Server {
     }
 }
 
-fn read_log(path: &Path) -> String {
+/// Reads the server's first stdout line, `{"listening": "127.0.0.1:PORT"}`, waiting at most
+/// `timeout`; kills the child and panics with its log when none comes. Returns the address and
+/// the stdout pipe (kept open so the server never writes to a closed pipe).
+pub fn read_listening_addr(child: &mut Child, log: &Path, timeout: Duration) -> (String, BufReader<ChildStdout>) {
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+    // Read off-thread to bound the wait.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(stdout.read_line(&mut line).map(|_| line));
+        stdout
+    });
+    let line = match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) if !line.is_empty() => line,
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server printed no address ({other:?}); its log:\n{}", read_log(log));
+        }
+    };
+    let stdout = reader.join().unwrap();
+    let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("first stdout line {line:?} is not JSON: {e}"));
+    let addr = value["listening"].as_str().unwrap_or_else(|| panic!("no \"listening\" in {line:?}")).to_string();
+    assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "listening on {addr}");
+    (addr, stdout)
+}
+
+/// The last 8,000 bytes of a server log: the tail is what explains a failure.
+pub fn read_log(path: &Path) -> String {
     let mut text = String::new();
     if let Ok(mut file) = std::fs::File::open(path) {
         let _ = file.read_to_string(&mut text);
     }
-    // The tail is what explains a failure.
     let start = text.len().saturating_sub(8000);
     let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
     text[start..].to_string()
