@@ -512,9 +512,3 @@ fn evaluate(model: &Model, train: &Dataset, heldout: &Dataset) -> Result<Evaluat
     )?;
     Ok(Evaluation { knn_accuracy, linear_probe_accuracy: probe.test_accuracy })
 }
-
-/// Fails fast, with the job's message, when a job cannot be accepted.
-pub fn check_output_model(name: &str) -> Result<()> {
-    crate::registry::validate_model_name(name).map_err(|e| anyhow!("output_model: {e}"))?;
-    Ok(())
-}

@@ -9,7 +9,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::datasets::{read_server_folder, LabeledImage, LimitExceeded};
-use super::runner::{check_output_model, validate_hyper_parameters, with_defaults, JobRunner};
+use super::runner::{validate_hyper_parameters, with_defaults, JobRunner};
 use super::store::DatasetRecord;
 use crate::proto::v1::fine_tune_service_server::FineTuneService;
 use crate::proto::v1::{
@@ -86,7 +86,7 @@ impl FineTuneService for FineTuneApi {
         }
         crate::registry::validate_model_name(&request.base_model).map_err(|e| Status::invalid_argument(format!("base_model: {e}")))?;
         let output_model = if request.output_model.is_empty() { request.base_model.clone() } else { request.output_model.clone() };
-        check_output_model(&output_model).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        crate::registry::validate_model_name(&output_model).map_err(|e| Status::invalid_argument(format!("output_model: {e}")))?;
         let hyper_parameters = with_defaults(request.hyper_parameters);
         validate_hyper_parameters(&hyper_parameters).map_err(|e| Status::invalid_argument(format!("hyper_parameters: {e}")))?;
         let active = self.runner.store().active_jobs_of_client(&client).map_err(internal)?;
