@@ -158,10 +158,12 @@ struct TrainArgs {
     /// Peak learning rate [default: the method's]
     #[arg(long)]
     lr: Option<f64>,
-    #[arg(long, value_enum, default_value = "sgd")]
-    optimizer: OptimizerName,
-    #[arg(long, default_value_t = 5e-4)]
-    weight_decay: f64,
+    /// [default: the method's: LARS for BYOL, SGD with momentum 0.9 for the others]
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerName>,
+    /// [default: the method's with its optimiser, else 1.5e-6 for LARS and 5e-4 for SGD and AdamW]
+    #[arg(long)]
+    weight_decay: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     warmup_epochs: f64,
     /// Softmax temperature of the method's loss, where it has one
@@ -396,14 +398,24 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.data = data;
     config.epochs = args.epochs;
     config.batch_size = args.batch_size;
+    if let Some(name) = args.optimizer {
+        let optimizer = match name {
+            OptimizerName::Sgd => OptimizerConfig::sgd(0.9, 5e-4),
+            OptimizerName::Lars => OptimizerConfig::lars(1.5e-6),
+            OptimizerName::Adamw => OptimizerConfig::adamw(5e-4),
+        };
+        // Another optimiser than the method's needs its own learning-rate scale.
+        if optimizer.kind() != config.optimizer.kind() {
+            config.learning_rate = optimizer.default_learning_rate();
+            config.optimizer = optimizer;
+        }
+    }
+    if let Some(weight_decay) = args.weight_decay {
+        config.optimizer.set_weight_decay(weight_decay);
+    }
     if let Some(lr) = args.lr {
         config.learning_rate = lr;
     }
-    config.optimizer = match args.optimizer {
-        OptimizerName::Sgd => OptimizerConfig::sgd(0.9, args.weight_decay),
-        OptimizerName::Lars => OptimizerConfig::lars(args.weight_decay),
-        OptimizerName::Adamw => OptimizerConfig::adamw(args.weight_decay),
-    };
     config.warmup_epochs = args.warmup_epochs;
     config.seed = args.seed;
     config.train_limit = args.train_limit;

@@ -8,9 +8,8 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::arch::conv::{self, ConvBackend};
-use super::arch::methods::{self, MethodConfig};
+use super::arch::methods::MethodConfig;
 use super::config::TrainConfig;
-use super::optim::Optimizer;
 use super::trainer::Model;
 use crate::data::ImageShape;
 
@@ -21,7 +20,7 @@ pub fn step_seconds(method: &MethodConfig, batch_size: usize, steps: usize, devi
     let mut config = TrainConfig::for_method(method.clone(), shape);
     config.batch_size = batch_size;
     let mut model = Model::new(&config, device)?;
-    let mut optimizer = Optimizer::new(config.optimizer.clone(), methods::trainable_vars(&model.varmap));
+    let mut optimizer = model.optimizer();
     let views: Vec<Tensor> =
         (0..2).map(|_| Tensor::rand(0f32, 1f32, (batch_size, 1, 28, 28), device)).collect::<candle_core::Result<_>>()?;
     let labels = Tensor::from_vec((0..batch_size as u32).map(|i| i % 10).collect(), batch_size, device)?;

@@ -29,11 +29,39 @@ impl OptimizerConfig {
     pub fn adamw(weight_decay: f64) -> Self {
         Self::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
+
+    /// The optimiser's name, as `--optimizer` spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sgd { .. } => "sgd",
+            Self::Lars { .. } => "lars",
+            Self::AdamW { .. } => "adamw",
+        }
+    }
+
+    /// A peak learning rate for the canonical encoder when nothing else is known: SGD 0.12 (the
+    /// PyTorch reference recipe), LARS 4.0 (its step is `η · trust`, with trust ≈ 10⁻³ of each
+    /// layer's norm; measured on BYOL), AdamW 10⁻³.
+    pub fn default_learning_rate(&self) -> f64 {
+        match self {
+            Self::Sgd { .. } => 0.12,
+            Self::Lars { .. } => 4.0,
+            Self::AdamW { .. } => 1e-3,
+        }
+    }
+
+    pub fn set_weight_decay(&mut self, value: f64) {
+        match self {
+            Self::Sgd { weight_decay, .. } | Self::Lars { weight_decay, .. } | Self::AdamW { weight_decay, .. } => *weight_decay = value,
+        }
+    }
 }
 
 struct Param {
     name: String,
     var: Var,
+    /// Multiplier of the step's learning rate for this parameter.
+    lr_scale: f64,
     /// SGD/LARS: `[momentum]`; AdamW: `[m, v]`. Empty until the first step.
     state: Vec<Tensor>,
 }
@@ -47,8 +75,15 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
-        let params = params.into_iter().map(|(name, var)| Param { name, var, state: Vec::new() }).collect();
+        let params = params.into_iter().map(|(name, var)| Param { name, var, lr_scale: 1.0, state: Vec::new() }).collect();
         Self { config, params, steps: 0 }
+    }
+
+    /// Multiplies the learning rate of every parameter whose name starts with `prefix` by
+    /// `factor` (a method's faster predictor); returns how many parameters it applies to.
+    pub fn scale_learning_rate(&mut self, prefix: &str, factor: f64) -> usize {
+        let matching = self.params.iter_mut().filter(|p| p.name.starts_with(prefix));
+        matching.map(|p| p.lr_scale *= factor).count()
     }
 
     pub fn steps(&self) -> usize {
@@ -96,7 +131,7 @@ impl Optimizer {
                     if is_vector { adam } else { (adam + (theta * weight_decay)?)? }
                 }
             };
-            param.var.set(&(theta - (update * lr)?)?)?;
+            param.var.set(&(theta - (update * (lr * param.lr_scale))?)?)?;
         }
         Ok(())
     }
@@ -210,6 +245,22 @@ mod tests {
         opt.step(&quadratic_grads(&var)?, 1.0)?;
         let w = var.as_tensor().to_vec2::<f64>()?;
         assert!((w[0][0] - 2.7).abs() < 1e-12 && (w[0][1] - 3.6).abs() < 1e-12, "{w:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_scaled_prefix_steps_that_much_further() -> Result<()> {
+        let (encoder, predictor) = (Var::new(&[1.0f64], &Device::Cpu)?, Var::new(&[1.0f64], &Device::Cpu)?);
+        let mut opt = Optimizer::new(
+            OptimizerConfig::sgd(0.0, 0.0),
+            vec![("encoder.w".into(), encoder.clone()), ("predictor.w".into(), predictor.clone())],
+        );
+        assert_eq!(opt.scale_learning_rate("predictor.", 10.0), 1);
+        let loss = ((encoder.as_tensor().sqr()? + predictor.as_tensor().sqr()?)?.sum_all()? * 0.5)?;
+        // ∇ = θ = 1: the encoder moves by lr = 0.01, the predictor by 10·lr.
+        opt.step(&loss.backward()?, 0.01)?;
+        assert!((encoder.as_tensor().to_vec1::<f64>()?[0] - 0.99).abs() < 1e-12);
+        assert!((predictor.as_tensor().to_vec1::<f64>()?[0] - 0.9).abs() < 1e-12);
         Ok(())
     }
 

@@ -59,6 +59,16 @@ impl Model {
         Ok(model)
     }
 
+    /// The run's optimiser over every trainable parameter, with the method's learning-rate
+    /// multipliers (a faster predictor for BYOL and SimSiam).
+    pub fn optimizer(&self) -> Optimizer {
+        let mut optimizer = Optimizer::new(self.config.optimizer.clone(), methods::trainable_vars(&self.varmap));
+        for (prefix, factor) in self.config.method.learning_rate_scales() {
+            optimizer.scale_learning_rate(prefix, factor);
+        }
+        optimizer
+    }
+
     /// The encoder's features of every image, in evaluation mode, `[N, feature_dim]`.
     pub fn encode(&self, dataset: &Dataset) -> Result<Tensor> {
         Ok(eval::features::encode(self.method.encoder(), dataset, &self.device, 512)?)
@@ -107,7 +117,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
     );
 
     let mut model = Model::new(config, &options.device)?;
-    let mut optimizer = Optimizer::new(config.optimizer.clone(), methods::trainable_vars(&model.varmap));
+    let mut optimizer = model.optimizer();
     let mut state = if options.resume {
         let saved = TrainConfig::load(&config_path)?;
         anyhow::ensure!(saved == *config, "{} was trained with another configuration", dir.display());

@@ -20,7 +20,7 @@ pub struct SimSiam {
 
 impl SimSiam {
     pub fn new(config: MethodConfig, parts: &MethodParts) -> Result<Self> {
-        let MethodConfig::Simsiam { predictor_hidden } = config else { candle_core::bail!("not a SimSiam config") };
+        let MethodConfig::Simsiam { predictor_hidden, .. } = config else { candle_core::bail!("not a SimSiam config") };
         let projector = MlpConfig { output_batch_norm: true, ..parts.projector_config() };
         let branch = parts.branch(&projector)?;
         let out = projector.out_dim();
