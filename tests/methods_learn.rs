@@ -1,10 +1,12 @@
-//! Every method trained for a few hundred steps on the committed Fashion-MNIST subset.
+//! Every method trained for a few hundred steps on the committed Fashion-MNIST subset must beat
+//! the k-NN accuracy of the same encoder at random initialisation by a clear margin.
 //!
-//! The contrastive methods (SimCLR, MoCo v2, SupCon) must beat the k-NN accuracy of the same
-//! encoder at random initialisation by a clear margin. BYOL, SimSiam and SwAV learn more slowly
-//! at first (measured here: still at the random-init k-NN after 210 and 600 steps, as in the
-//! first epochs of their papers' curves), so for them the test asserts that the loss falls
-//! clearly and that the features do not collapse.
+//! The methods without negatives (BYOL, SimSiam) and SwAV get 420 steps instead of 210: they
+//! start slower, and with the plain SGD recipe BYOL and SimSiam stayed below the random-init
+//! k-NN even then (their defaults now carry the fixes: LARS for BYOL, a 10× faster predictor
+//! and weight decay 5e-3 for SimSiam). Margins measured at 420 steps with seeds 0 / 1: BYOL
+//! +0.032 / +0.044, SimSiam +0.058 / +0.088, SwAV +0.070 / +0.062; each asserted margin is at
+//! most two thirds of the smaller one (500 test images: 0.02 is 10 images).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -34,9 +36,8 @@ fn small_config(method: &str) -> TrainConfig {
         *queue_size = 512;
         config.epochs = 20;
     }
-    if let MethodConfig::Swav { prototypes, freeze_prototypes_steps, .. } = &mut config.method {
-        *prototypes = 30;
-        *freeze_prototypes_steps = 15;
+    if matches!(config.method, MethodConfig::Byol { .. } | MethodConfig::Simsiam { .. } | MethodConfig::Swav { .. }) {
+        config.epochs = 28; // 420 steps
     }
     config
 }
@@ -46,8 +47,8 @@ fn knn_accuracy(model: &Model) -> f64 {
     trainer::evaluate(model, &train, &test.unwrap(), false).unwrap().knn_accuracy
 }
 
-/// Trains `method` and returns (k-NN at random init, k-NN after training, logged losses).
-fn train_and_measure(method: &str) -> (f64, f64, Vec<f64>) {
+/// Trains `method` and returns (k-NN at random init, k-NN after training).
+fn train_and_measure(method: &str) -> (f64, f64) {
     let config = small_config(method);
     let random = knn_accuracy(&Model::new(&config, &Device::Cpu).unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -65,21 +66,12 @@ fn train_and_measure(method: &str) -> (f64, f64, Vec<f64>) {
     let trained = knn_accuracy(&Model::load(dir.path(), &Device::Cpu).unwrap());
     let losses: Vec<f64> = state.loss_history.iter().map(|&(_, loss)| loss).collect();
     eprintln!("{method}: k-NN {random:.3} at random init, {trained:.3} after {} steps; loss {:.3} -> {:.3}", state.step, losses[0], losses[losses.len() - 1]);
-    (random, trained, losses)
+    (random, trained)
 }
 
 fn assert_beats_random_init(method: &str, margin: f64) {
-    let (random, trained, _) = train_and_measure(method);
+    let (random, trained) = train_and_measure(method);
     assert!(trained >= random + margin, "{method}: k-NN {trained:.3} does not beat random init {random:.3} by {margin}");
-}
-
-/// The mean of the last three logged losses is at least `drop` below the first logged loss,
-/// and the k-NN accuracy stays far above chance (a collapsed encoder scores about 0.1).
-fn assert_loss_falls_without_collapse(method: &str, drop: f64) {
-    let (random, trained, losses) = train_and_measure(method);
-    let end = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
-    assert!(end <= losses[0] - drop, "{method}: loss {:.3} -> {end:.3} did not fall by {drop}", losses[0]);
-    assert!(trained >= random - 0.1 && trained > 0.35, "{method}: k-NN {trained:.3} (random init {random:.3}) suggests collapse");
 }
 
 #[test]
@@ -98,16 +90,16 @@ fn supcon_learns() {
 }
 
 #[test]
-fn byol_trains() {
-    assert_loss_falls_without_collapse("byol", 0.1);
+fn byol_learns() {
+    assert_beats_random_init("byol", 0.02);
 }
 
 #[test]
-fn simsiam_trains() {
-    assert_loss_falls_without_collapse("simsiam", 0.3);
+fn simsiam_learns() {
+    assert_beats_random_init("simsiam", 0.04);
 }
 
 #[test]
-fn swav_trains() {
-    assert_loss_falls_without_collapse("swav", 0.5);
+fn swav_learns() {
+    assert_beats_random_init("swav", 0.04);
 }
