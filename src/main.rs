@@ -405,7 +405,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             OptimizerName::Adamw => OptimizerConfig::adamw(5e-4),
         };
         // Another optimiser than the method's needs its own learning-rate scale.
-        if optimizer.kind() != config.optimizer.kind() {
+        if std::mem::discriminant(&optimizer) != std::mem::discriminant(&config.optimizer) {
             config.learning_rate = optimizer.default_learning_rate();
             config.optimizer = optimizer;
         }

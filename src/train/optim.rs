@@ -30,15 +30,6 @@ impl OptimizerConfig {
         Self::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
-    /// The optimiser's name, as `--optimizer` spells it.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Sgd { .. } => "sgd",
-            Self::Lars { .. } => "lars",
-            Self::AdamW { .. } => "adamw",
-        }
-    }
-
     /// A peak learning rate for the canonical encoder when nothing else is known: SGD 0.12 (the
     /// PyTorch reference recipe), LARS 4.0 (its step is `η · trust`, with trust ≈ 10⁻³ of each
     /// layer's norm; measured on BYOL), AdamW 10⁻³.
