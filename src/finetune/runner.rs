@@ -32,7 +32,7 @@ use crate::serve::preprocess::image_to_tensor;
 use crate::train::arch::{methods, MethodConfig};
 use crate::train::augment::Pipeline;
 use crate::train::checkpoint;
-use crate::train::optim::{LrSchedule, Optimizer, OptimizerConfig};
+use crate::train::optim::{LrSchedule, OptimizerConfig};
 use crate::train::trainer::{train_step, Model, StepOutcome};
 
 /// Limits and resources of the job runner.
@@ -350,7 +350,7 @@ impl JobRunner {
         // Batch norm updates its running statistics in every training forward pass, even in
         // frozen stages; keep the base's so that a frozen stage really stays as it was.
         let frozen_statistics = frozen_running_statistics(&model, &trainable);
-        let mut optimizer = Optimizer::new(config.optimizer.clone(), trainable);
+        let mut optimizer = model.optimizer_over(trainable);
         let train = Arc::new(train);
         let pipelines: Vec<Arc<Pipeline>> = config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect();
         let loader = LoaderConfig { batch_size: config.batch_size, seed: config.seed, shuffle: true, drop_last: true, prefetch: 2 };

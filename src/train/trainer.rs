@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -59,10 +59,15 @@ impl Model {
         Ok(model)
     }
 
-    /// The run's optimiser over every trainable parameter, with the method's learning-rate
-    /// multipliers (a faster predictor for BYOL and SimSiam).
+    /// The run's optimiser over every trainable parameter (see [`Model::optimizer_over`]).
     pub fn optimizer(&self) -> Optimizer {
-        let mut optimizer = Optimizer::new(self.config.optimizer.clone(), methods::trainable_vars(&self.varmap));
+        self.optimizer_over(methods::trainable_vars(&self.varmap))
+    }
+
+    /// The run's optimiser over `params` (fine-tuning trains a subset), with the method's
+    /// learning-rate multipliers (a faster predictor for SimSiam).
+    pub fn optimizer_over(&self, params: Vec<(String, Var)>) -> Optimizer {
+        let mut optimizer = Optimizer::new(self.config.optimizer.clone(), params);
         for (prefix, factor) in self.config.method.learning_rate_scales() {
             optimizer.scale_learning_rate(prefix, factor);
         }
