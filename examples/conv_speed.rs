@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
 use contrastive::train::arch::activation::add_relu;
 use contrastive::train::arch::batch_norm::BatchNorm2d;
-use contrastive::train::arch::conv_bn::conv_bn_t;
 use contrastive::train::arch::conv::{set_default_backend, Conv2d, ConvBackend};
+use contrastive::train::arch::conv_bn::conv_bn_t;
 use contrastive::train::arch::resnet::{ResNet, ResNetConfig};
-use candle_nn::{VarBuilder, VarMap};
 
 /// One conv layer of the canonical encoder: name, in, out, kernel, stride, padding, input side.
 const LAYERS: [(&str, usize, usize, usize, usize, usize, usize); 9] = [
@@ -81,7 +81,10 @@ impl FusedEncoder {
         for (i, (c_in, c_out, stride)) in [(32, 32, 1), (32, 64, 2), (64, 128, 2)].into_iter().enumerate() {
             let vb = vb.pp(format!("block{i}"));
             let shortcut = match stride != 1 || c_in != c_out {
-                true => Some((Conv2d::new(vb.pp("sc.conv"), c_in, c_out, 1, stride, 0)?, BatchNorm2d::new(vb.pp("sc.bn"), c_out)?)),
+                true => Some((
+                    Conv2d::new(vb.pp("sc.conv"), c_in, c_out, 1, stride, 0)?,
+                    BatchNorm2d::new(vb.pp("sc.bn"), c_out)?,
+                )),
                 false => None,
             };
             blocks.push((
@@ -161,7 +164,10 @@ fn step_phases(batch: usize, reps: usize) -> Result<[f64; 3]> {
     config.batch_size = batch;
     let mut model = Model::new(&config, &device)?;
     let mut optimizer = Optimizer::new(config.optimizer.clone(), methods::trainable_vars(&model.varmap));
-    let views = [Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?, Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?];
+    let views = [
+        Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?,
+        Tensor::rand(0f32, 1f32, (batch, 1, 28, 28), &device)?,
+    ];
     let labels = Tensor::zeros(batch, DType::U32, &device)?;
     let mut best = [f64::INFINITY; 3];
     for _ in 0..reps + 1 {
@@ -201,35 +207,61 @@ fn main() -> Result<()> {
         // The whole SimCLR step as `contrastive bench train` times it, without its slow baseline.
         let simclr = contrastive::train::arch::methods::MethodConfig::default_for("simclr")?;
         let seconds = contrastive::train::bench::step_seconds(&simclr, batch / 2, reps, &Device::Cpu)?;
-        println!("SimCLR step, batch {} (two views), im2col convs: {seconds:.3} s, {:.1} images/s", batch / 2, (batch / 2) as f64 / seconds);
+        println!(
+            "SimCLR step, batch {} (two views), im2col convs: {seconds:.3} s, {:.1} images/s",
+            batch / 2,
+            (batch / 2) as f64 / seconds
+        );
         let [loss, backward, update] = step_phases(batch / 2, reps)?;
-        println!("  phases (best of {reps}): forward + loss {loss:.3} s, backward {backward:.3} s, optimizer {update:.3} s");
+        println!(
+            "  phases (best of {reps}): forward + loss {loss:.3} s, backward {backward:.3} s, optimizer {update:.3} s"
+        );
         return Ok(());
     }
     if args.iter().any(|a| a == "--encoder") {
-        for (fusion, name) in [(0, "resnet.rs ResNet"), (1, "replica, fused activations"), (2, "replica, fused conv+BN+act.")] {
+        for (fusion, name) in
+            [(0, "resnet.rs ResNet"), (1, "replica, fused activations"), (2, "replica, fused conv+BN+act.")]
+        {
             let (forward, backward, cpu) = time_encoder(fusion, batch, reps)?;
             println!("canonical encoder ({name}), {batch} images, training mode: forward {forward:.3} s, backward {backward:.3} s, total {:.3} s ({cpu:.2} CPU s)", forward + backward);
         }
         return Ok(());
     }
-    println!("conv layers of the canonical encoder, {batch} images 28x28, f32, best of {reps} (after a warm-up), {} threads", rayon::current_num_threads());
+    println!(
+        "conv layers of the canonical encoder, {batch} images 28x28, f32, best of {reps} (after a warm-up), {} threads",
+        rayon::current_num_threads()
+    );
     // `--im2col-only` skips the slow baseline (for profiling).
     let candle = match args.iter().any(|a| a == "--im2col-only") {
         true => vec![(f64::NAN, f64::NAN); LAYERS.len()],
         false => time_layers(ConvBackend::Candle, batch, reps)?,
     };
     let im2col = time_layers(ConvBackend::Im2col, batch, reps)?;
-    println!("{:<36} {:>10} {:>10} {:>10} {:>10} {:>7}", "layer", "candle fwd", "candle bwd", "im2col fwd", "im2col bwd", "ratio");
+    println!(
+        "{:<36} {:>10} {:>10} {:>10} {:>10} {:>7}",
+        "layer", "candle fwd", "candle bwd", "im2col fwd", "im2col bwd", "ratio"
+    );
     let mut totals = [0.0; 4];
     for (((name, ..), c), m) in LAYERS.iter().zip(&candle).zip(&im2col) {
-        println!("{name:<36} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>6.1}x", c.0, c.1, m.0, m.1, (c.0 + c.1) / (m.0 + m.1));
+        println!(
+            "{name:<36} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>6.1}x",
+            c.0,
+            c.1,
+            m.0,
+            m.1,
+            (c.0 + c.1) / (m.0 + m.1)
+        );
         for (total, t) in totals.iter_mut().zip([c.0, c.1, m.0, m.1]) {
             *total += t;
         }
     }
     let [cf, cb, mf, mb] = totals;
     println!("{:<36} {cf:>10.3} {cb:>10.3} {mf:>10.3} {mb:>10.3} {:>6.1}x", "total (s)", (cf + cb) / (mf + mb));
-    println!("im2col forward+backward: {:.3} s for {batch} images ({:.0} images/s); candle: {:.3} s", mf + mb, batch as f64 / (mf + mb), cf + cb);
+    println!(
+        "im2col forward+backward: {:.3} s for {batch} images ({:.0} images/s); candle: {:.3} s",
+        mf + mb,
+        batch as f64 / (mf + mb),
+        cf + cb
+    );
     Ok(())
 }

@@ -25,23 +25,31 @@ impl tonic::service::Interceptor for BearerAuth {
 pub type AuthChannel = InterceptedService<Channel, BearerAuth>;
 
 pub async fn connect(addr: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(addr.to_string()).with_context(|| format!("{addr:?} is not a server address (e.g. http://127.0.0.1:50051)"))?;
+    let endpoint = Endpoint::from_shared(addr.to_string())
+        .with_context(|| format!("{addr:?} is not a server address (e.g. http://127.0.0.1:50051)"))?;
     endpoint.connect().await.with_context(|| format!("cannot connect to {addr}"))
 }
 
 fn bearer(api_key: Option<&str>) -> Result<BearerAuth> {
-    let value = api_key.map(|key| format!("Bearer {key}").parse()).transpose().map_err(|_| anyhow!("the API key holds characters not allowed in a header"))?;
+    let value = api_key
+        .map(|key| format!("Bearer {key}").parse())
+        .transpose()
+        .map_err(|_| anyhow!("the API key holds characters not allowed in a header"))?;
     Ok(BearerAuth(value))
 }
 
 pub async fn embedding_client(addr: &str, api_key: Option<&str>) -> Result<EmbeddingServiceClient<AuthChannel>> {
     let channel = connect(addr).await?;
-    Ok(EmbeddingServiceClient::with_interceptor(channel, bearer(api_key)?).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(EmbeddingServiceClient::with_interceptor(channel, bearer(api_key)?)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 pub async fn finetune_client(addr: &str, api_key: Option<&str>) -> Result<FineTuneServiceClient<AuthChannel>> {
     let channel = connect(addr).await?;
-    Ok(FineTuneServiceClient::with_interceptor(channel, bearer(api_key)?).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(FineTuneServiceClient::with_interceptor(channel, bearer(api_key)?)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 /// The serving status of `service` ("" = the whole server) as grpc.health.v1 names it.
@@ -50,7 +58,8 @@ pub async fn health(addr: &str, service: &str) -> Result<String> {
     use tonic_health::pb::HealthCheckRequest;
     let mut client = HealthClient::new(connect(addr).await?);
     let response = client.check(HealthCheckRequest { service: service.to_string() }).await.map_err(status_error)?;
-    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(response.into_inner().status).unwrap_or_default();
+    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(response.into_inner().status)
+        .unwrap_or_default();
     Ok(status.as_str_name().to_string())
 }
 

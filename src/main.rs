@@ -19,7 +19,11 @@ use contrastive::train::trainer::{self, Model, TrainOptions};
 use contrastive::train::{bench, checkpoint};
 
 #[derive(Parser)]
-#[command(name = "contrastive", version, about = "Train contrastive image encoders, export them to ONNX and serve their embeddings")]
+#[command(
+    name = "contrastive",
+    version,
+    about = "Train contrastive image encoders, export them to ONNX and serve their embeddings"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -260,7 +264,8 @@ fn main() -> Result<()> {
         Command::Health(args) => async_runtime()?.block_on(health(args)),
         Command::Finetune(args) => async_runtime()?.block_on(contrastive::finetune::client::run(args)),
         Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
-            let methods = if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
+            let methods =
+                if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
             bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
         }
         Command::Bench(BenchCommand::Serve(options)) => contrastive::serve::bench::run(&options),
@@ -270,11 +275,8 @@ fn main() -> Result<()> {
 fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.method));
-    let config = if args.resume {
-        TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?
-    } else {
-        build_config(&args)?
-    };
+    let config =
+        if args.resume { TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))? } else { build_config(&args)? };
     let stop = Arc::new(AtomicBool::new(false));
     let handler_stop = stop.clone();
     ctrlc::set_handler(move || {
@@ -294,7 +296,11 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     let state = trainer::train(&config, &options)?;
     if !state.finished {
-        eprintln!("stopped after {} steps; resume with: contrastive train --out {} --resume", state.step, run_dir.display());
+        eprintln!(
+            "stopped after {} steps; resume with: contrastive train --out {} --resume",
+            state.step,
+            run_dir.display()
+        );
         std::process::exit(if stop.load(Ordering::SeqCst) { 130 } else { 0 });
     }
     let summary = serde_json::json!({
@@ -364,7 +370,12 @@ async fn health(args: HealthArgs) -> Result<()> {
 
 fn export(args: ExportArgs) -> Result<()> {
     let repo = ModelRepository::new(&args.models);
-    let options = ExportOptions { name: args.name, version: args.version, l2_normalize: args.l2_normalize, tolerance: args.tolerance };
+    let options = ExportOptions {
+        name: args.name,
+        version: args.version,
+        l2_normalize: args.l2_normalize,
+        tolerance: args.tolerance,
+    };
     let manifest = contrastive::export::export_checkpoint(&args.checkpoint, &repo, &options)?;
     let summary = serde_json::json!({
         "model": manifest.name,
@@ -429,7 +440,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let model = Model::load(&args.checkpoint, &device)?;
     let source = args.data.source()?.unwrap_or_else(|| model.config.data.clone());
     let (train_set, test_set) = source.load()?;
-    let test_set = test_set.context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
+    let test_set = test_set
+        .context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
     let report = trainer::evaluate(&model, &train_set, &test_set, !args.knn_only)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -117,8 +117,10 @@ pub fn find_library(gpu: bool) -> Result<PathBuf> {
 fn runtime(gpu: bool) -> Result<&'static Runtime> {
     let runtime = RUNTIME.get_or_init(|| {
         let library = find_library(gpu).map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&library).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?;
-        let environment = builder.with_name("contrastive").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
+        let builder = ort::init_from(&library)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", library.display()))?;
+        let environment =
+            builder.with_name("contrastive").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
         tracing::debug!(library = %library.display(), "ONNX Runtime loaded");
         Ok(Runtime { environment, library })
     });
@@ -202,7 +204,8 @@ impl OnnxEncoder {
                 }
             },
         };
-        let input_name = session.inputs().first().map(|i| i.name().to_string()).ok_or_else(|| anyhow!("{model} has no input"))?;
+        let input_name =
+            session.inputs().first().map(|i| i.name().to_string()).ok_or_else(|| anyhow!("{model} has no input"))?;
         if session.outputs().is_empty() {
             bail!("{model} has no output");
         }
@@ -236,7 +239,8 @@ fn build_session(runtime: &Runtime, model: ModelSource, options: SessionOptions,
         let mut builder = Session::builder(&runtime.environment)?;
         if let Some(id) = cuda {
             // Without error_on_failure ORT silently falls back to the CPU.
-            builder = builder.with_execution_providers([ort::ep::CUDA::default().with_device_id(id).build().error_on_failure()])?;
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().with_device_id(id).build().error_on_failure()])?;
         }
         if options.intra_threads > 0 {
             builder = builder.with_intra_threads(options.intra_threads)?;

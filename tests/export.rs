@@ -38,7 +38,11 @@ fn model_with_random_statistics(config: &TrainConfig, seed: u64) -> Model {
         let n = var.elem_count();
         let values: Vec<f32> = if name.ends_with("running_var") {
             (0..n).map(|_| rng.random_range(0.2..2.0)).collect()
-        } else if name.ends_with("running_mean") || name.ends_with("bn.bias") || name.ends_with("bn1.bias") || name.ends_with("bn2.bias") {
+        } else if name.ends_with("running_mean")
+            || name.ends_with("bn.bias")
+            || name.ends_with("bn1.bias")
+            || name.ends_with("bn2.bias")
+        {
             (0..n).map(|_| rng.random_range(-0.5..0.5)).collect()
         } else if name.contains("bn") && name.ends_with("weight") {
             (0..n).map(|_| rng.random_range(0.5..1.5)).collect()
@@ -87,13 +91,27 @@ fn every_encoder_variant_exports_with_parity() {
     let variants = [
         ("canonical", ResNetConfig::canonical(1), gray.clone()),
         // Two blocks per stage: identity shortcuts inside a stage, projections between stages.
-        ("deeper", ResNetConfig { widths: vec![8, 16, 24], blocks: vec![2, 2, 2], strides: vec![1, 2, 2], in_channels: 1 }, gray.clone()),
+        (
+            "deeper",
+            ResNetConfig { widths: vec![8, 16, 24], blocks: vec![2, 2, 2], strides: vec![1, 2, 2], in_channels: 1 },
+            gray.clone(),
+        ),
         // RGB input, four stages, a stride-2 first stage and an odd input size.
-        ("rgb", ResNetConfig { widths: vec![8, 8, 16, 16], blocks: vec![1, 1, 1, 1], strides: vec![2, 1, 2, 1], in_channels: 3 }, rgb),
+        (
+            "rgb",
+            ResNetConfig {
+                widths: vec![8, 8, 16, 16],
+                blocks: vec![1, 1, 1, 1],
+                strides: vec![2, 1, 2, 1],
+                in_channels: 3,
+            },
+            rgb,
+        ),
     ];
     let tmp = tempfile::tempdir().unwrap();
     let repo = ModelRepository::new(tmp.path().join("models"));
-    let images = contrastive::data::idx::load_mnist_format_dir(&subset_dir(), contrastive::data::idx::Split::Test).unwrap();
+    let images =
+        contrastive::data::idx::load_mnist_format_dir(&subset_dir(), contrastive::data::idx::Split::Test).unwrap();
     for (i, (label, encoder, data)) in variants.into_iter().enumerate() {
         let shape = data.image_shape();
         let model = model_with_random_statistics(&config(encoder.clone(), data), i as u64);
@@ -103,9 +121,18 @@ fn every_encoder_variant_exports_with_parity() {
         assert_eq!(manifest.version, 1, "{label}");
         assert!(manifest.parity.max_abs_diff < 1e-4, "{label}: {:?}", manifest.parity);
         let real_image_cases = manifest.parity.cases.iter().filter(|c| c.input == "images").count();
-        assert_eq!(real_image_cases, if shape.channels == 1 { 2 } else { 0 }, "{label}: real images when their shape fits");
-        assert!(manifest.parity.cases.iter().any(|c| c.batch == 1) && manifest.parity.cases.iter().any(|c| c.batch == 7));
-        assert_eq!(manifest.input.channel_order, if shape.channels == 1 { ChannelOrder::Gray } else { ChannelOrder::Rgb });
+        assert_eq!(
+            real_image_cases,
+            if shape.channels == 1 { 2 } else { 0 },
+            "{label}: real images when their shape fits"
+        );
+        assert!(
+            manifest.parity.cases.iter().any(|c| c.batch == 1) && manifest.parity.cases.iter().any(|c| c.batch == 7)
+        );
+        assert_eq!(
+            manifest.input.channel_order,
+            if shape.channels == 1 { ChannelOrder::Gray } else { ChannelOrder::Rgb }
+        );
         assert_eq!(manifest.output.dimensions, *encoder.widths.last().unwrap());
         assert_eq!(manifest.architecture.resnet, encoder);
         let dir = repo.version_dir(label, 1);
@@ -124,7 +151,9 @@ fn every_encoder_variant_exports_with_parity() {
 fn canonical_encoder_is_about_307k_parameters_in_the_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = ModelRepository::new(tmp.path());
-    let model = Model::new(&config(ResNetConfig::canonical(1), DataSource::MnistIdx { dir: subset_dir() }), &Device::Cpu).unwrap();
+    let model =
+        Model::new(&config(ResNetConfig::canonical(1), DataSource::MnistIdx { dir: subset_dir() }), &Device::Cpu)
+            .unwrap();
     let manifest = export::publish_model(&repo, &model, &ExportOptions::new("m"), &provenance(), None).unwrap();
     assert_eq!(manifest.architecture.encoder_parameters, 306_784);
     let text = std::fs::read_to_string(repo.version_dir("m", 1).join(MANIFEST_FILE)).unwrap();
@@ -136,7 +165,10 @@ fn canonical_encoder_is_about_307k_parameters_in_the_manifest() {
 }
 
 fn tiny_run_dir(dir: &Path) -> TrainConfig {
-    let config = config(ResNetConfig { widths: vec![8, 8, 8], ..ResNetConfig::canonical(1) }, DataSource::MnistIdx { dir: subset_dir() });
+    let config = config(
+        ResNetConfig { widths: vec![8, 8, 8], ..ResNetConfig::canonical(1) },
+        DataSource::MnistIdx { dir: subset_dir() },
+    );
     let model = Model::new(&config, &Device::Cpu).unwrap();
     config.save(&dir.join(checkpoint::CONFIG_FILE)).unwrap();
     let state = RunState { epoch: 2, step: 20, finished: true, ..Default::default() };
@@ -145,7 +177,8 @@ fn tiny_run_dir(dir: &Path) -> TrainConfig {
 }
 
 fn listing(root: &Path) -> Vec<String> {
-    let mut names: Vec<String> = walk(root).into_iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect();
+    let mut names: Vec<String> =
+        walk(root).into_iter().map(|p| p.strip_prefix(root).unwrap().display().to_string()).collect();
     names.sort();
     names
 }
@@ -190,10 +223,12 @@ fn failures_leave_the_repository_unchanged() {
     let before = listing(&models);
 
     // An existing version.
-    let err = export::export_checkpoint(&run, &repo, &ExportOptions { version: Some(1), ..ExportOptions::new("tiny") }).unwrap_err();
+    let err = export::export_checkpoint(&run, &repo, &ExportOptions { version: Some(1), ..ExportOptions::new("tiny") })
+        .unwrap_err();
     assert!(format!("{err:#}").contains("already exists"), "{err:#}");
     // A parity bound no export can meet: the error carries the figures.
-    let err = export::export_checkpoint(&run, &repo, &ExportOptions { tolerance: -1.0, ..ExportOptions::new("tiny") }).unwrap_err();
+    let err = export::export_checkpoint(&run, &repo, &ExportOptions { tolerance: -1.0, ..ExportOptions::new("tiny") })
+        .unwrap_err();
     let message = format!("{err:#}");
     assert!(message.contains("parity check failed") && message.contains("random batch 7"), "{message}");
     // A bad model name.

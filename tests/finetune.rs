@@ -22,8 +22,9 @@ use contrastive::data::Dataset;
 use contrastive::proto::v1::embedding_service_client::EmbeddingServiceClient;
 use contrastive::proto::v1::fine_tune_service_client::FineTuneServiceClient;
 use contrastive::proto::v1::{
-    create_job_request, input, job_event, CancelJobRequest, CreateJobRequest, DatasetInfo, EmbedRequest, EmbedResponse, GetJobRequest, GetModelRequest,
-    HyperParameters, InlineDataset, Input, Job, JobEvent, JobState, LabeledImage, ListJobsRequest, UploadDatasetChunk, VersionState, WatchJobRequest,
+    create_job_request, input, job_event, CancelJobRequest, CreateJobRequest, DatasetInfo, EmbedRequest, EmbedResponse,
+    GetJobRequest, GetModelRequest, HyperParameters, InlineDataset, Input, Job, JobEvent, JobState, LabeledImage,
+    ListJobsRequest, UploadDatasetChunk, VersionState, WatchJobRequest,
 };
 use contrastive::registry::{MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use image::{DynamicImage, GrayImage, ImageFormat};
@@ -98,7 +99,17 @@ impl Server {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let log = dirs.root.path().join(format!("server-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
         let mut child = Command::new(env!("CARGO_BIN_EXE_contrastive"))
-            .args(["serve", "--addr", "127.0.0.1:0", "--metrics-addr", "off", "--poll-interval-ms", "200", "--finetune-threads", "2"])
+            .args([
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "off",
+                "--poll-interval-ms",
+                "200",
+                "--finetune-threads",
+                "2",
+            ])
             .arg("--models")
             .arg(&dirs.models)
             .arg("--data-dir")
@@ -122,7 +133,11 @@ impl Server {
             if matches!(&status, Ok(s) if s == "SERVING") {
                 return;
             }
-            assert!(Instant::now() < deadline, "not SERVING after 30 s (last answer {status:?}); log:\n{}", read_log(&self.log));
+            assert!(
+                Instant::now() < deadline,
+                "not SERVING after 30 s (last answer {status:?}); log:\n{}",
+                read_log(&self.log)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -151,7 +166,6 @@ impl Drop for Server {
         }
     }
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Data
@@ -231,7 +245,10 @@ async fn upload(client: &mut FineTune, name: &str, images: &[LabeledImage]) -> R
     let chunks: Vec<UploadDatasetChunk> = images
         .chunks(50)
         .enumerate()
-        .map(|(i, chunk)| UploadDatasetChunk { name: if i == 0 { name.to_string() } else { String::new() }, images: chunk.to_vec() })
+        .map(|(i, chunk)| UploadDatasetChunk {
+            name: if i == 0 { name.to_string() } else { String::new() },
+            images: chunk.to_vec(),
+        })
         .collect();
     client.upload_dataset(tokio_stream::iter(chunks)).await.map(|r| r.into_inner())
 }
@@ -261,7 +278,8 @@ struct Watcher {
 
 impl Watcher {
     async fn open(client: &mut FineTune, job_id: &str) -> Self {
-        let stream = client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await.expect("WatchJob").into_inner();
+        let stream =
+            client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await.expect("WatchJob").into_inner();
         Self { stream, events: Vec::new() }
     }
 
@@ -336,7 +354,11 @@ fn assert_status(result: Result<impl std::fmt::Debug, Status>, code: Code, words
 /// The numbered version folders of `model` in `models`.
 fn numbered_versions(models: &Path, model: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(models.join(model)) else { return Vec::new() };
-    entries.map(|e| e.unwrap()).filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok())).map(|e| e.path()).collect()
+    entries
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u64>().is_ok()))
+        .map(|e| e.path())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,14 +432,18 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     assert_eq!(job.epochs.len(), 10);
     let (before, after) = (job.before.unwrap(), job.after.unwrap());
     assert!(after.knn_accuracy >= before.knn_accuracy, "before {before:?}, after {after:?}");
-    assert!((0.0..=1.0).contains(&before.knn_accuracy) && before.knn_accuracy > 0.34, "better than chance on 3 classes: {before:?}");
+    assert!(
+        (0.0..=1.0).contains(&before.knn_accuracy) && before.knn_accuracy > 0.34,
+        "better than chance on 3 classes: {before:?}"
+    );
     assert!(job.error.is_none() && !job.started_at.is_empty() && !job.finished_at.is_empty());
     eprintln!("held-out k-NN {:.4} -> {:.4}", before.knn_accuracy, after.knn_accuracy);
 
     // The new version serves at once, without a restart, and embeds differently from the base.
     let mut embedder = server.embedder().await;
     let probe = &images[0].image;
-    let tuned = embedder.embed(embed_request("fmnist-shirts", &[probe])).await.expect("Embed with the new model").into_inner();
+    let tuned =
+        embedder.embed(embed_request("fmnist-shirts", &[probe])).await.expect("Embed with the new model").into_inner();
     assert_eq!((tuned.model.as_str(), tuned.version), ("fmnist-shirts", 1));
     let base = embedder.embed(embed_request(BASE, &[probe])).await.unwrap().into_inner();
     let (a, b) = (&tuned.embeddings[0].values, &base.embeddings[0].values);
@@ -433,7 +459,10 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     let manifest = version.manifest.as_ref().expect("a manifest summary");
     assert_eq!(manifest.method, "supcon");
     assert_eq!(manifest.epochs, 10);
-    assert!((manifest.knn_accuracy - after.knn_accuracy).abs() < 1e-9, "the manifest records the held-out figure: {manifest:?}");
+    assert!(
+        (manifest.knn_accuracy - after.knn_accuracy).abs() < 1e-9,
+        "the manifest records the held-out figure: {manifest:?}"
+    );
     assert!(manifest.source.contains(&created.job_id), "{:?}", manifest.source);
 
     // A late watcher gets the whole history and the stream ends.
@@ -443,12 +472,23 @@ async fn job_trains_publishes_and_serves_the_new_version() {
 
     let got = client.get_job(GetJobRequest { job_id: created.job_id.clone() }).await.unwrap().into_inner();
     assert_eq!(got, job);
-    let listed = client.list_jobs(ListJobsRequest { state: JobState::Succeeded as i32, ..Default::default() }).await.unwrap().into_inner();
+    let listed = client
+        .list_jobs(ListJobsRequest { state: JobState::Succeeded as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [created.job_id.as_str()]);
-    let running = client.list_jobs(ListJobsRequest { state: JobState::Running as i32, ..Default::default() }).await.unwrap().into_inner();
+    let running = client
+        .list_jobs(ListJobsRequest { state: JobState::Running as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(running.jobs.is_empty());
     assert_status(client.get_job(GetJobRequest { job_id: "missing".into() }).await, Code::NotFound, &["missing"]);
-    let files: Vec<String> = std::fs::read_dir(dirs.models.join("fmnist-shirts/1")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let files: Vec<String> = std::fs::read_dir(dirs.models.join("fmnist-shirts/1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     for file in [MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE] {
         assert!(files.iter().any(|f| f == file), "{file} in {files:?}");
     }
@@ -464,16 +504,30 @@ async fn embeddings_keep_answering_while_a_job_trains() {
     let probes: Vec<&[u8]> = shirts().iter().step_by(37).map(|i| i.image.as_slice()).collect();
     let reference = embedder.embed(embed_request(BASE, &probes)).await.unwrap().into_inner();
 
-    let job = create(&mut client, job_request("fmnist-busy", create_job_request::Data::InlineDataset(InlineDataset { images: shirts().to_vec() }), 20)).await;
+    let job = create(
+        &mut client,
+        job_request(
+            "fmnist-busy",
+            create_job_request::Data::InlineDataset(InlineDataset { images: shirts().to_vec() }),
+            20,
+        ),
+    )
+    .await;
     let mut watcher = Watcher::open(&mut client, &job.job_id).await;
     watcher.until("the first epoch", |e| matches!(e.event, Some(job_event::Event::Epoch(_)))).await;
 
     let started = Instant::now();
     for i in 0..20 {
-        let response: EmbedResponse =
-            embedder.embed(embed_request(BASE, &probes)).await.unwrap_or_else(|s| panic!("Embed {i} during training: {s:?}")).into_inner();
+        let response: EmbedResponse = embedder
+            .embed(embed_request(BASE, &probes))
+            .await
+            .unwrap_or_else(|s| panic!("Embed {i} during training: {s:?}"))
+            .into_inner();
         assert_eq!(response.version, 1);
-        assert_eq!(response.embeddings, reference.embeddings, "request {i}: the served version is unchanged by training");
+        assert_eq!(
+            response.embeddings, reference.embeddings,
+            "request {i}: the served version is unchanged by training"
+        );
     }
     eprintln!("20 Embed requests of {} images during training: {:?}", probes.len(), started.elapsed());
 
@@ -518,7 +572,11 @@ async fn cancel_stops_a_running_job_and_publishes_nothing() {
     assert!(numbered_versions(&dirs.models, "fmnist-cancel").is_empty(), "a cancelled job publishes no version");
     assert!(numbered_versions(&dirs.models, "fmnist-queued").is_empty());
     for id in [&job.job_id, &queued.job_id] {
-        assert_status(client.cancel_job(CancelJobRequest { job_id: id.clone() }).await, Code::FailedPrecondition, &["CANCELLED"]);
+        assert_status(
+            client.cancel_job(CancelJobRequest { job_id: id.clone() }).await,
+            Code::FailedPrecondition,
+            &["CANCELLED"],
+        );
     }
     assert_status(client.cancel_job(CancelJobRequest { job_id: "missing".into() }).await, Code::NotFound, &["missing"]);
 }
@@ -556,7 +614,11 @@ async fn bad_datasets_fail_the_job_with_precise_messages() {
     for model in ["bad-one", "bad-few", "bad-image", "bad-base"] {
         assert!(numbered_versions(&dirs.models, model).is_empty(), "{model} published nothing");
     }
-    let failed = client.list_jobs(ListJobsRequest { state: JobState::Failed as i32, ..Default::default() }).await.unwrap().into_inner();
+    let failed = client
+        .list_jobs(ListJobsRequest { state: JobState::Failed as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(failed.jobs.len(), 4);
 }
 
@@ -573,13 +635,25 @@ async fn malformed_requests_are_refused() {
     let mut request = job_request("out", data(), 1);
     request.base_model.clear();
     assert_status(client.create_job(request).await, Code::InvalidArgument, &["base_model"]);
-    assert_status(client.create_job(job_request("out", data(), 5000)).await, Code::InvalidArgument, &["epochs", "5000"]);
-    assert_status(client.create_job(job_request("Bad/Name", data(), 1)).await, Code::InvalidArgument, &["output_model", "Bad/Name"]);
+    assert_status(
+        client.create_job(job_request("out", data(), 5000)).await,
+        Code::InvalidArgument,
+        &["epochs", "5000"],
+    );
+    assert_status(
+        client.create_job(job_request("Bad/Name", data(), 1)).await,
+        Code::InvalidArgument,
+        &["output_model", "Bad/Name"],
+    );
     let mut request = job_request("out", data(), 1);
     request.data = None;
     assert_status(client.create_job(request).await, Code::InvalidArgument, &["dataset"]);
     let missing = "0123456789abcdef0123456789abcdef";
-    assert_status(client.create_job(job_request("out", create_job_request::Data::DatasetId(missing.into()), 1)).await, Code::NotFound, &[missing]);
+    assert_status(
+        client.create_job(job_request("out", create_job_request::Data::DatasetId(missing.into()), 1)).await,
+        Code::NotFound,
+        &[missing],
+    );
     assert_status(
         client.create_job(job_request("out", create_job_request::Data::ServerFolder("shirts".into()), 1)).await,
         Code::FailedPrecondition,
@@ -591,11 +665,16 @@ async fn malformed_requests_are_refused() {
     eprintln!("UploadDataset over --max-dataset-images: {:?}: {}", status.code(), status.message());
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("max_images is 20"), "names the limit: {status:?}");
-    assert_status(client.create_job(job_request("out", inline_of(&over), 1)).await, Code::ResourceExhausted, &["max_images is 20"]);
+    assert_status(
+        client.create_job(job_request("out", inline_of(&over), 1)).await,
+        Code::ResourceExhausted,
+        &["max_images is 20"],
+    );
 
     let listed = client.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner();
     assert!(listed.jobs.is_empty(), "no refused request left a job: {:?}", listed.jobs);
-    let datasets: Vec<_> = std::fs::read_dir(dirs.data.join("datasets")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let datasets: Vec<_> =
+        std::fs::read_dir(dirs.data.join("datasets")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(datasets.len(), 1, "only the accepted upload is stored: {datasets:?}");
 
     // With a data root, server folders resolve inside it and nowhere else.
@@ -617,7 +696,8 @@ async fn malformed_requests_are_refused() {
         &["\"absent\" does not exist"],
     );
     // The accepted folder becomes a dataset and a job (cancelled here: training it is not the point).
-    let job = create(&mut client, job_request("from-folder", create_job_request::Data::ServerFolder("two".into()), 1)).await;
+    let job =
+        create(&mut client, job_request("from-folder", create_job_request::Data::ServerFolder("two".into()), 1)).await;
     let _ = client.cancel_job(CancelJobRequest { job_id: job.job_id.clone() }).await;
     let end = Watcher::open(&mut client, &job.job_id).await.finish().await;
     assert_eq!(end.state(), JobState::Cancelled, "{end:#?}");
@@ -667,7 +747,10 @@ async fn a_killed_server_marks_its_running_job_interrupted() {
     let mut client = server.finetune().await;
     let interrupted = client.get_job(GetJobRequest { job_id: running.clone() }).await.unwrap().into_inner();
     assert_failed_with(&interrupted, Code::Aborted, &["interrupted"]);
-    assert!(!interrupted.epochs.is_empty() && interrupted.epochs.len() < 200, "the epochs before the crash are kept: {interrupted:#?}");
+    assert!(
+        !interrupted.epochs.is_empty() && interrupted.epochs.len() < 200,
+        "the epochs before the crash are kept: {interrupted:#?}"
+    );
     // Its history ends with FAILED and the stream ends.
     let mut replay = Watcher::open(&mut client, &running).await;
     replay.finish().await;
@@ -677,7 +760,9 @@ async fn a_killed_server_marks_its_running_job_interrupted() {
     assert_eq!(sequences, (1..=replay.events.len() as u64).collect::<Vec<_>>());
 
     // No numbered version is incomplete (hidden staging folders may exist: they are not versions).
-    for model in std::fs::read_dir(&dirs.models).unwrap().map(|e| e.unwrap()).filter(|e| e.file_type().unwrap().is_dir()) {
+    for model in
+        std::fs::read_dir(&dirs.models).unwrap().map(|e| e.unwrap()).filter(|e| e.file_type().unwrap().is_dir())
+    {
         for version in numbered_versions(&dirs.models, model.file_name().to_str().unwrap()) {
             for file in [MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE] {
                 assert!(version.join(file).is_file(), "{} lacks {file}", version.display());
@@ -695,9 +780,16 @@ async fn a_job_queued_before_a_crash_runs_after_the_restart() {
     let server = Server::start(&dirs, &CRASH_FLAGS).await;
     let mut client = server.finetune().await;
     let mut next = Watcher::open(&mut client, &queued).await;
-    let ended = |e: &JobEvent| matches!(state_event(e), Some(JobState::Running | JobState::Succeeded | JobState::Failed | JobState::Cancelled));
+    let ended = |e: &JobEvent| {
+        matches!(state_event(e), Some(JobState::Running | JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+    };
     let reached = next.until("RUNNING or an end", ended).await;
-    assert_eq!(state_event(&reached), Some(JobState::Running), "the queued job runs after the restart: {:#?}", reached.job);
+    assert_eq!(
+        state_event(&reached),
+        Some(JobState::Running),
+        "the queued job runs after the restart: {:#?}",
+        reached.job
+    );
     client.cancel_job(CancelJobRequest { job_id: queued.clone() }).await.unwrap();
     let end = next.finish().await;
     assert_eq!(end.state(), JobState::Cancelled, "{end:#?}");
@@ -722,7 +814,8 @@ async fn fine_tune_rpcs_need_an_api_key() {
     assert!(listed.jobs.is_empty());
 
     let mut embedder = server.embedder().await;
-    let response = embedder.embed(embed_request(BASE, &[&shirts()[0].image])).await.expect("Embed needs no key").into_inner();
+    let response =
+        embedder.embed(embed_request(BASE, &[&shirts()[0].image])).await.expect("Embed needs no key").into_inner();
     assert_eq!((response.version, response.embeddings.len()), (1, 1));
     embedder.get_model(GetModelRequest { name: BASE.into() }).await.expect("GetModel needs no key");
 }
@@ -739,7 +832,17 @@ async fn cli_creates_and_watches_a_job() {
     let output = tokio::time::timeout(
         JOB_TIMEOUT,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
-            .args(["finetune", "--addr", &server.url, "create", "--base-model", BASE, "--output-model", "cli-model", "--data"])
+            .args([
+                "finetune",
+                "--addr",
+                &server.url,
+                "create",
+                "--base-model",
+                BASE,
+                "--output-model",
+                "cli-model",
+                "--data",
+            ])
             .arg(&folder)
             .args(["--epochs", "2", "--allow-worse", "--watch"])
             .env_remove("CONTRASTIVE_API_KEY")
@@ -769,12 +872,18 @@ async fn cli_creates_and_watches_a_job() {
     assert_eq!(last["job_id"], printed[0]["job_id"]);
 
     let mut embedder = server.embedder().await;
-    let model = embedder.get_model(GetModelRequest { name: "cli-model".into() }).await.expect("the CLI's model is served").into_inner();
+    let model = embedder
+        .get_model(GetModelRequest { name: "cli-model".into() })
+        .await
+        .expect("the CLI's model is served")
+        .into_inner();
     assert_eq!(model.latest_ready_version, 1);
     // The CLI uploaded the folder as the server reads folders: classes by name, files by name.
     let mut client = server.finetune().await;
-    let job = client.get_job(GetJobRequest { job_id: last["job_id"].as_str().unwrap().into() }).await.unwrap().into_inner();
-    let stored = std::fs::read(dirs.data.join("datasets").join(format!("{}.ds", job.dataset_id))).expect("the uploaded dataset file");
+    let job =
+        client.get_job(GetJobRequest { job_id: last["job_id"].as_str().unwrap().into() }).await.unwrap().into_inner();
+    let stored = std::fs::read(dirs.data.join("datasets").join(format!("{}.ds", job.dataset_id)))
+        .expect("the uploaded dataset file");
     let stored_sha256: String = Sha256::digest(&stored).iter().map(|b| format!("{b:02x}")).collect();
     let mut in_folder_order: Vec<(usize, &LabeledImage)> = images.iter().enumerate().collect();
     in_folder_order.sort_by(|(i, a), (j, b)| (&a.label, i).cmp(&(&b.label, j)));

@@ -65,13 +65,21 @@ fn train_and_measure(method: &str) -> (f64, f64) {
     assert!(state.finished);
     let trained = knn_accuracy(&Model::load(dir.path(), &Device::Cpu).unwrap());
     let losses: Vec<f64> = state.loss_history.iter().map(|&(_, loss)| loss).collect();
-    eprintln!("{method}: k-NN {random:.3} at random init, {trained:.3} after {} steps; loss {:.3} -> {:.3}", state.step, losses[0], losses[losses.len() - 1]);
+    eprintln!(
+        "{method}: k-NN {random:.3} at random init, {trained:.3} after {} steps; loss {:.3} -> {:.3}",
+        state.step,
+        losses[0],
+        losses[losses.len() - 1]
+    );
     (random, trained)
 }
 
 fn assert_beats_random_init(method: &str, margin: f64) {
     let (random, trained) = train_and_measure(method);
-    assert!(trained >= random + margin, "{method}: k-NN {trained:.3} does not beat random init {random:.3} by {margin}");
+    assert!(
+        trained >= random + margin,
+        "{method}: k-NN {trained:.3} does not beat random init {random:.3} by {margin}"
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ use common::{publish_copy, shipped_version_dir, Server, MODEL};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::data::Dataset;
 use contrastive::proto::v1::embedding_service_client::EmbeddingServiceClient;
-use contrastive::proto::v1::{embed_stream_response, input, EmbedRequest, EmbedResponse, EmbedStreamRequest, GetModelRequest, Input, VersionState};
+use contrastive::proto::v1::{
+    embed_stream_response, input, EmbedRequest, EmbedResponse, EmbedStreamRequest, GetModelRequest, Input, VersionState,
+};
 use contrastive::registry::manifest::FileDigest;
 use contrastive::registry::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use contrastive::runtime::{OnnxEncoder, SessionOptions};
@@ -52,7 +54,10 @@ fn manifest() -> Manifest {
 fn ort_embeddings(images: &[f32]) -> Vec<Vec<f32>> {
     static ENCODER: OnceLock<Mutex<OnnxEncoder>> = OnceLock::new();
     let encoder = ENCODER.get_or_init(|| {
-        Mutex::new(OnnxEncoder::load(&shipped_version_dir().join(MODEL_FILE), SessionOptions::default()).expect("load model.onnx in-process"))
+        Mutex::new(
+            OnnxEncoder::load(&shipped_version_dir().join(MODEL_FILE), SessionOptions::default())
+                .expect("load model.onnx in-process"),
+        )
     });
     let count = images.len() / PIXELS;
     let (values, width) = encoder.lock().unwrap().run(images, count, [1, SIDE, SIDE]).unwrap();
@@ -64,7 +69,8 @@ fn ort_embeddings(images: &[f32]) -> Vec<Vec<f32>> {
 fn candle_embeddings(images: &[f32]) -> Vec<Vec<f32>> {
     let manifest = manifest();
     let mut model = Model::new(&manifest.training.config, &Device::Cpu).unwrap();
-    let buffers = checkpoint::load_weights_file(&shipped_version_dir().join(WEIGHTS_FILE), &model.varmap, &Device::Cpu).unwrap();
+    let buffers =
+        checkpoint::load_weights_file(&shipped_version_dir().join(WEIGHTS_FILE), &model.varmap, &Device::Cpu).unwrap();
     model.method.load_buffers(&buffers).unwrap();
     let count = images.len() / PIXELS;
     let x = candle_core::Tensor::from_slice(images, (count, 1, SIDE, SIDE), &Device::Cpu).unwrap();
@@ -167,7 +173,9 @@ async fn embed(client: &mut Client, request: EmbedRequest) -> EmbedResponse {
 
 async fn embed_err(client: &mut Client, request: EmbedRequest) -> tonic::Status {
     match client.embed(request).await {
-        Ok(response) => panic!("Embed succeeded where it should fail: {} embeddings", response.into_inner().embeddings.len()),
+        Ok(response) => {
+            panic!("Embed succeeded where it should fail: {} embeddings", response.into_inner().embeddings.len())
+        }
         Err(status) => status,
     }
 }
@@ -267,12 +275,19 @@ async fn embed_stream_answers_every_request_in_order() {
         .map(|i| {
             let count = if i == INVALID { 0 } else { 1 + i % 3 };
             let inputs = (0..count).map(|k| tensor_input(image(i + k))).collect();
-            EmbedStreamRequest { id: format!("r{i}"), request: Some(EmbedRequest { inputs, normalize: Some(i % 2 == 0), ..Default::default() }) }
+            EmbedStreamRequest {
+                id: format!("r{i}"),
+                request: Some(EmbedRequest { inputs, normalize: Some(i % 2 == 0), ..Default::default() }),
+            }
         })
         .collect();
     let mut stream = client.embed_stream(tokio_stream::iter(requests.clone())).await.unwrap().into_inner();
     let mut responses = Vec::new();
-    while let Some(response) = tokio::time::timeout(Duration::from_secs(20), stream.message()).await.expect("a stream response in 20 s").unwrap() {
+    while let Some(response) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("a stream response in 20 s")
+        .unwrap()
+    {
         responses.push(response);
     }
     assert_eq!(responses.len(), 20);
@@ -312,7 +327,12 @@ async fn bad_requests_are_refused_and_the_server_keeps_serving() {
     let noise: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
 
     let cases: Vec<(&str, EmbedRequest, Code, Vec<&str>)> = vec![
-        ("undecodable image", raw_request(vec![image_input(b"definitely not a PNG".to_vec())]), Code::InvalidArgument, vec!["input 0", "decode"]),
+        (
+            "undecodable image",
+            raw_request(vec![image_input(b"definitely not a PNG".to_vec())]),
+            Code::InvalidArgument,
+            vec!["input 0", "decode"],
+        ),
         (
             "undecodable second image",
             raw_request(vec![tensor_input(image(0)), image_input(vec![0x89, b'P', b'N', b'G', 1, 2, 3])]),
@@ -325,7 +345,12 @@ async fn bad_requests_are_refused_and_the_server_keeps_serving() {
             Code::InvalidArgument,
             vec!["input 0", "[1, 27, 28]"],
         ),
-        ("too few tensor values", raw_request(vec![tensor_input_shaped(vec![1, 28, 28], vec![0.5; 100])]), Code::InvalidArgument, vec!["784"]),
+        (
+            "too few tensor values",
+            raw_request(vec![tensor_input_shaped(vec![1, 28, 28], vec![0.5; 100])]),
+            Code::InvalidArgument,
+            vec!["784"],
+        ),
         ("NaN", raw_request(vec![tensor_input(&nan)]), Code::InvalidArgument, vec!["input 0", "value 5", "NaN"]),
         ("empty inputs", raw_request(Vec::new()), Code::InvalidArgument, vec!["no inputs"]),
         ("input without data", raw_request(vec![Input { data: None }]), Code::InvalidArgument, vec!["input 0"]),
@@ -335,7 +360,12 @@ async fn bad_requests_are_refused_and_the_server_keeps_serving() {
             Code::InvalidArgument,
             vec!["9 inputs", "at most 8"],
         ),
-        ("unknown model", EmbedRequest { model: "no-such-model".into(), ..good() }, Code::NotFound, vec!["no-such-model"]),
+        (
+            "unknown model",
+            EmbedRequest { model: "no-such-model".into(), ..good() },
+            Code::NotFound,
+            vec!["no-such-model"],
+        ),
         ("unknown version", EmbedRequest { version: 9, ..good() }, Code::NotFound, vec!["version 9"]),
         ("too many dimensions", EmbedRequest { dimensions: 500, ..good() }, Code::InvalidArgument, vec!["500", "128"]),
     ];
@@ -362,7 +392,9 @@ async fn bad_requests_are_refused_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_is_refused_and_accepted_requests_stay_correct() {
-    let (_server, client) = serving(&["--queue-capacity", "4", "--max-batch", "2", "--max-delay-ms", "20", "--max-client-batch", "4"]).await;
+    let (_server, client) =
+        serving(&["--queue-capacity", "4", "--max-batch", "2", "--max-delay-ms", "20", "--max-client-batch", "4"])
+            .await;
     let pixels = images(10..12);
     let reference = ort_embeddings(&pixels);
     let started = Instant::now();
@@ -373,7 +405,9 @@ async fn overload_is_refused_and_accepted_requests_stay_correct() {
             tokio::spawn(async move { client.embed(request).await.map(tonic::Response::into_inner) })
         })
         .collect();
-    let results = tokio::time::timeout(Duration::from_secs(30), futures_join(tasks)).await.expect("64 requests finish within 30 s");
+    let results = tokio::time::timeout(Duration::from_secs(30), futures_join(tasks))
+        .await
+        .expect("64 requests finish within 30 s");
     let (mut ok, mut exhausted) = (0, 0);
     for result in results {
         match result {
@@ -453,7 +487,12 @@ async fn new_versions_load_while_serving_and_broken_ones_are_refused() {
     };
     assert_eq!(info.name, MODEL);
     assert_eq!(info.latest_ready_version, 2, "{info:?}");
-    let state = |version: u64| info.versions.iter().find(|v| v.version == version).unwrap_or_else(|| panic!("no version {version} in {info:?}"));
+    let state = |version: u64| {
+        info.versions
+            .iter()
+            .find(|v| v.version == version)
+            .unwrap_or_else(|| panic!("no version {version} in {info:?}"))
+    };
     for (version, words) in [(3, "ONNX Runtime cannot load"), (4, "does not match its manifest")] {
         let v = state(version);
         assert_eq!(v.state, VersionState::Failed as i32, "version {version}: {v:?}");
@@ -506,7 +545,8 @@ async fn sigterm_lets_queued_requests_finish_then_exits_zero() {
         .map(|_| {
             let mut client = client.clone();
             tokio::spawn(async move {
-                let result = client.embed(raw_request(vec![tensor_input(image(5))])).await.map(tonic::Response::into_inner);
+                let result =
+                    client.embed(raw_request(vec![tensor_input(image(5))])).await.map(tonic::Response::into_inner);
                 (result, Instant::now())
             })
         })
@@ -516,9 +556,12 @@ async fn sigterm_lets_queued_requests_finish_then_exits_zero() {
     assert!(kill.success());
     let signalled = Instant::now();
 
-    let results = tokio::time::timeout(Duration::from_secs(10), futures_join(tasks)).await.expect("requests answered within 10 s");
+    let results = tokio::time::timeout(Duration::from_secs(10), futures_join(tasks))
+        .await
+        .expect("requests answered within 10 s");
     for (i, (result, answered)) in results.into_iter().enumerate() {
-        let response = result.unwrap_or_else(|status| panic!("request {i} was not served through shutdown: {status:?}"));
+        let response =
+            result.unwrap_or_else(|status| panic!("request {i} was not served through shutdown: {status:?}"));
         assert!(max_abs_diff(&rows(&response), &reference) <= 1e-5);
         // Otherwise the test would not have exercised the drain.
         assert!(answered > signalled, "request {i} was answered before the signal was sent");
@@ -589,14 +632,18 @@ async fn metrics_count_requests_batches_and_models() {
     let text = tokio::task::spawn_blocking(move || http_get_metrics(&metrics_addr)).await.unwrap();
     assert!(text.starts_with("HTTP/1."), "{text}");
     let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_string);
-    let ok = line("contrastive_requests_total{rpc=\"Embed\",code=\"ok\"}").unwrap_or_else(|| panic!("no ok counter in\n{text}"));
+    let ok = line("contrastive_requests_total{rpc=\"Embed\",code=\"ok\"}")
+        .unwrap_or_else(|| panic!("no ok counter in\n{text}"));
     assert_eq!(ok.rsplit(' ').next().unwrap(), "3", "{ok}");
-    let refused = line("contrastive_requests_total{rpc=\"Embed\",code=\"invalidargument\"}").unwrap_or_else(|| panic!("no error counter in\n{text}"));
+    let refused = line("contrastive_requests_total{rpc=\"Embed\",code=\"invalidargument\"}")
+        .unwrap_or_else(|| panic!("no error counter in\n{text}"));
     assert_eq!(refused.rsplit(' ').next().unwrap(), "1", "{refused}");
     assert!(text.contains("contrastive_batch_size_bucket"), "{text}");
     assert!(text.lines().any(|l| l == "contrastive_models_loaded 1"), "{text}");
     assert!(
-        text.lines().any(|l| l.starts_with("contrastive_model_version_info") && l.contains("provider=\"CPUExecutionProvider\"") && l.ends_with(" 1")),
+        text.lines().any(|l| l.starts_with("contrastive_model_version_info")
+            && l.contains("provider=\"CPUExecutionProvider\"")
+            && l.ends_with(" 1")),
         "{text}"
     );
 }
@@ -614,11 +661,14 @@ async fn reflection_lists_the_services() {
     let server = Server::start(&[]);
     let mut reflection = ServerReflectionClient::new(contrastive::client::connect(&server.url).await.unwrap());
     let ask = |request| ServerReflectionRequest { host: String::new(), message_request: Some(request) };
-    let questions =
-        vec![ask(MessageRequest::ListServices(String::new())), ask(MessageRequest::FileContainingSymbol("contrastive.v1.EmbeddingService".into()))];
+    let questions = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol("contrastive.v1.EmbeddingService".into())),
+    ];
     let mut answers = reflection.server_reflection_info(tokio_stream::iter(questions)).await.unwrap().into_inner();
 
-    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
+    else {
         panic!("the first answer is not a service list");
     };
     let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
@@ -626,12 +676,19 @@ async fn reflection_lists_the_services() {
         assert!(names.contains(&expected), "{expected} missing from {names:?}");
     }
 
-    let Some(MessageResponse::FileDescriptorResponse(files)) = answers.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
         panic!("the second answer is not a file descriptor");
     };
-    let described =
-        files.file_descriptor_proto.iter().map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).unwrap());
-    let service = described.flat_map(|file| file.service).find(|s| s.name() == "EmbeddingService").expect("EmbeddingService in the described file");
+    let described = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).unwrap());
+    let service = described
+        .flat_map(|file| file.service)
+        .find(|s| s.name() == "EmbeddingService")
+        .expect("EmbeddingService in the described file");
     let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
     assert_eq!(methods, ["Embed", "EmbedStream", "ListModels", "GetModel"]);
 }
@@ -655,14 +712,16 @@ async fn cli_embed_and_health_talk_to_the_server() {
         .await
         .unwrap();
     assert!(output.status.success(), "embed failed: {}", String::from_utf8_lossy(&output.stderr));
-    let json: serde_json::Value =
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)));
     assert_eq!(json["version"], 1, "{json}");
     assert_eq!(json["model"], MODEL, "{json}");
     let embeddings = json["embeddings"].as_array().expect("an embeddings array");
     assert_eq!(embeddings.len(), 2);
-    let served: Vec<Vec<f32>> =
-        embeddings.iter().map(|e| e["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()).collect();
+    let served: Vec<Vec<f32>> = embeddings
+        .iter()
+        .map(|e| e["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+        .collect();
     for row in &served {
         assert_eq!(row.len(), WIDTH);
         assert!((norm(row) - 1.0).abs() < 1e-5, "norm {}", norm(row));
@@ -671,13 +730,21 @@ async fn cli_embed_and_health_talk_to_the_server() {
     let expected: Vec<Vec<f32>> = ort_embeddings(&images(8..10)).iter().map(|r| unit(r)).collect();
     assert!(max_abs_diff(&served, &expected) < 1e-4);
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive")).args(["health", "--addr", &server.url]).output().await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+        .args(["health", "--addr", &server.url])
+        .output()
+        .await
+        .unwrap();
     assert!(output.status.success(), "health: {output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "SERVING");
 
     // And a server with nothing to serve: NOT_SERVING, exit status 1.
     let empty = Server::start_empty(&[]);
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive")).args(["health", "--addr", &empty.url]).output().await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+        .args(["health", "--addr", &empty.url])
+        .output()
+        .await
+        .unwrap();
     assert_eq!(output.status.code(), Some(1), "health of an empty server: {output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "NOT_SERVING");
 }
@@ -708,8 +775,12 @@ async fn embed_stream_reports_a_message_it_cannot_decode() {
 async fn sigterm_ends_open_streams() {
     let (mut server, mut client) = serving(&[]).await;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
-    sender.send(EmbedStreamRequest { id: "r0".into(), request: Some(raw_request(vec![tensor_input(image(0))])) }).await.unwrap();
-    let mut stream = client.embed_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).await.unwrap().into_inner();
+    sender
+        .send(EmbedStreamRequest { id: "r0".into(), request: Some(raw_request(vec![tensor_input(image(0))])) })
+        .await
+        .unwrap();
+    let mut stream =
+        client.embed_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).await.unwrap().into_inner();
     assert_eq!(stream.message().await.unwrap().expect("r0's response").id, "r0");
 
     // The client keeps its side open, as a long-lived stream does.

@@ -15,7 +15,8 @@ fn tiny_config(method: &str) -> TrainConfig {
     let mut config = TrainConfig::for_method(MethodConfig::default_for(method).unwrap(), ImageShape::new(1, 28, 28));
     config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) };
     config.projector_dims = vec![16, 8];
-    config.data = DataSource::MnistIdx { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset") };
+    config.data =
+        DataSource::MnistIdx { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset") };
     config.train_limit = Some(256);
     config.batch_size = 32;
     config.epochs = 2;
@@ -49,7 +50,14 @@ fn a_run_folder_holds_config_checkpoint_metrics_and_curves() {
     assert!(state.finished);
     assert_eq!(state.step, 2 * (256 / 32));
     assert_eq!(state.knn_history.len(), 2, "k-NN after each epoch");
-    for file in [checkpoint::CONFIG_FILE, checkpoint::WEIGHTS_FILE, checkpoint::OPTIMIZER_FILE, checkpoint::STATE_FILE, checkpoint::METRICS_FILE, checkpoint::CURVES_FILE] {
+    for file in [
+        checkpoint::CONFIG_FILE,
+        checkpoint::WEIGHTS_FILE,
+        checkpoint::OPTIMIZER_FILE,
+        checkpoint::STATE_FILE,
+        checkpoint::METRICS_FILE,
+        checkpoint::CURVES_FILE,
+    ] {
         assert!(dir.path().join(file).is_file(), "{file} is missing");
     }
     let metrics = std::fs::read_to_string(dir.path().join(checkpoint::METRICS_FILE)).unwrap();
@@ -96,7 +104,8 @@ fn assert_same_weights(a: &Path, b: &Path) {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.len(), b.len());
     for (name, ta) in &a {
-        let diff = (ta - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            (ta - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{name} differs by {diff}");
     }
 }
@@ -117,6 +126,9 @@ fn bad_inputs_give_errors_that_name_the_problem() {
     let err = MethodConfig::default_for("simclr-v9").unwrap_err().to_string();
     assert!(err.contains("simclr-v9") && err.contains("moco-v2"), "{err}");
 
-    let err = format!("{:#}", trainer::train(&tiny_config("simclr"), &options(&dir.path().join("run3"), true, None)).unwrap_err());
+    let err = format!(
+        "{:#}",
+        trainer::train(&tiny_config("simclr"), &options(&dir.path().join("run3"), true, None)).unwrap_err()
+    );
     assert!(err.contains("config.json"), "{err}");
 }

@@ -118,7 +118,14 @@ impl GraphBuilder {
         self.push_initializer(name, dims, values.len(), DataType::Int64, raw_data)
     }
 
-    fn push_initializer(&mut self, name: &str, dims: &[usize], count: usize, data_type: DataType, raw_data: Vec<u8>) -> Result<String> {
+    fn push_initializer(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        count: usize,
+        data_type: DataType,
+        raw_data: Vec<u8>,
+    ) -> Result<String> {
         check_count(name, dims, count)?;
         let name = self.claim(name)?;
         self.initializers.push(onnx::TensorProto {
@@ -138,7 +145,13 @@ impl GraphBuilder {
     }
 
     /// Appends a single-output node named after its output value; returns that name.
-    pub fn node(&mut self, op_type: &str, inputs: &[&str], output: &str, attributes: &[(&str, Attr)]) -> Result<String> {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        output: &str,
+        attributes: &[(&str, Attr)],
+    ) -> Result<String> {
         for &input in inputs {
             // ONNX marks an omitted optional input with the empty name.
             if !input.is_empty() && !self.values.contains(input) {

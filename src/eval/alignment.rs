@@ -20,12 +20,7 @@ const UNIFORMITY_CHUNK_ROWS: usize = 512;
 /// `E_i ‖f(a_i) − f(b_i)‖^α` over paired rows of `a` and `b` (both `[N, D]`, row `i` of `a`
 /// and of `b` are two views of one sample), with `f` the L2 normalisation. Wang & Isola use α = 2.
 pub fn alignment(a: &Tensor, b: &Tensor, alpha: f64) -> Result<f64> {
-    ensure!(
-        a.dims() == b.dims(),
-        "alignment needs paired views of one shape, got {:?} and {:?}",
-        a.shape(),
-        b.shape()
-    );
+    ensure!(a.dims() == b.dims(), "alignment needs paired views of one shape, got {:?} and {:?}", a.shape(), b.shape());
     ensure!(a.dim(0)? > 0, "alignment needs at least one pair");
     ensure!(alpha > 0.0, "alignment exponent must be positive, got {alpha}");
     let difference = (l2_normalize_rows(a)? - l2_normalize_rows(b)?)?;

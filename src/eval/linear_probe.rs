@@ -134,7 +134,14 @@ mod tests {
     use rand_distr::{Distribution, Normal};
 
     /// `rows_per_class` Gaussian samples (σ = `spread`) around `scale · e_c` for each class c.
-    fn gaussian_blobs(classes: usize, dims: usize, rows_per_class: usize, scale: f32, spread: f32, seed: u64) -> (Tensor, Vec<u32>) {
+    fn gaussian_blobs(
+        classes: usize,
+        dims: usize,
+        rows_per_class: usize,
+        scale: f32,
+        spread: f32,
+        seed: u64,
+    ) -> (Tensor, Vec<u32>) {
         let mut rng = StdRng::seed_from_u64(seed);
         let noise = Normal::new(0.0f32, spread).unwrap();
         let mut values = Vec::new();
@@ -223,7 +230,9 @@ mod tests {
             println!("{config:?}: {result:?} in {:.1} s", start.elapsed().as_secs_f64());
         }
         let start = std::time::Instant::now();
-        let knn = crate::eval::knn_accuracy(&train, &train_set.labels, &test, &test_set.labels, 10, &Default::default()).unwrap();
+        let knn =
+            crate::eval::knn_accuracy(&train, &train_set.labels, &test, &test_set.labels, 10, &Default::default())
+                .unwrap();
         println!("k-NN (k = 200, T = 0.1): test accuracy {knn:.4} in {:.1} s", start.elapsed().as_secs_f64());
     }
 }

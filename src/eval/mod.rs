@@ -43,11 +43,7 @@ pub(crate) fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
 pub(crate) fn check_labels(what: &str, features: &Tensor, labels: &[u32], num_classes: usize) -> Result<()> {
     ensure!(features.rank() == 2, "{what} features must be a [N, D] matrix, got shape {:?}", features.shape());
     let rows = features.dim(0)?;
-    ensure!(
-        rows == labels.len(),
-        "{what} features have {rows} rows but there are {} labels",
-        labels.len()
-    );
+    ensure!(rows == labels.len(), "{what} features have {rows} rows but there are {} labels", labels.len());
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= num_classes) {
         anyhow::bail!("{what} label {bad} is not below num_classes = {num_classes}");
     }

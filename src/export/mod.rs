@@ -52,14 +52,20 @@ pub struct Provenance {
 }
 
 /// The encoder as an ONNX model: `image` `[batch, C, H, W]` in, `embedding` `[batch, D]` out.
-pub fn encoder_graph(encoder: &ResNet, shape: ImageShape, l2_normalize: bool, metadata: &[(String, String)]) -> Result<ModelProto> {
+pub fn encoder_graph(
+    encoder: &ResNet,
+    shape: ImageShape,
+    l2_normalize: bool,
+    metadata: &[(String, String)],
+) -> Result<ModelProto> {
     let mut g = GraphBuilder::new("encoder");
     let dims = [Dim::batch(), Dim::Fixed(shape.channels), Dim::Fixed(shape.height), Dim::Fixed(shape.width)];
     let input = g.input(INPUT_NAME, &dims)?;
     let features = encoder.to_onnx(&mut g, &input)?;
     let embedding = if l2_normalize {
         // x / sqrt(Σx² + ε²), as crate::train::loss::common::l2_normalize.
-        let sum_sq = g.node("ReduceSumSquare", &[&features], "l2.sum_sq", &[("axes", contrastive_export::Attr::Ints(vec![1]))])?;
+        let sum_sq =
+            g.node("ReduceSumSquare", &[&features], "l2.sum_sq", &[("axes", contrastive_export::Attr::Ints(vec![1]))])?;
         let eps = g.initializer("l2.eps_sq", &[], &[NORM_EPS_SQUARED])?;
         let shifted = g.node("Add", &[&sum_sq, &eps], "l2.shifted", &[])?;
         let norm = g.node("Sqrt", &[&shifted], "l2.norm", &[])?;
@@ -75,7 +81,13 @@ pub fn encoder_graph(encoder: &ResNet, shape: ImageShape, l2_normalize: bool, me
 /// Exports `model`'s encoder, checks parity, and publishes it as a new version of
 /// `options.name` with its weights and manifest. Parity uses random inputs and, when given, the
 /// first images of `images`. Returns the published manifest.
-pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOptions, provenance: &Provenance, images: Option<&Dataset>) -> Result<Manifest> {
+pub fn publish_model(
+    repo: &ModelRepository,
+    model: &Model,
+    options: &ExportOptions,
+    provenance: &Provenance,
+    images: Option<&Dataset>,
+) -> Result<Manifest> {
     let config = &model.config;
     let shape = config.data.image_shape();
     let encoder = model.method.encoder();
@@ -83,7 +95,10 @@ pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOpti
     let metadata = vec![
         ("name".to_string(), options.name.clone()),
         ("method".to_string(), config.method.name().to_string()),
-        ("input".to_string(), format!("{}x{}x{} {channel_order:?}, scaled to [0, 1]", shape.channels, shape.height, shape.width)),
+        (
+            "input".to_string(),
+            format!("{}x{}x{} {channel_order:?}, scaled to [0, 1]", shape.channels, shape.height, shape.width),
+        ),
         ("embedding_dimensions".to_string(), encoder.feature_dim().to_string()),
     ];
     let graph = encoder_graph(encoder, shape, options.l2_normalize, &metadata)?;
@@ -110,7 +125,11 @@ pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOpti
             resize: "bilinear".into(),
             scale: 1.0 / 255.0,
         },
-        output: OutputSpec { name: OUTPUT_NAME.into(), dimensions: encoder.feature_dim(), l2_normalized: options.l2_normalize },
+        output: OutputSpec {
+            name: OUTPUT_NAME.into(),
+            dimensions: encoder.feature_dim(),
+            l2_normalized: options.l2_normalize,
+        },
         training: TrainingSummary {
             method: config.method.name().into(),
             loss: config.method.loss_name().into(),
@@ -127,7 +146,8 @@ pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOpti
     };
     let weights = checkpoint::weight_tensors(&model.varmap, &model.method.buffers()?);
     let version = repo.publish(&options.name, options.version, |dir, version| {
-        std::fs::write(dir.join(MODEL_FILE), &onnx_bytes).with_context(|| format!("cannot write {}", dir.join(MODEL_FILE).display()))?;
+        std::fs::write(dir.join(MODEL_FILE), &onnx_bytes)
+            .with_context(|| format!("cannot write {}", dir.join(MODEL_FILE).display()))?;
         candle_core::safetensors::save(&weights, dir.join(WEIGHTS_FILE)).context("cannot write the weights")?;
         for file in [MODEL_FILE, WEIGHTS_FILE] {
             manifest.files.insert(file.to_string(), FileDigest::of_file(&dir.join(file))?);
@@ -143,7 +163,8 @@ pub fn publish_model(repo: &ModelRepository, model: &Model, options: &ExportOpti
 /// `contrastive export`: a run folder's latest checkpoint to a new model version. Parity uses the
 /// run's test images when its data can be loaded here.
 pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &ExportOptions) -> Result<Manifest> {
-    let model = Model::load(run_dir, &candle_core::Device::Cpu).with_context(|| format!("cannot load the checkpoint in {}", run_dir.display()))?;
+    let model = Model::load(run_dir, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot load the checkpoint in {}", run_dir.display()))?;
     let state = checkpoint::load_state(run_dir)?;
     let images = match model.config.data.load() {
         Ok((train, test)) => Some(test.unwrap_or(train)),
@@ -165,7 +186,9 @@ pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &Expor
 fn encoder_parameters(model: &Model) -> usize {
     let vars = model.varmap.data().lock().expect("varmap lock");
     vars.iter()
-        .filter(|(name, _)| name.starts_with("encoder.") && !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .filter(|(name, _)| {
+            name.starts_with("encoder.") && !name.ends_with("running_mean") && !name.ends_with("running_var")
+        })
         .map(|(_, var)| var.elem_count())
         .sum()
 }

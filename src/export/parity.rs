@@ -19,7 +19,13 @@ const SEED: u64 = 0x5eed;
 /// Runs random images and (when given) the first images of `images` through `model`'s encoder in
 /// candle and through `onnx_model` in ONNX Runtime on the CPU; fails with the figures when any
 /// difference exceeds `tolerance`.
-pub fn check_parity(model: &Model, onnx_model: &[u8], l2_normalized: bool, images: Option<&Dataset>, tolerance: f32) -> Result<ParityReport> {
+pub fn check_parity(
+    model: &Model,
+    onnx_model: &[u8],
+    l2_normalized: bool,
+    images: Option<&Dataset>,
+    tolerance: f32,
+) -> Result<ParityReport> {
     let shape = model.config.data.image_shape();
     let mut session = OnnxEncoder::load_bytes(onnx_model, SessionOptions { intra_threads: 1, ..Default::default() })?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
@@ -33,7 +39,8 @@ pub fn check_parity(model: &Model, onnx_model: &[u8], l2_normalized: bool, image
             }
         }
     }
-    let mut report = ParityReport { max_abs_diff: 0.0, tolerance, onnxruntime_version: ORT_VERSION.into(), cases: Vec::new() };
+    let mut report =
+        ParityReport { max_abs_diff: 0.0, tolerance, onnxruntime_version: ORT_VERSION.into(), cases: Vec::new() };
     for (input, batch, pixels) in cases {
         let x = Tensor::from_slice(&pixels, (batch, shape.channels, shape.height, shape.width), &model.device)?;
         let mut expected = model.method.encoder().forward_t(&x, false)?;
@@ -45,12 +52,19 @@ pub fn check_parity(model: &Model, onnx_model: &[u8], l2_normalized: bool, image
         if actual.len() != expected.len() {
             bail!("ONNX Runtime returned {} values for {input} batch {batch}, candle {}", actual.len(), expected.len());
         }
-        let diff = expected.iter().zip(&actual).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) });
+        let diff = expected.iter().zip(&actual).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                m.max(d)
+            }
+        });
         report.max_abs_diff = report.max_abs_diff.max(diff);
         report.cases.push(ParityCase { input: input.into(), batch, max_abs_diff: diff });
     }
     if report.max_abs_diff > tolerance || !report.max_abs_diff.is_finite() {
-        let figures: Vec<String> = report.cases.iter().map(|c| format!("{} batch {}: {:.3e}", c.input, c.batch, c.max_abs_diff)).collect();
+        let figures: Vec<String> =
+            report.cases.iter().map(|c| format!("{} batch {}: {:.3e}", c.input, c.batch, c.max_abs_diff)).collect();
         bail!(
             "parity check failed: candle and ONNX Runtime differ by up to {:.3e} (tolerance {tolerance:.0e}; {}); nothing was published",
             report.max_abs_diff,

@@ -10,8 +10,8 @@ use super::datasets::{read_server_folder, DatasetLimits, LabeledImage};
 use crate::client::{finetune_client, status_error, AuthChannel};
 use crate::proto::v1::fine_tune_service_client::FineTuneServiceClient;
 use crate::proto::v1::{
-    create_job_request, job_event, CancelJobRequest, CreateJobRequest, DatasetInfo, GetJobRequest, HyperParameters, Job, JobState, ListJobsRequest,
-    UploadDatasetChunk, WatchJobRequest,
+    create_job_request, job_event, CancelJobRequest, CreateJobRequest, DatasetInfo, GetJobRequest, HyperParameters,
+    Job, JobState, ListJobsRequest, UploadDatasetChunk, WatchJobRequest,
 };
 
 #[derive(Debug, clap::Args)]
@@ -37,8 +37,12 @@ pub enum FinetuneCommand {
     /// Create a fine-tune job
     Create(CreateArgs),
     /// Follow a job until it ends (exit 0 when it succeeds)
-    Watch { job_id: String },
-    Get { job_id: String },
+    Watch {
+        job_id: String,
+    },
+    Get {
+        job_id: String,
+    },
     List {
         /// queued, validating, running, succeeded, failed or cancelled
         #[arg(long)]
@@ -48,7 +52,9 @@ pub enum FinetuneCommand {
         #[arg(long, default_value = "")]
         page_token: String,
     },
-    Cancel { job_id: String },
+    Cancel {
+        job_id: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,11 +127,18 @@ pub async fn run(args: FinetuneArgs) -> Result<()> {
         }
         FinetuneCommand::List { state, page_size, page_token } => {
             let state = match state {
-                Some(s) => JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase())).ok_or_else(|| anyhow::anyhow!("unknown state {s:?}"))? as i32,
+                Some(s) => JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase()))
+                    .ok_or_else(|| anyhow::anyhow!("unknown state {s:?}"))? as i32,
                 None => 0,
             };
-            let response = client.list_jobs(ListJobsRequest { page_size, page_token, state }).await.map_err(status_error)?.into_inner();
-            print(&json!({ "jobs": response.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": response.next_page_token }))
+            let response = client
+                .list_jobs(ListJobsRequest { page_size, page_token, state })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print(
+                &json!({ "jobs": response.jobs.iter().map(job_json).collect::<Vec<_>>(), "next_page_token": response.next_page_token }),
+            )
         }
         FinetuneCommand::Cancel { job_id } => {
             let job = client.cancel_job(CancelJobRequest { job_id }).await.map_err(status_error)?.into_inner();
@@ -142,21 +155,32 @@ fn print(value: &Value) -> Result<()> {
 /// Reads `dir/<class>/<images>` with the server's own folder reader and limits.
 fn read_image_folder(dir: &Path) -> Result<Vec<LabeledImage>> {
     let (root, folder) = match (dir.parent(), dir.file_name()) {
-        (Some(parent), Some(name)) => (if parent.as_os_str().is_empty() { Path::new(".") } else { parent }, name.to_string_lossy().into_owned()),
+        (Some(parent), Some(name)) => {
+            (if parent.as_os_str().is_empty() { Path::new(".") } else { parent }, name.to_string_lossy().into_owned())
+        }
         _ => bail!("{} is not an image folder", dir.display()),
     };
     read_server_folder(root, &folder, &DatasetLimits::default())
 }
 
-pub async fn upload(client: &mut FineTuneServiceClient<AuthChannel>, dir: &Path, name: Option<String>) -> Result<DatasetInfo> {
+pub async fn upload(
+    client: &mut FineTuneServiceClient<AuthChannel>,
+    dir: &Path,
+    name: Option<String>,
+) -> Result<DatasetInfo> {
     let images = read_image_folder(dir)?;
-    let name = name.unwrap_or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "upload".into()));
+    let name = name.unwrap_or_else(|| {
+        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "upload".into())
+    });
     let chunks: Vec<UploadDatasetChunk> = images
         .chunks(64)
         .enumerate()
         .map(|(i, chunk)| UploadDatasetChunk {
             name: if i == 0 { name.clone() } else { String::new() },
-            images: chunk.iter().map(|im| crate::proto::v1::LabeledImage { image: im.bytes.clone(), label: im.label.clone() }).collect(),
+            images: chunk
+                .iter()
+                .map(|im| crate::proto::v1::LabeledImage { image: im.bytes.clone(), label: im.label.clone() })
+                .collect(),
         })
         .collect();
     let response = client.upload_dataset(tokio_stream::iter(chunks)).await.map_err(status_error)?;
@@ -190,9 +214,14 @@ async fn create_job(client: &mut FineTuneServiceClient<AuthChannel>, args: Creat
 }
 
 async fn watch_job(client: &mut FineTuneServiceClient<AuthChannel>, job_id: &str) -> Result<()> {
-    let mut events = client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await.map_err(status_error)?.into_inner();
+    let mut events =
+        client.watch_job(WatchJobRequest { job_id: job_id.to_string() }).await.map_err(status_error)?.into_inner();
     let bar = indicatif::ProgressBar::new(1000);
-    bar.set_style(indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {percent:>3}% {msg}").expect("a valid template").progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {percent:>3}% {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
     let mut last = None;
     while let Some(event) = events.message().await.map_err(status_error)? {
         let job = event.job.clone().unwrap_or_default();
@@ -200,8 +229,14 @@ async fn watch_job(client: &mut FineTuneServiceClient<AuthChannel>, job_id: &str
         bar.set_position((job.progress * 1000.0) as u64);
         match event.event {
             Some(job_event::Event::Epoch(e)) => bar.println(format!("epoch {}: loss {:.4}", e.epoch, e.train_loss)),
-            Some(job_event::Event::Before(e)) => bar.println(format!("before: held-out k-NN {:.4}, linear probe {:.4}", e.knn_accuracy, e.linear_probe_accuracy)),
-            Some(job_event::Event::After(e)) => bar.println(format!("after:  held-out k-NN {:.4}, linear probe {:.4}", e.knn_accuracy, e.linear_probe_accuracy)),
+            Some(job_event::Event::Before(e)) => bar.println(format!(
+                "before: held-out k-NN {:.4}, linear probe {:.4}",
+                e.knn_accuracy, e.linear_probe_accuracy
+            )),
+            Some(job_event::Event::After(e)) => bar.println(format!(
+                "after:  held-out k-NN {:.4}, linear probe {:.4}",
+                e.knn_accuracy, e.linear_probe_accuracy
+            )),
             Some(job_event::Event::Message(m)) => bar.set_message(m),
             _ => {}
         }
@@ -223,7 +258,9 @@ fn dataset_json(info: &DatasetInfo) -> Value {
 /// A job as JSON for people and scripts.
 pub fn job_json(job: &Job) -> Value {
     let h = job.hyper_parameters.unwrap_or_default();
-    let evaluation = |e: &Option<crate::proto::v1::Evaluation>| e.as_ref().map(|e| json!({ "knn_accuracy": e.knn_accuracy, "linear_probe_accuracy": e.linear_probe_accuracy }));
+    let evaluation = |e: &Option<crate::proto::v1::Evaluation>| {
+        e.as_ref().map(|e| json!({ "knn_accuracy": e.knn_accuracy, "linear_probe_accuracy": e.linear_probe_accuracy }))
+    };
     json!({
         "job_id": job.job_id,
         "state": job.state().as_str_name().trim_start_matches("JOB_STATE_"),

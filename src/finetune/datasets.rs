@@ -277,7 +277,9 @@ impl Tally {
         let limits = &self.limits;
         let number = self.images + 1;
         if self.images >= limits.max_images {
-            return Err(LimitExceeded(format!("image {number} is one too many: max_images is {}", limits.max_images)).into());
+            return Err(
+                LimitExceeded(format!("image {number} is one too many: max_images is {}", limits.max_images)).into()
+            );
         }
         if label.is_empty() {
             bail!("image {number} has an empty label");
@@ -295,7 +297,11 @@ impl Tally {
             bail!("image {number} (label {label:?}) is empty");
         }
         if len > limits.max_image_bytes as u64 {
-            return Err(LimitExceeded(format!("image {number} (label {label:?}) is {len} bytes, over max_image_bytes {}", limits.max_image_bytes)).into());
+            return Err(LimitExceeded(format!(
+                "image {number} (label {label:?}) is {len} bytes, over max_image_bytes {}",
+                limits.max_image_bytes
+            ))
+            .into());
         }
         let total = self.image_bytes + len;
         if total > limits.max_total_bytes {

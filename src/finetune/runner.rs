@@ -25,7 +25,9 @@ use super::store::JobStore;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::Dataset;
 use crate::export::{self, ExportOptions, Provenance};
-use crate::proto::v1::{job_event::Event, EpochMetrics, Evaluation, HyperParameters, Job, JobError, JobEvent, JobState};
+use crate::proto::v1::{
+    job_event::Event, EpochMetrics, Evaluation, HyperParameters, Job, JobError, JobEvent, JobState,
+};
 use crate::registry::{Manifest, ModelRepository, WEIGHTS_FILE};
 use crate::serve::models::ModelStore;
 use crate::serve::preprocess::image_to_tensor;
@@ -81,9 +83,17 @@ pub fn with_defaults(h: Option<HyperParameters>) -> HyperParameters {
 pub fn validate_hyper_parameters(h: &HyperParameters) -> Result<()> {
     ensure!((1..=1000).contains(&h.epochs), "epochs must be 1–1000, got {}", h.epochs);
     ensure!((2..=1024).contains(&h.batch_size), "batch_size must be 2–1024, got {}", h.batch_size);
-    ensure!(h.learning_rate > 0.0 && h.learning_rate <= 10.0, "learning_rate must be in (0, 10], got {}", h.learning_rate);
+    ensure!(
+        h.learning_rate > 0.0 && h.learning_rate <= 10.0,
+        "learning_rate must be in (0, 10], got {}",
+        h.learning_rate
+    );
     ensure!(h.temperature > 0.0 && h.temperature <= 10.0, "temperature must be in (0, 10], got {}", h.temperature);
-    ensure!(h.holdout_fraction > 0.0 && h.holdout_fraction < 0.9, "holdout_fraction must be in (0, 0.9), got {}", h.holdout_fraction);
+    ensure!(
+        h.holdout_fraction > 0.0 && h.holdout_fraction < 0.9,
+        "holdout_fraction must be in (0, 0.9), got {}",
+        h.holdout_fraction
+    );
     Ok(())
 }
 
@@ -126,7 +136,12 @@ pub struct JobRunner {
 impl JobRunner {
     /// Recovers from a crash (a job left RUNNING is marked FAILED "interrupted"; one left
     /// VALIDATING is queued again) and starts the workers.
-    pub fn start(store: Arc<JobStore>, datasets: Arc<DatasetStore>, models: Arc<ModelStore>, settings: RunnerSettings) -> Result<Arc<Self>> {
+    pub fn start(
+        store: Arc<JobStore>,
+        datasets: Arc<DatasetStore>,
+        models: Arc<ModelStore>,
+        settings: RunnerSettings,
+    ) -> Result<Arc<Self>> {
         let (events, _) = broadcast::channel(1024);
         let runner = Arc::new(Self {
             store,
@@ -141,18 +156,31 @@ impl JobRunner {
             workers: Mutex::new(Vec::new()),
         });
         for job in runner.store.jobs_in_states(&[JobState::Running])? {
-            let error = JobError { code: tonic::Code::Aborted as i32, message: "interrupted: the server stopped while the job was running".into() };
+            let error = JobError {
+                code: tonic::Code::Aborted as i32,
+                message: "interrupted: the server stopped while the job was running".into(),
+            };
             runner.store.transition(&job.job_id, JobState::Failed, Some(error), Some("interrupted"))?;
             crate::serve::metrics::finetune_job_finished("failed");
             tracing::warn!(job = %job.job_id, "job was running when the server stopped; marked FAILED (interrupted)");
         }
         for job in runner.store.jobs_in_states(&[JobState::Validating])? {
-            runner.store.transition(&job.job_id, JobState::Queued, None, Some("queued again after a server restart"))?;
+            runner.store.transition(
+                &job.job_id,
+                JobState::Queued,
+                None,
+                Some("queued again after a server restart"),
+            )?;
         }
         let mut workers = runner.workers.lock().expect("workers lock");
         for i in 0..runner.settings.concurrency {
             let runner = runner.clone();
-            workers.push(std::thread::Builder::new().name(format!("finetune {i}")).spawn(move || runner.work()).expect("spawn a fine-tune worker"));
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("finetune {i}"))
+                    .spawn(move || runner.work())
+                    .expect("spawn a fine-tune worker"),
+            );
         }
         drop(workers);
         Ok(runner)
@@ -188,10 +216,17 @@ impl JobRunner {
     pub fn cancel(&self, job_id: &str) -> Result<Job, tonic::Status> {
         let internal = |e: anyhow::Error| tonic::Status::internal(format!("{e:#}"));
         let _guard = self.claim.lock().expect("claim lock");
-        let job = self.store.job(job_id).map_err(internal)?.ok_or_else(|| tonic::Status::not_found(format!("no job {job_id:?}")))?;
+        let job = self
+            .store
+            .job(job_id)
+            .map_err(internal)?
+            .ok_or_else(|| tonic::Status::not_found(format!("no job {job_id:?}")))?;
         match job.state() {
             JobState::Queued | JobState::Validating if !self.cancels.lock().expect("cancels").contains_key(job_id) => {
-                let event = self.store.transition(job_id, JobState::Cancelled, None, Some("cancelled before it ran")).map_err(internal)?;
+                let event = self
+                    .store
+                    .transition(job_id, JobState::Cancelled, None, Some("cancelled before it ran"))
+                    .map_err(internal)?;
                 crate::serve::metrics::finetune_job_finished("cancelled");
                 let job = event.job.clone().unwrap_or_default();
                 self.publish_event(event);
@@ -203,7 +238,9 @@ impl JobRunner {
                 }
                 Ok(job)
             }
-            state => Err(tonic::Status::failed_precondition(format!("job {job_id} is already {}", state.as_str_name()))),
+            state => {
+                Err(tonic::Status::failed_precondition(format!("job {job_id} is already {}", state.as_str_name())))
+            }
         }
     }
 
@@ -272,7 +309,9 @@ impl JobRunner {
                 tracing::warn!(job = job_id, "server stopping: job interrupted");
                 return;
             }
-            Err(Stop::Cancelled) => self.transition(job_id, JobState::Cancelled, None, Some("cancelled; nothing was published")).map(|_| "cancelled"),
+            Err(Stop::Cancelled) => self
+                .transition(job_id, JobState::Cancelled, None, Some("cancelled; nothing was published"))
+                .map(|_| "cancelled"),
             Err(Stop::Failed { code, message }) => {
                 tracing::warn!(job = job_id, %message, "job failed");
                 let error = JobError { code: code as i32, message: message.clone() };
@@ -312,15 +351,23 @@ impl JobRunner {
     /// VALIDATING: the base model exists and loads; every image decodes; enough classes and images.
     fn validate(&self, job: &Job) -> Result<Prepared, Stop> {
         let not_found = |message: String| Stop::Failed { code: tonic::Code::NotFound, message };
-        let base = self.models.resolve(&job.base_model, job.base_version).map_err(|e| not_found(format!("base model: {e}")))?;
+        let base = self
+            .models
+            .resolve(&job.base_model, job.base_version)
+            .map_err(|e| not_found(format!("base model: {e}")))?;
         let repository = self.models.repository();
         let manifest = base.manifest.clone();
         let weights = repository.version_dir(&base.name, base.version).join(WEIGHTS_FILE);
 
-        let record = self.store.dataset(&job.dataset_id)?.ok_or_else(|| not_found(format!("dataset {} does not exist", job.dataset_id)))?;
+        let record = self
+            .store
+            .dataset(&job.dataset_id)?
+            .ok_or_else(|| not_found(format!("dataset {} does not exist", job.dataset_id)))?;
         let images = self.datasets.load(&record)?;
         let h = job.hyper_parameters.unwrap_or_default();
-        let (train, heldout) = split_dataset(&images, &manifest, h.holdout_fraction, h.seed, self.settings.min_images_per_class).map_err(|e| invalid(format!("{e:#}")))?;
+        let (train, heldout) =
+            split_dataset(&images, &manifest, h.holdout_fraction, h.seed, self.settings.min_images_per_class)
+                .map_err(|e| invalid(format!("{e:#}")))?;
         Ok(Prepared { manifest, base_version: base.version, weights, train, heldout, repository: repository.clone() })
     }
 
@@ -341,7 +388,8 @@ impl JobRunner {
         config.seed = h.seed;
         config.optimizer = OptimizerConfig::sgd(0.9, 5e-4);
         let mut model = Model::new(&config, &device)?;
-        checkpoint::load_weights_file(&weights, &model.varmap, &device).context("cannot load the base model's weights")?;
+        checkpoint::load_weights_file(&weights, &model.varmap, &device)
+            .context("cannot load the base model's weights")?;
 
         let before = evaluate(&model, &train, &heldout)?;
         self.record(id, Event::Before(before))?;
@@ -353,7 +401,13 @@ impl JobRunner {
         let mut optimizer = model.optimizer_over(trainable);
         let train = Arc::new(train);
         let pipelines: Vec<Arc<Pipeline>> = config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect();
-        let loader = LoaderConfig { batch_size: config.batch_size, seed: config.seed, shuffle: true, drop_last: true, prefetch: 2 };
+        let loader = LoaderConfig {
+            batch_size: config.batch_size,
+            seed: config.seed,
+            shuffle: true,
+            drop_last: true,
+            prefetch: 2,
+        };
         let steps_per_epoch = crate::data::loader::batches_per_epoch(train.len(), config.batch_size, true);
         let total_steps = steps_per_epoch * config.epochs;
         let schedule = LrSchedule { base: config.learning_rate, warmup_steps: 0, total_steps, final_fraction: 0.0 };
@@ -368,7 +422,11 @@ impl JobRunner {
                 match train_step(&mut model, &mut optimizer, &batch, shape, step, schedule.at(step), total_steps)? {
                     StepOutcome::Loss(value) => loss_sum += value,
                     StepOutcome::NonFinite(value) => {
-                        return Err(invalid(format!("the loss became {value} at epoch {}: lower the learning rate (now {})", epoch + 1, h.learning_rate)))
+                        return Err(invalid(format!(
+                            "the loss became {value} at epoch {}: lower the learning rate (now {})",
+                            epoch + 1,
+                            h.learning_rate
+                        )))
                     }
                 }
                 step += 1;
@@ -406,9 +464,20 @@ impl JobRunner {
             }),
             epochs: config.epochs,
             steps: step,
-            data: Some(format!("dataset {} ({} training and {} held-out images)", job.dataset_id, train.len(), heldout.len())),
+            data: Some(format!(
+                "dataset {} ({} training and {} held-out images)",
+                job.dataset_id,
+                train.len(),
+                heldout.len()
+            )),
         };
-        let published = export::publish_model(&repository, &model, &ExportOptions::new(&job.output_model), &provenance, Some(&heldout))?;
+        let published = export::publish_model(
+            &repository,
+            &model,
+            &ExportOptions::new(&job.output_model),
+            &provenance,
+            Some(&heldout),
+        )?;
         self.store.set_output_version(id, published.version)?;
         self.record(id, Event::Message(format!("published {} version {}", published.name, published.version)))?;
         // Serve it now rather than at the next poll.
@@ -430,19 +499,31 @@ struct Prepared {
 
 /// Decodes every image as the model's input and splits each class into training and held-out
 /// images (a seeded shuffle per class; at least one of each).
-pub fn split_dataset(images: &[LabeledImage], manifest: &Manifest, holdout: f64, seed: u64, min_per_class: usize) -> Result<(Dataset, Dataset)> {
+pub fn split_dataset(
+    images: &[LabeledImage],
+    manifest: &Manifest,
+    holdout: f64,
+    seed: u64,
+    min_per_class: usize,
+) -> Result<(Dataset, Dataset)> {
     let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, image) in images.iter().enumerate() {
         by_class.entry(image.label.as_str()).or_default().push(i);
     }
-    ensure!(by_class.len() >= 2, "the dataset has {} class(es); contrastive fine-tuning needs at least 2", by_class.len());
-    let small: Vec<String> = by_class.iter().filter(|(_, v)| v.len() < min_per_class).map(|(c, v)| format!("{c:?} ({})", v.len())).collect();
+    ensure!(
+        by_class.len() >= 2,
+        "the dataset has {} class(es); contrastive fine-tuning needs at least 2",
+        by_class.len()
+    );
+    let small: Vec<String> =
+        by_class.iter().filter(|(_, v)| v.len() < min_per_class).map(|(c, v)| format!("{c:?} ({})", v.len())).collect();
     ensure!(small.is_empty(), "each class needs at least {min_per_class} images; too few in {}", small.join(", "));
 
     let numel = manifest.input.channels * manifest.input.height * manifest.input.width;
     let mut pixels = Vec::with_capacity(images.len() * numel);
     for (i, image) in images.iter().enumerate() {
-        image_to_tensor(&image.bytes, &manifest.input, &mut pixels).map_err(|reason| anyhow!("image {i} (label {:?}): {reason}", image.label))?;
+        image_to_tensor(&image.bytes, &manifest.input, &mut pixels)
+            .map_err(|reason| anyhow!("image {i} (label {:?}): {reason}", image.label))?;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut train_idx, mut heldout_idx) = (Vec::new(), Vec::new());
@@ -473,13 +554,19 @@ fn trainable_variables(model: &Model, stages: Option<u32>, total_stages: usize) 
     all.into_iter()
         .filter(|(name, _)| {
             let Some(rest) = name.strip_prefix("encoder.") else { return true };
-            rest.strip_prefix("stage").and_then(|s| s.split('.').next()).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n >= first_trained)
+            rest.strip_prefix("stage")
+                .and_then(|s| s.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= first_trained)
         })
         .collect()
 }
 
 /// Copies of the running statistics of every batch norm whose scale is not trained.
-fn frozen_running_statistics(model: &Model, trainable: &[(String, candle_core::Var)]) -> Vec<(candle_core::Var, Tensor)> {
+fn frozen_running_statistics(
+    model: &Model,
+    trainable: &[(String, candle_core::Var)],
+) -> Vec<(candle_core::Var, Tensor)> {
     let trained: std::collections::HashSet<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
     let vars = model.varmap.data().lock().expect("varmap lock");
     vars.iter()

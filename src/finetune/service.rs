@@ -13,8 +13,8 @@ use super::runner::{validate_hyper_parameters, with_defaults, JobRunner};
 use super::store::DatasetRecord;
 use crate::proto::v1::fine_tune_service_server::FineTuneService;
 use crate::proto::v1::{
-    create_job_request, CancelJobRequest, CreateJobRequest, DatasetInfo, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse,
-    UploadDatasetChunk, WatchJobRequest,
+    create_job_request, CancelJobRequest, CreateJobRequest, DatasetInfo, GetJobRequest, Job, JobEvent, JobState,
+    ListJobsRequest, ListJobsResponse, UploadDatasetChunk, WatchJobRequest,
 };
 use crate::registry::manifest::now_rfc3339;
 use crate::serve::auth::ApiKeys;
@@ -55,7 +55,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl FineTuneService for FineTuneApi {
-    async fn upload_dataset(&self, request: Request<Streaming<UploadDatasetChunk>>) -> Result<Response<DatasetInfo>, Status> {
+    async fn upload_dataset(
+        &self,
+        request: Request<Streaming<UploadDatasetChunk>>,
+    ) -> Result<Response<DatasetInfo>, Status> {
         let mut chunks = request.into_inner();
         let mut writer = None;
         while let Some(chunk) = chunks.next().await {
@@ -72,7 +75,8 @@ impl FineTuneService for FineTuneApi {
             }
         }
         let writer = writer.ok_or_else(|| Status::invalid_argument("the upload holds no chunk"))?;
-        let record = tokio::task::block_in_place(|| writer.finish()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let record =
+            tokio::task::block_in_place(|| writer.finish()).map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         self.runner.store().insert_dataset(&record).map_err(internal)?;
         tracing::info!(dataset = %record.id, images = record.size, "dataset uploaded");
         Ok(Response::new(record.to_proto()))
@@ -84,29 +88,48 @@ impl FineTuneService for FineTuneApi {
         if request.base_model.is_empty() {
             return Err(Status::invalid_argument("base_model is required"));
         }
-        crate::registry::validate_model_name(&request.base_model).map_err(|e| Status::invalid_argument(format!("base_model: {e}")))?;
-        let output_model = if request.output_model.is_empty() { request.base_model.clone() } else { request.output_model.clone() };
-        crate::registry::validate_model_name(&output_model).map_err(|e| Status::invalid_argument(format!("output_model: {e}")))?;
+        crate::registry::validate_model_name(&request.base_model)
+            .map_err(|e| Status::invalid_argument(format!("base_model: {e}")))?;
+        let output_model =
+            if request.output_model.is_empty() { request.base_model.clone() } else { request.output_model.clone() };
+        crate::registry::validate_model_name(&output_model)
+            .map_err(|e| Status::invalid_argument(format!("output_model: {e}")))?;
         let hyper_parameters = with_defaults(request.hyper_parameters);
-        validate_hyper_parameters(&hyper_parameters).map_err(|e| Status::invalid_argument(format!("hyper_parameters: {e}")))?;
+        validate_hyper_parameters(&hyper_parameters)
+            .map_err(|e| Status::invalid_argument(format!("hyper_parameters: {e}")))?;
         let active = self.runner.store().active_jobs_of_client(&client).map_err(internal)?;
         if active >= self.max_jobs_per_client {
-            return Err(Status::resource_exhausted(format!("{active} jobs of this client are queued or running; the limit is {}", self.max_jobs_per_client)));
+            return Err(Status::resource_exhausted(format!(
+                "{active} jobs of this client are queued or running; the limit is {}",
+                self.max_jobs_per_client
+            )));
         }
         let dataset_id = match request.data {
-            None => return Err(Status::invalid_argument("a dataset is required: dataset_id, inline_dataset or server_folder")),
+            None => {
+                return Err(Status::invalid_argument(
+                    "a dataset is required: dataset_id, inline_dataset or server_folder",
+                ))
+            }
             Some(create_job_request::Data::DatasetId(id)) => {
-                self.runner.store().dataset(&id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("dataset {id:?} does not exist")))?;
+                self.runner
+                    .store()
+                    .dataset(&id)
+                    .map_err(internal)?
+                    .ok_or_else(|| Status::not_found(format!("dataset {id:?} does not exist")))?;
                 id
             }
             Some(create_job_request::Data::InlineDataset(inline)) => {
-                let images: Vec<LabeledImage> = inline.images.into_iter().map(|i| LabeledImage { bytes: i.image, label: i.label }).collect();
+                let images: Vec<LabeledImage> =
+                    inline.images.into_iter().map(|i| LabeledImage { bytes: i.image, label: i.label }).collect();
                 tokio::task::block_in_place(|| self.save_dataset("inline", &images))?.id
             }
             Some(create_job_request::Data::ServerFolder(folder)) => {
-                let root = self.data_root.as_ref().ok_or_else(|| Status::failed_precondition("server folders are disabled: the server has no --finetune-data-root"))?;
+                let root = self.data_root.as_ref().ok_or_else(|| {
+                    Status::failed_precondition("server folders are disabled: the server has no --finetune-data-root")
+                })?;
                 let limits = self.runner.datasets().limits().clone();
-                let images = tokio::task::block_in_place(|| read_server_folder(root, &folder, &limits)).map_err(|e| Status::invalid_argument(format!("server_folder: {e:#}")))?;
+                let images = tokio::task::block_in_place(|| read_server_folder(root, &folder, &limits))
+                    .map_err(|e| Status::invalid_argument(format!("server_folder: {e:#}")))?;
                 tokio::task::block_in_place(|| self.save_dataset(&folder, &images))?.id
             }
         };
@@ -129,7 +152,12 @@ impl FineTuneService for FineTuneApi {
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = request.into_inner().job_id;
-        let job = self.runner.store().job(&id).map_err(internal)?.ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
+        let job = self
+            .runner
+            .store()
+            .job(&id)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job {id:?}")))?;
         Ok(Response::new(job))
     }
 
@@ -203,7 +231,10 @@ impl FineTuneService for FineTuneApi {
 }
 
 fn is_terminal(event: &JobEvent) -> bool {
-    event.job.as_ref().is_some_and(|job| matches!(job.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+    event
+        .job
+        .as_ref()
+        .is_some_and(|job| matches!(job.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled))
         && matches!(event.event, Some(crate::proto::v1::job_event::Event::State(_)))
 }
 

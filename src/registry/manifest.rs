@@ -136,7 +136,8 @@ impl FileDigest {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let manifest: Self = serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        let manifest: Self =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
         anyhow::ensure!(
             manifest.format == MANIFEST_FORMAT,
             "{} has manifest format {}; this program reads format {MANIFEST_FORMAT}",

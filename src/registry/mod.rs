@@ -21,7 +21,8 @@ pub struct ModelRepository {
 
 /// Model names become folder names and appear in URLs and metrics labels.
 pub fn validate_model_name(name: &str) -> Result<()> {
-    let valid_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    let valid_chars =
+        name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
     let starts_well = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     ensure!(
         !name.is_empty() && name.len() <= 64 && valid_chars && starts_well,
@@ -50,7 +51,9 @@ impl ModelRepository {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
-            Err(e) => return Err(e).with_context(|| format!("cannot list the model repository {}", self.root.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list the model repository {}", self.root.display()))
+            }
         };
         for entry in entries {
             let entry = entry?;
@@ -98,7 +101,12 @@ impl ModelRepository {
     /// Publishes a version of `name`: `version`, or the next one when `None`. `write` fills the
     /// staging folder it is given (with the version number it will get); when it succeeds, the
     /// folder is synced and renamed into place. On any error nothing becomes visible.
-    pub fn publish(&self, name: &str, version: Option<u64>, write: impl FnOnce(&Path, u64) -> Result<()>) -> Result<u64> {
+    pub fn publish(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        write: impl FnOnce(&Path, u64) -> Result<()>,
+    ) -> Result<u64> {
         validate_model_name(name)?;
         if self.root.exists() && !self.root.is_dir() {
             bail!("the model repository {} is not a folder", self.root.display());
@@ -115,7 +123,8 @@ impl ModelRepository {
             bail!("{name} version {version} already exists at {}; versions are never overwritten", target.display());
         }
         let staging = model_dir.join(format!("{STAGING_PREFIX}{version}-{}-{}", std::process::id(), unique_suffix()));
-        std::fs::create_dir(&staging).with_context(|| format!("cannot write to the model repository at {}", model_dir.display()))?;
+        std::fs::create_dir(&staging)
+            .with_context(|| format!("cannot write to the model repository at {}", model_dir.display()))?;
         let result = write(&staging, version).and_then(|()| sync_tree(&staging)).and_then(|()| {
             // rename(2) fails on a non-empty target, so a racing publisher cannot be overwritten.
             std::fs::rename(&staging, &target)
@@ -159,7 +168,9 @@ fn sync_tree(dir: &Path) -> Result<()> {
         let entry = entry?;
         if entry.file_type()?.is_file() {
             std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644))?;
-            std::fs::File::open(entry.path())?.sync_all().with_context(|| format!("cannot sync {}", entry.path().display()))?;
+            std::fs::File::open(entry.path())?
+                .sync_all()
+                .with_context(|| format!("cannot sync {}", entry.path().display()))?;
         }
     }
     sync_dir(dir)

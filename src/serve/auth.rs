@@ -23,9 +23,14 @@ impl ApiKeys {
 
     /// One key per line; blank lines and `#` comments are skipped.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the API key file {}", path.display()))?;
-        let digests: HashSet<[u8; 32]> =
-            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(|key| Sha256::digest(key.as_bytes()).into()).collect();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the API key file {}", path.display()))?;
+        let digests: HashSet<[u8; 32]> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|key| Sha256::digest(key.as_bytes()).into())
+            .collect();
         ensure!(!digests.is_empty(), "the API key file {} holds no key", path.display());
         Ok(Self { digests: Some(Arc::new(digests)) })
     }
@@ -42,7 +47,8 @@ impl ApiKeys {
     /// A tonic interceptor body: UNAUTHENTICATED unless the request carries an accepted key.
     pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(digests) = &self.digests else { return Ok(request) };
-        let key = bearer(&request).ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+        let key = bearer(&request)
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if digests.contains(&digest) {
             Ok(request)
@@ -83,6 +89,9 @@ mod tests {
         assert!(ApiKeys::open().check(request(None)).is_ok());
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(ApiKeys::from_file(&path).is_err());
-        assert_ne!(keys.client_of(&request(Some("Bearer alpha-key"))), keys.client_of(&request(Some("Bearer beta-key"))));
+        assert_ne!(
+            keys.client_of(&request(Some("Bearer alpha-key"))),
+            keys.client_of(&request(Some("Bearer beta-key")))
+        );
     }
 }

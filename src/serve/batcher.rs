@@ -110,7 +110,9 @@ impl Batcher {
             return Err(BatchError::TooLarge { model: self.label.clone(), count, capacity });
         }
         self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| (queued + count <= capacity).then_some(queued + count))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + count <= capacity).then_some(queued + count)
+            })
             .map_err(|queued| BatchError::QueueFull { model: self.label.clone(), queued, capacity })?;
         metrics::queue_depth(&self.label, self.queue_depth());
 
@@ -119,7 +121,8 @@ impl Batcher {
         let per_chunk = self.config.max_batch * self.image_len;
         for (i, chunk_images) in images.chunks(per_chunk).enumerate() {
             let (reply, receiver) = oneshot::channel();
-            let chunk = Chunk { images: chunk_images.to_vec(), count: chunk_images.len() / self.image_len, enqueued, reply };
+            let chunk =
+                Chunk { images: chunk_images.to_vec(), count: chunk_images.len() / self.image_len, enqueued, reply };
             if sender.send(chunk).is_err() {
                 // The worker is gone: release what was not sent.
                 let unsent = count - i * self.config.max_batch;
@@ -129,7 +132,8 @@ impl Batcher {
             replies.push(receiver);
         }
 
-        let mut output = BatchOutput { embeddings: Vec::new(), dimensions: 0, queue: Duration::ZERO, inference: Duration::ZERO };
+        let mut output =
+            BatchOutput { embeddings: Vec::new(), dimensions: 0, queue: Duration::ZERO, inference: Duration::ZERO };
         for receiver in replies {
             let chunk = receiver.await.map_err(|_| BatchError::Stopped(self.label.clone()))??;
             output.embeddings.extend_from_slice(&chunk.embeddings);
@@ -152,7 +156,14 @@ impl Drop for Batcher {
     }
 }
 
-fn run_worker(label: &str, mut encoder: OnnxEncoder, image_dims: [usize; 3], config: BatcherConfig, receiver: &Receiver<Chunk>, queued: &AtomicUsize) {
+fn run_worker(
+    label: &str,
+    mut encoder: OnnxEncoder,
+    image_dims: [usize; 3],
+    config: BatcherConfig,
+    receiver: &Receiver<Chunk>,
+    queued: &AtomicUsize,
+) {
     let mut pending: Option<Chunk> = None;
     loop {
         let first = match pending.take() {
@@ -208,7 +219,8 @@ fn run_batch(label: &str, encoder: &mut OnnxEncoder, image_dims: [usize; 3], bat
             for chunk in batch {
                 let rows = &embeddings[offset * dimensions..(offset + chunk.count) * dimensions];
                 offset += chunk.count;
-                let output = ChunkOutput { embeddings: rows.to_vec(), dimensions, queue: started - chunk.enqueued, inference };
+                let output =
+                    ChunkOutput { embeddings: rows.to_vec(), dimensions, queue: started - chunk.enqueued, inference };
                 let _ = chunk.reply.send(Ok(output));
             }
         }

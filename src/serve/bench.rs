@@ -134,7 +134,10 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     validate(options)?;
     let repository = ModelRepository::new(&options.models);
     let version = match options.version {
-        0 => *repository.versions(&options.model)?.last().with_context(|| format!("{} holds no version of {:?}", options.models.display(), options.model))?,
+        0 => *repository
+            .versions(&options.model)?
+            .last()
+            .with_context(|| format!("{} holds no version of {:?}", options.models.display(), options.model))?,
         v => v,
     };
     let manifest = repository.manifest(&options.model, version)?;
@@ -152,11 +155,18 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     let h2load = match options.generator {
         Generator::Tonic => None,
         Generator::Auto => find_on_path("h2load"),
-        Generator::H2load => Some(find_on_path("h2load").context("--generator h2load: h2load is not on PATH (Debian: apt-get install nghttp2-client)")?),
+        Generator::H2load => Some(
+            find_on_path("h2load")
+                .context("--generator h2load: h2load is not on PATH (Debian: apt-get install nghttp2-client)")?,
+        ),
     };
     let scratch = ScratchDir::create()?;
     let half = options.duration_secs / 2.0;
-    let session = SessionOptions { device: InferenceDevice::Cpu, intra_threads: options.intra_threads, ..SessionOptions::default() };
+    let session = SessionOptions {
+        device: InferenceDevice::Cpu,
+        intra_threads: options.intra_threads,
+        ..SessionOptions::default()
+    };
 
     eprintln!("baseline: in-process ONNX Runtime, batch {}, {half:.1} s", options.request_batch);
     let mut baseline = Baseline::load(&model_path, session, &workload)?;
@@ -166,15 +176,26 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
 
     let server = ServerProcess::spawn(options, &scratch.0)?;
     eprintln!("server {} (pid {}) is serving", server.addr, server.child.id());
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(options.client_threads).enable_all().build()?;
-    let response_len = runtime.block_on(verify(&server.url(), &workload, &baseline.expected, &options.model, version))?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(options.client_threads).enable_all().build()?;
+    let response_len =
+        runtime.block_on(verify(&server.url(), &workload, &baseline.expected, &options.model, version))?;
 
     let mut rows = Vec::new();
-    let phases = [(Load::Batched, &workload.batched, options.batch_in_flight), (Load::Single, &workload.single, options.in_flight)];
+    let phases = [
+        (Load::Batched, &workload.batched, options.batch_in_flight),
+        (Load::Single, &workload.single, options.in_flight),
+    ];
     if options.generator != Generator::H2load {
         for (load, requests, in_flight) in phases {
             eprintln!("{}, tonic, {in_flight} in flight", load.label(options.request_batch));
-            let measured = runtime.block_on(tonic_load(&server, requests.clone(), in_flight, secs(options.warmup_secs), secs(options.duration_secs)))?;
+            let measured = runtime.block_on(tonic_load(
+                &server,
+                requests.clone(),
+                in_flight,
+                secs(options.warmup_secs),
+                secs(options.duration_secs),
+            ))?;
             rows.push(Row { load, generator: "tonic", measured });
             segments.push(baseline.measure(segment_warmup, secs(half))?);
         }
@@ -213,7 +234,11 @@ fn validate(options: &ServeBenchOptions) -> Result<()> {
     for (name, value) in counts {
         ensure!(value > 0, "--{name} must be at least 1");
     }
-    ensure!(options.duration_secs >= 0.5, "--duration-secs {} is too short to measure; use at least 0.5", options.duration_secs);
+    ensure!(
+        options.duration_secs >= 0.5,
+        "--duration-secs {} is too short to measure; use at least 0.5",
+        options.duration_secs
+    );
     ensure!(options.warmup_secs >= 0.0, "--warmup-secs {} is negative", options.warmup_secs);
     Ok(())
 }
@@ -253,9 +278,20 @@ struct Workload {
 impl Workload {
     fn new(dataset: &Dataset, options: &ServeBenchOptions, version: u64) -> Result<Self> {
         let batch = options.request_batch;
-        ensure!(dataset.len() >= batch, "{} holds {} test images; --request-batch {batch} needs at least that many", options.data.display(), dataset.len());
+        ensure!(
+            dataset.len() >= batch,
+            "{} holds {} test images; --request-batch {batch} needs at least that many",
+            options.data.display(),
+            dataset.len()
+        );
         let inputs = (0..dataset.len()).map(|i| image_input(dataset, i, options.png)).collect::<Result<Vec<_>>>()?;
-        let request = |inputs: &[Input]| EmbedRequest { model: options.model.clone(), version, inputs: inputs.to_vec(), normalize: Some(true), dimensions: 0 };
+        let request = |inputs: &[Input]| EmbedRequest {
+            model: options.model.clone(),
+            version,
+            inputs: inputs.to_vec(),
+            normalize: Some(true),
+            dimensions: 0,
+        };
         let whole = dataset.len() / batch;
         let numel = dataset.shape.numel();
         Ok(Self {
@@ -276,8 +312,14 @@ fn image_input(dataset: &Dataset, i: usize, png: bool) -> Result<Input> {
         ensure!(c == 1, "--png sends grayscale PNGs; the dataset has {c} channels");
         let pixels: Vec<u8> = values.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
         let mut bytes = Vec::new();
-        image::ImageEncoder::write_image(image::codecs::png::PngEncoder::new(&mut bytes), &pixels, w as u32, h as u32, image::ExtendedColorType::L8)
-            .with_context(|| format!("cannot encode test image {i} as PNG"))?;
+        image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut bytes),
+            &pixels,
+            w as u32,
+            h as u32,
+            image::ExtendedColorType::L8,
+        )
+        .with_context(|| format!("cannot encode test image {i} as PNG"))?;
         input::Data::Image(bytes)
     } else {
         input::Data::Tensor(Tensor { shape: vec![c as u32, h as u32, w as u32], values })
@@ -372,7 +414,11 @@ impl ServerProcess {
             Some(path) => path.clone(),
             None => std::env::current_exe().context("cannot find this executable to start as the server")?,
         };
-        ensure!(binary.is_file(), "the server binary {} does not exist (build it with `cargo build --release`)", binary.display());
+        ensure!(
+            binary.is_file(),
+            "the server binary {} does not exist (build it with `cargo build --release`)",
+            binary.display()
+        );
         let metrics = free_port().context("cannot find a free port for the server's metrics")?;
         let stderr = scratch.join("server.log");
         let log = std::fs::File::create(&stderr).with_context(|| format!("cannot create {}", stderr.display()))?;
@@ -404,9 +450,14 @@ impl ServerProcess {
         let mut server = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), metrics, stderr };
         let line = match line_rx.recv_timeout(SERVER_START_TIMEOUT) {
             Ok(Some(Ok(line))) => line,
-            _ => bail!("the server {} printed no address within {SERVER_START_TIMEOUT:?}{}", binary.display(), server.log_tail()),
+            _ => bail!(
+                "the server {} printed no address within {SERVER_START_TIMEOUT:?}{}",
+                binary.display(),
+                server.log_tail()
+            ),
         };
-        server.addr = parse_listening(&line).with_context(|| format!("the server's first line {line:?} is not {{\"listening\":\"ADDR\"}}"))?;
+        server.addr = parse_listening(&line)
+            .with_context(|| format!("the server's first line {line:?} is not {{\"listening\":\"ADDR\"}}"))?;
         server.wait_serving(&binary)?;
         Ok(server)
     }
@@ -473,20 +524,43 @@ fn parse_listening(line: &str) -> Option<SocketAddr> {
 
 /// Sends the first request of (a) and of (b) and checks the embeddings against in-process
 /// ONNX Runtime. Returns the encoded size of each response, gRPC frame included.
-async fn verify(url: &str, workload: &Workload, expected: &[Vec<f32>], model: &str, version: u64) -> Result<[usize; 2]> {
+async fn verify(
+    url: &str,
+    workload: &Workload,
+    expected: &[Vec<f32>],
+    model: &str,
+    version: u64,
+) -> Result<[usize; 2]> {
     let mut client = crate::client::embedding_client(url, None).await?;
     let mut lengths = [0; 2];
-    for (load, request, expected) in [(Load::Batched, &workload.batched[0], expected), (Load::Single, &workload.single[0], &expected[..1])] {
-        let response = client.embed(request.clone()).await.map_err(crate::client::status_error).context("the check request failed")?.into_inner();
+    for (load, request, expected) in
+        [(Load::Batched, &workload.batched[0], expected), (Load::Single, &workload.single[0], &expected[..1])]
+    {
+        let response = client
+            .embed(request.clone())
+            .await
+            .map_err(crate::client::status_error)
+            .context("the check request failed")?
+            .into_inner();
         ensure!(
             response.model == model && response.version == version,
             "the server answered with {}:{}, not {model}:{version}",
             response.model,
             response.version
         );
-        ensure!(response.embeddings.len() == expected.len(), "{} embeddings for {} images", response.embeddings.len(), expected.len());
+        ensure!(
+            response.embeddings.len() == expected.len(),
+            "{} embeddings for {} images",
+            response.embeddings.len(),
+            expected.len()
+        );
         for (i, (got, want)) in response.embeddings.iter().zip(expected).enumerate() {
-            ensure!(got.values.len() == want.len(), "embedding {i} has {} values, not {}", got.values.len(), want.len());
+            ensure!(
+                got.values.len() == want.len(),
+                "embedding {i} has {} values, not {}",
+                got.values.len(),
+                want.len()
+            );
             let diff = got.values.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             ensure!(diff < 1e-3, "the server's embedding of image {i} differs from in-process ONNX Runtime by {diff}");
         }
@@ -496,7 +570,13 @@ async fn verify(url: &str, workload: &Workload, expected: &[Vec<f32>], model: &s
 }
 
 /// Drives the server with `in_flight` concurrent tonic calls over one HTTP/2 connection.
-async fn tonic_load(server: &ServerProcess, requests: Arc<Vec<EmbedRequest>>, in_flight: usize, warmup: Duration, duration: Duration) -> Result<Measured> {
+async fn tonic_load(
+    server: &ServerProcess,
+    requests: Arc<Vec<EmbedRequest>>,
+    in_flight: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Measured> {
     struct Done {
         finished: Instant,
         latency: Duration,
@@ -524,7 +604,12 @@ async fn tonic_load(server: &ServerProcess, requests: Arc<Vec<EmbedRequest>>, in
                     Ok(response) => {
                         let response = response.into_inner();
                         let server_total_ms = response.timing.map_or(f64::NAN, |t| t.total_ms);
-                        done.push(Done { finished, latency: finished - began, images: response.embeddings.len().min(images), server_total_ms });
+                        done.push(Done {
+                            finished,
+                            latency: finished - began,
+                            images: response.embeddings.len().min(images),
+                            server_total_ms,
+                        });
                     }
                     Err(status) => errors.push((finished, format!("{:?}", status.code()))),
                 }
@@ -560,7 +645,8 @@ async fn tonic_load(server: &ServerProcess, requests: Arc<Vec<EmbedRequest>>, in
         }
     }
     measured.images_per_s = images as f64 / duration.as_secs_f64();
-    measured.server_total_ms = (!server_total.is_empty()).then(|| server_total.iter().sum::<f64>() / server_total.len() as f64);
+    measured.server_total_ms =
+        (!server_total.is_empty()).then(|| server_total.iter().sum::<f64>() / server_total.len() as f64);
     measured.errors = errors.into_iter().collect();
     Ok(measured)
 }
@@ -620,8 +706,15 @@ impl H2loadRun<'_> {
         let output = child.wait_with_output().context("h2load did not finish")?;
         let total_wall = launched.elapsed().as_secs_f64();
         let stdout = String::from_utf8_lossy(&output.stdout);
-        ensure!(output.status.success(), "h2load failed ({}): {}{}", output.status, stdout.trim(), String::from_utf8_lossy(&output.stderr).trim());
-        let summary = parse_h2load_summary(&stdout).with_context(|| format!("cannot read h2load's summary:\n{stdout}"))?;
+        ensure!(
+            output.status.success(),
+            "h2load failed ({}): {}{}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        let summary =
+            parse_h2load_summary(&stdout).with_context(|| format!("cannot read h2load's summary:\n{stdout}"))?;
         ensure!(summary.succeeded > 0, "h2load completed no request:\n{stdout}");
         // Every response must carry an embedding payload: gRPC errors are HTTP 200 without data.
         let per_response = summary.data_bytes as f64 / summary.succeeded as f64;
@@ -630,7 +723,8 @@ impl H2loadRun<'_> {
             "h2load's responses carry {per_response:.0} data bytes each where an embedding response has {}: the server answered with gRPC errors",
             self.expected_response_len
         );
-        let log = std::fs::read_to_string(&log_path).with_context(|| format!("cannot read h2load's log {}", log_path.display()))?;
+        let log = std::fs::read_to_string(&log_path)
+            .with_context(|| format!("cannot read h2load's log {}", log_path.display()))?;
         let start_us = window_start_epoch.duration_since(UNIX_EPOCH)?.as_micros() as u64;
         let end_us = start_us + self.duration.as_micros() as u64;
         let mut measured = Measured {
@@ -640,7 +734,8 @@ impl H2loadRun<'_> {
             server_cpu,
             ..Measured::default()
         };
-        (measured.mean_batch, measured.ort_busy) = metrics.map_or((None, None), |(batch, busy)| (Some(batch), Some(busy)));
+        (measured.mean_batch, measured.ort_busy) =
+            metrics.map_or((None, None), |(batch, busy)| (Some(batch), Some(busy)));
         let failed = summary.failed + summary.errored;
         if failed > 0 {
             measured.errors.push(("h2load failed/errored".into(), failed as usize));
@@ -663,7 +758,9 @@ struct H2loadSummary {
 /// Reads `finished in …, N req/s, …`, `requests: … N succeeded, N failed, N errored …` and
 /// `traffic: … (N) data` from h2load's output.
 fn parse_h2load_summary(text: &str) -> Result<H2loadSummary> {
-    let line = |prefix: &str| text.lines().find_map(|l| l.trim().strip_prefix(prefix)).ok_or_else(|| anyhow!("no line starting {prefix:?}"));
+    let line = |prefix: &str| {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix)).ok_or_else(|| anyhow!("no line starting {prefix:?}"))
+    };
     let finished = line("finished in")?;
     let req_per_s = finished
         .split(", ")
@@ -683,7 +780,13 @@ fn parse_h2load_summary(text: &str) -> Result<H2loadSummary> {
         .find(|part| part.ends_with(" data"))
         .and_then(|part| part.split_once('(')?.1.split_once(')')?.0.parse().ok())
         .ok_or_else(|| anyhow!("no data bytes in {traffic:?}"))?;
-    Ok(H2loadSummary { req_per_s, succeeded: count("succeeded")?, failed: count("failed")?, errored: count("errored")?, data_bytes })
+    Ok(H2loadSummary {
+        req_per_s,
+        succeeded: count("succeeded")?,
+        failed: count("failed")?,
+        errored: count("errored")?,
+        data_bytes,
+    })
 }
 
 /// Latencies (ms) of the 2xx requests in h2load's `--log-file` (start µs since the epoch, status,
@@ -761,7 +864,8 @@ impl ServerMetrics {
 }
 
 fn scrape_metrics(addr: SocketAddr) -> Result<ServerMetrics> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("cannot reach the server's metrics on {addr}"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("cannot reach the server's metrics on {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     // HTTP/1.0: the body comes whole, never chunked.
     stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
@@ -825,13 +929,29 @@ struct Row {
     measured: Measured,
 }
 
-fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: Option<&Path>, segments: &[Measured], rows: &[Row]) {
+fn print_report(
+    options: &ServeBenchOptions,
+    model: &str,
+    version: u64,
+    h2load: Option<&Path>,
+    segments: &[Measured],
+    rows: &[Row],
+) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "?".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
     let generators = match (options.generator, h2load) {
         (Generator::H2load, Some(path)) => format!("h2load ({})", path.display()),
-        (_, Some(path)) => format!("tonic client in this process ({} runtime thread(s)); h2load ({})", options.client_threads, path.display()),
-        (_, None) => format!("tonic client in this process ({} runtime thread(s)); h2load not on PATH", options.client_threads),
+        (_, Some(path)) => format!(
+            "tonic client in this process ({} runtime thread(s)); h2load ({})",
+            options.client_threads,
+            path.display()
+        ),
+        (_, None) => {
+            format!("tonic client in this process ({} runtime thread(s)); h2load not on PATH", options.client_threads)
+        }
     };
     println!("contrastive bench serve: {model}:{version} on {cores} cores (load average {load}), ONNX Runtime {} intra-op threads", options.intra_threads);
     println!(
@@ -847,11 +967,26 @@ fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: 
         options.batch_in_flight, options.request_batch, options.in_flight
     );
     let rates: Vec<String> = segments.iter().map(|s| format!("{:.0}", s.images_per_s)).collect();
-    println!("baseline segments (in-process batch {}, before the server and after each row), images/s: {}", options.request_batch, rates.join(", "));
+    println!(
+        "baseline segments (in-process batch {}, before the server and after each row), images/s: {}",
+        options.request_batch,
+        rates.join(", ")
+    );
     println!();
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>6} {:>8} {:>8} {:>6} {:>8} {:>7} {:>6} {:>6}  errors",
-        "row", "generator", "images/s", "baseline", "ratio", "p50 ms", "p99 ms", "batch", "ORT busy", "gen CPU", "server", "srv ms"
+        "row",
+        "generator",
+        "images/s",
+        "baseline",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "batch",
+        "ORT busy",
+        "gen CPU",
+        "server",
+        "srv ms"
     );
     let mean = segments.iter().map(|s| s.images_per_s).sum::<f64>() / segments.len() as f64;
     let all = Measured {
@@ -877,7 +1012,9 @@ fn print_report(options: &ServeBenchOptions, model: &str, version: u64, h2load: 
     println!();
     println!("baseline: mean of the in-process segments just before and after the row; batch: mean images per ONNX Runtime batch;");
     println!("ORT busy: fraction of the time the server's ONNX Runtime ran; gen CPU: cores the load generator kept busy (baseline: this");
-    println!("process); server: cores the server kept busy; srv ms: mean of the server's own Timing.total_ms (tonic only).");
+    println!(
+        "process); server: cores the server kept busy; srv ms: mean of the server's own Timing.total_ms (tonic only)."
+    );
     for verdict in verdicts {
         println!("{verdict}");
     }
@@ -906,7 +1043,11 @@ fn busy_machine_warnings(segments: &[Measured], intra_threads: usize) -> Vec<Str
 
 fn print_row(label: &str, generator: &str, m: &Measured, baseline: f64) {
     let opt = |value: Option<f64>, digits: usize| value.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"));
-    let errors = if m.errors.is_empty() { "0".to_string() } else { m.errors.iter().map(|(what, n)| format!("{n} {what}")).collect::<Vec<_>>().join(", ") };
+    let errors = if m.errors.is_empty() {
+        "0".to_string()
+    } else {
+        m.errors.iter().map(|(what, n)| format!("{n} {what}")).collect::<Vec<_>>().join(", ")
+    };
     println!(
         "{:<34} {:>9} {:>9.0} {:>9.0} {:>6.3} {:>8.2} {:>8.2} {:>6} {:>8} {:>7} {:>6} {:>6}  {}",
         label,
@@ -978,7 +1119,10 @@ traffic: 12.50MB (13107200) total, 1.19KB (1221) headers (space savings 95.36%),
 time for request:      412us     12.03ms      2.61ms       836us    71.24%
 ";
         let summary = parse_h2load_summary(text).unwrap();
-        assert_eq!(summary, H2loadSummary { req_per_s: 2345.67, succeeded: 23450, failed: 6, errored: 1, data_bytes: 13_000_000 });
+        assert_eq!(
+            summary,
+            H2loadSummary { req_per_s: 2345.67, succeeded: 23450, failed: 6, errored: 1, data_bytes: 13_000_000 }
+        );
         assert!(parse_h2load_summary("finished in 1s, 10 req/s, 1MB/s\n").is_err());
 
         // Started at 1000 µs; kept: 2xx responses ending within [1500, 3000] µs.
@@ -1018,7 +1162,9 @@ contrastive_batch_size_count{model=\"a:1\"} 5\n";
     fn serve_benchmark() {
         let args = std::env::var("CONTRASTIVE_BENCH_ARGS").unwrap_or_default();
         let mut options = Cli::parse_from(std::iter::once("bench").chain(args.split_whitespace())).options;
-        options.server_binary.get_or_insert_with(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/contrastive")));
+        options
+            .server_binary
+            .get_or_insert_with(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/contrastive")));
         run(&options).unwrap();
     }
 }

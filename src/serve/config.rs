@@ -162,9 +162,12 @@ impl ServeSettings {
         let device: InferenceDevice = pick!(device, "cpu".to_string()).parse()?;
         let metrics_addr = match pick!(metrics_addr, "127.0.0.1:9090".to_string()).as_str() {
             "off" | "" => None,
-            text => Some(text.parse().with_context(|| format!("--metrics-addr {text:?} is not an address (or \"off\")"))?),
+            text => {
+                Some(text.parse().with_context(|| format!("--metrics-addr {text:?} is not an address (or \"off\")"))?)
+            }
         };
-        let tls = match (args.tls_cert.clone().or(file.tls_cert.clone()), args.tls_key.clone().or(file.tls_key.clone())) {
+        let tls = match (args.tls_cert.clone().or(file.tls_cert.clone()), args.tls_key.clone().or(file.tls_key.clone()))
+        {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             _ => bail!("TLS needs both a certificate and a key (--tls-cert and --tls-key)"),
@@ -222,7 +225,8 @@ impl ServeSettings {
 }
 
 fn load_file(path: &Path) -> Result<FileSettings> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("{} is not a valid config file", path.display()))
 }
 

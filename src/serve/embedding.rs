@@ -16,8 +16,9 @@ use super::models::{LoadedVersion, LookupError, ModelStore, VersionStatus};
 use super::preprocess::preprocess_all;
 use crate::proto::v1::embedding_service_server::EmbeddingService;
 use crate::proto::v1::{
-    embed_stream_response, EmbedRequest, EmbedResponse, EmbedStreamRequest, EmbedStreamResponse, Embedding, Error as ProtoError,
-    GetModelRequest, ListModelsRequest, ListModelsResponse, ManifestSummary, ModelInfo, Timing, VersionInfo, VersionState,
+    embed_stream_response, EmbedRequest, EmbedResponse, EmbedStreamRequest, EmbedStreamResponse, Embedding,
+    Error as ProtoError, GetModelRequest, ListModelsRequest, ListModelsResponse, ManifestSummary, ModelInfo, Timing,
+    VersionInfo, VersionState,
 };
 
 /// Limits on what one request may ask for.
@@ -70,7 +71,10 @@ impl EmbeddingApi {
         let width = model.manifest.output.dimensions;
         let dimensions = request.dimensions as usize;
         if dimensions > width {
-            return Err(Status::invalid_argument(format!("dimensions {dimensions} exceeds the embedding size of {} ({width})", model.name)));
+            return Err(Status::invalid_argument(format!(
+                "dimensions {dimensions} exceeds the embedding size of {} ({width})",
+                model.name
+            )));
         }
         let count = request.inputs.len();
         let spec = model.manifest.input.clone();
@@ -80,7 +84,9 @@ impl EmbeddingApi {
         let images = if all_tensors {
             preprocess_all(&inputs, &spec)
         } else {
-            tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec)).await.map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
+            tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec))
+                .await
+                .map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
         }
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let output = model.batcher.embed(images, count).await.map_err(batch_status)?;
@@ -162,7 +168,10 @@ impl EmbeddingService for EmbeddingApi {
     /// Requests run concurrently (up to `max_stream_in_flight`); responses leave in request order.
     /// A message that cannot be decoded, or a server shutdown, ends the stream with a status
     /// after the answers to the requests before it.
-    async fn embed_stream(&self, request: Request<Streaming<EmbedStreamRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
+    async fn embed_stream(
+        &self,
+        request: Request<Streaming<EmbedStreamRequest>>,
+    ) -> Result<Response<Self::EmbedStreamStream>, Status> {
         let mut incoming = request.into_inner();
         let (pending_tx, mut pending_rx) = mpsc::channel::<StreamItem>(self.limits.max_stream_in_flight);
         let (out_tx, out_rx) = mpsc::channel(self.limits.max_stream_in_flight);
@@ -194,10 +203,17 @@ impl EmbeddingService for EmbeddingApi {
                         Some(request) => api.embed_request(request).await,
                         None => Err(Status::invalid_argument("stream message without a request")),
                     };
-                    metrics::request("EmbedStream", result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), started.elapsed());
+                    metrics::request(
+                        "EmbedStream",
+                        result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
+                        started.elapsed(),
+                    );
                     let result = match result {
                         Ok(response) => embed_stream_response::Result::Response(response),
-                        Err(status) => embed_stream_response::Result::Error(ProtoError { code: status.code() as i32, message: status.message().to_string() }),
+                        Err(status) => embed_stream_response::Result::Error(ProtoError {
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                        }),
                     };
                     EmbedStreamResponse { id, result: Some(result) }
                 });
@@ -229,7 +245,12 @@ impl EmbeddingService for EmbeddingApi {
 
     async fn list_models(&self, _request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
         let default = self.store.default_model();
-        let models = self.store.snapshot().into_iter().map(|(name, versions)| model_info(&name, &versions, default.as_deref())).collect();
+        let models = self
+            .store
+            .snapshot()
+            .into_iter()
+            .map(|(name, versions)| model_info(&name, &versions, default.as_deref()))
+            .collect();
         Ok(Response::new(ListModelsResponse { models }))
     }
 
@@ -248,8 +269,13 @@ impl EmbeddingService for EmbeddingApi {
     }
 }
 
-fn model_info(name: &str, versions: &std::collections::BTreeMap<u64, VersionStatus>, default: Option<&str>) -> ModelInfo {
-    let latest_ready_version = versions.iter().rev().find(|(_, s)| matches!(s, VersionStatus::Ready(_))).map_or(0, |(v, _)| *v);
+fn model_info(
+    name: &str,
+    versions: &std::collections::BTreeMap<u64, VersionStatus>,
+    default: Option<&str>,
+) -> ModelInfo {
+    let latest_ready_version =
+        versions.iter().rev().find(|(_, s)| matches!(s, VersionStatus::Ready(_))).map_or(0, |(v, _)| *v);
     ModelInfo {
         name: name.to_string(),
         is_default: default == Some(name),
@@ -258,9 +284,12 @@ fn model_info(name: &str, versions: &std::collections::BTreeMap<u64, VersionStat
             .iter()
             .map(|(&version, status)| match status {
                 VersionStatus::Ready(loaded) => version_info(loaded),
-                VersionStatus::Failed(reason) => {
-                    VersionInfo { version, state: VersionState::Failed as i32, error: reason.clone(), ..Default::default() }
-                }
+                VersionStatus::Failed(reason) => VersionInfo {
+                    version,
+                    state: VersionState::Failed as i32,
+                    error: reason.clone(),
+                    ..Default::default()
+                },
             })
             .collect(),
     }

@@ -4,8 +4,8 @@
 //! TLS, API keys, graceful shutdown.
 
 pub mod auth;
-pub mod bench;
 pub mod batcher;
+pub mod bench;
 pub mod config;
 pub mod embedding;
 pub mod metrics;
@@ -36,7 +36,8 @@ use crate::registry::ModelRepository;
 /// the batch queues and returns. `on_listening` receives the bound address (useful with port 0).
 pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
     metrics::install(settings.metrics_addr)?;
-    let listener = TcpListener::bind(settings.addr).await.with_context(|| format!("cannot listen on {}", settings.addr))?;
+    let listener =
+        TcpListener::bind(settings.addr).await.with_context(|| format!("cannot listen on {}", settings.addr))?;
     let local_addr = listener.local_addr()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -53,7 +54,8 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         Ok(n) => tracing::info!(removed = n, "removed staging folders of interrupted publishes"),
         Err(error) => tracing::warn!(%error, "cannot clean staging folders"),
     }
-    let load = LoadOptions { session: settings.session, batcher: settings.batcher, keep_versions: settings.keep_versions };
+    let load =
+        LoadOptions { session: settings.session, batcher: settings.batcher, keep_versions: settings.keep_versions };
     let store = Arc::new(ModelStore::new(repository, load, settings.default_model.clone()));
     // Load what is there before fine-tune workers look for base models; the poller keeps it fresh.
     if let Err(error) = tokio::task::block_in_place(|| store.scan()) {
@@ -72,13 +74,27 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         .max_encoding_message_size(settings.max_message_bytes);
     let embedding = tonic::service::interceptor::InterceptedService::new(embedding, move |r| embedding_keys.check(r));
 
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("cannot create the data folder {}", settings.data_dir.display()))?;
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create the data folder {}", settings.data_dir.display()))?;
     let jobs = Arc::new(JobStore::open(&settings.data_dir.join("jobs.sqlite"))?);
-    let dataset_limits = DatasetLimits { max_images: settings.max_dataset_images, max_image_bytes: settings.max_image_bytes, ..DatasetLimits::default() };
+    let dataset_limits = DatasetLimits {
+        max_images: settings.max_dataset_images,
+        max_image_bytes: settings.max_image_bytes,
+        ..DatasetLimits::default()
+    };
     let datasets = Arc::new(DatasetStore::new(settings.data_dir.join("datasets"), dataset_limits));
-    let runner_settings = RunnerSettings { concurrency: settings.finetune_concurrency, threads: settings.finetune_threads, ..RunnerSettings::default() };
+    let runner_settings = RunnerSettings {
+        concurrency: settings.finetune_concurrency,
+        threads: settings.finetune_threads,
+        ..RunnerSettings::default()
+    };
     let runner = JobRunner::start(jobs, datasets, store.clone(), runner_settings)?;
-    let finetune_api = FineTuneApi::new(runner.clone(), api_keys.clone(), settings.finetune_data_root.clone(), settings.max_jobs_per_client);
+    let finetune_api = FineTuneApi::new(
+        runner.clone(),
+        api_keys.clone(),
+        settings.finetune_data_root.clone(),
+        settings.max_jobs_per_client,
+    );
     let finetune = FineTuneServiceServer::new(finetune_api)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
@@ -86,9 +102,12 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
 
     let mut builder = Server::builder();
     if let Some((cert, key)) = &settings.tls {
-        let cert = std::fs::read(cert).with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
+        let cert =
+            std::fs::read(cert).with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?;
         let key = std::fs::read(key).with_context(|| format!("cannot read the TLS key {}", key.display()))?;
-        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))).context("invalid TLS certificate or key")?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .context("invalid TLS certificate or key")?;
     }
     tracing::info!(addr = %local_addr, models = %settings.models.display(), tls = settings.tls.is_some(), "serving");
     on_listening(local_addr);
@@ -142,7 +161,8 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install the SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install the SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -157,7 +177,11 @@ struct Poller {
 }
 
 impl Poller {
-    fn start(store: Arc<ModelStore>, interval: std::time::Duration, health: tonic_health::server::HealthReporter) -> Self {
+    fn start(
+        store: Arc<ModelStore>,
+        interval: std::time::Duration,
+        health: tonic_health::server::HealthReporter,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let runtime = tokio::runtime::Handle::current();
         let thread = {
@@ -175,7 +199,11 @@ impl Poller {
                             serving = Some(ready > 0);
                             let health = health.clone();
                             runtime.block_on(async move {
-                                let status = if ready > 0 { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
+                                let status = if ready > 0 {
+                                    tonic_health::ServingStatus::Serving
+                                } else {
+                                    tonic_health::ServingStatus::NotServing
+                                };
                                 health.set_service_status("", status).await;
                                 health.set_service_status("contrastive.v1.EmbeddingService", status).await;
                             });

@@ -64,7 +64,13 @@ pub struct ModelStore {
 
 impl ModelStore {
     pub fn new(repository: ModelRepository, options: LoadOptions, default_model: Option<String>) -> Self {
-        Self { repository, options, configured_default: default_model, models: Mutex::new(BTreeMap::new()), scanning: Mutex::new(()) }
+        Self {
+            repository,
+            options,
+            configured_default: default_model,
+            models: Mutex::new(BTreeMap::new()),
+            scanning: Mutex::new(()),
+        }
     }
 
     pub fn repository(&self) -> &ModelRepository {
@@ -107,9 +113,16 @@ impl ModelStore {
         }
         match versions.get(&version) {
             Some(VersionStatus::Ready(loaded)) => Ok(loaded.clone()),
-            Some(VersionStatus::Failed(reason)) => Err(LookupError::FailedVersion { name, version, reason: reason.clone() }),
+            Some(VersionStatus::Failed(reason)) => {
+                Err(LookupError::FailedVersion { name, version, reason: reason.clone() })
+            }
             None => {
-                let loaded = versions.iter().filter(|(_, s)| ready(s).is_some()).map(|(v, _)| v.to_string()).collect::<Vec<_>>().join(", ");
+                let loaded = versions
+                    .iter()
+                    .filter(|(_, s)| ready(s).is_some())
+                    .map(|(v, _)| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 Err(LookupError::UnknownVersion { name, version, loaded })
             }
         }
@@ -190,13 +203,22 @@ impl ModelStore {
     fn try_load(&self, name: &str, version: u64) -> Result<LoadedVersion> {
         let dir = self.repository.version_dir(name, version);
         let manifest = self.repository.manifest(name, version)?;
-        ensure!(manifest.name == name && manifest.version == version, "the manifest describes {} version {}", manifest.name, manifest.version);
+        ensure!(
+            manifest.name == name && manifest.version == version,
+            "the manifest describes {} version {}",
+            manifest.name,
+            manifest.version
+        );
         manifest.verify_files(&dir)?;
         let mut encoder = OnnxEncoder::load(&dir.join(MODEL_FILE), self.options.session)?;
         // One real run before serving: catches a graph that loads but cannot execute.
         let dims = manifest.image_dims();
         let (_, width) = encoder.run(&vec![0.5; dims.iter().product()], 1, dims).context("a test inference failed")?;
-        ensure!(width == manifest.output.dimensions, "the model returns {width}-d embeddings, its manifest says {}", manifest.output.dimensions);
+        ensure!(
+            width == manifest.output.dimensions,
+            "the model returns {width}-d embeddings, its manifest says {}",
+            manifest.output.dimensions
+        );
         let provider = encoder.provider();
         let batcher = Batcher::start(format!("{name}:{version}"), encoder, dims, self.options.batcher);
         Ok(LoadedVersion { name: name.to_string(), version, manifest, provider, batcher })

@@ -44,7 +44,9 @@ pub fn image_to_tensor(bytes: &[u8], spec: &InputSpec, out: &mut Vec<f32>) -> Re
     if bytes.is_empty() {
         return Err("the image is empty (0 bytes)".into());
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| format!("cannot read the image: {e}"))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read the image: {e}"))?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -163,7 +165,8 @@ mod tests {
     #[test]
     fn bad_inputs_are_named() {
         let s = spec(1, 2);
-        let tensor = |shape: Vec<u32>, values: Vec<f32>| Input { data: Some(input::Data::Tensor(Tensor { shape, values })) };
+        let tensor =
+            |shape: Vec<u32>, values: Vec<f32>| Input { data: Some(input::Data::Tensor(Tensor { shape, values })) };
         let cases = [
             (Input { data: Some(input::Data::Image(b"not an image".to_vec())) }, "cannot decode"),
             (Input { data: Some(input::Data::Image(Vec::new())) }, "empty"),

@@ -21,8 +21,9 @@ pub fn step_seconds(method: &MethodConfig, batch_size: usize, steps: usize, devi
     config.batch_size = batch_size;
     let mut model = Model::new(&config, device)?;
     let mut optimizer = model.optimizer();
-    let views: Vec<Tensor> =
-        (0..2).map(|_| Tensor::rand(0f32, 1f32, (batch_size, 1, 28, 28), device)).collect::<candle_core::Result<_>>()?;
+    let views: Vec<Tensor> = (0..2)
+        .map(|_| Tensor::rand(0f32, 1f32, (batch_size, 1, 28, 28), device))
+        .collect::<candle_core::Result<_>>()?;
     let labels = Tensor::from_vec((0..batch_size as u32).map(|i| i % 10).collect(), batch_size, device)?;
     let mut times = Vec::new();
     for step in 0..=steps {

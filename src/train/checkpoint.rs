@@ -75,7 +75,13 @@ pub fn weight_tensors(varmap: &VarMap, buffers: &[(String, Tensor)]) -> HashMap<
 }
 
 /// Saves the weights (with `buffers`), the optimiser state and the run state into `dir`.
-pub fn save(dir: &Path, varmap: &VarMap, buffers: &[(String, Tensor)], optimizer: &HashMap<String, Tensor>, state: &RunState) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    varmap: &VarMap,
+    buffers: &[(String, Tensor)],
+    optimizer: &HashMap<String, Tensor>,
+    state: &RunState,
+) -> Result<()> {
     save_tensors(&dir.join(WEIGHTS_FILE), &weight_tensors(varmap, buffers))?;
     save_tensors(&dir.join(OPTIMIZER_FILE), optimizer)?;
     // The state goes last: it names what the files above hold.
@@ -89,9 +95,12 @@ pub fn load_weights(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Hash
 
 /// [`load_weights`] from a weights file anywhere (a model version's, for instance).
 pub fn load_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let tensors = candle_core::safetensors::load(path, device).with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
+    let tensors = candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-        let t = tensors.get(name).with_context(|| format!("{} has no tensor '{name}': it does not match the run config", path.display()))?;
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("{} has no tensor '{name}': it does not match the run config", path.display()))?;
         anyhow::ensure!(
             t.dims() == var.dims(),
             "{}: '{name}' has shape {:?}, the model expects {:?}",
@@ -106,11 +115,13 @@ pub fn load_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Resul
 
 pub fn load_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let path = dir.join(OPTIMIZER_FILE);
-    candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("cannot read optimiser state {}", path.display()))
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("cannot read optimiser state {}", path.display()))
 }
 
 pub fn load_state(dir: &Path) -> Result<RunState> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}: is this a run folder?", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}: is this a run folder?", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid run state", path.display()))
 }

@@ -140,11 +140,23 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.encoder.validate()?;
-        ensure!(self.batch_size >= 2, "batch size must be at least 2 (contrastive losses need negatives), got {}", self.batch_size);
+        ensure!(
+            self.batch_size >= 2,
+            "batch size must be at least 2 (contrastive losses need negatives), got {}",
+            self.batch_size
+        );
         ensure!(self.epochs >= 1, "epochs must be at least 1");
-        ensure!(self.learning_rate > 0.0 && self.learning_rate.is_finite(), "learning rate must be positive, got {}", self.learning_rate);
+        ensure!(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "learning rate must be positive, got {}",
+            self.learning_rate
+        );
         ensure!(!self.projector_dims.is_empty(), "the projector needs at least one layer size");
-        ensure!(self.augment.len() == 2, "methods here train on two views; got {} augmentation pipelines", self.augment.len());
+        ensure!(
+            self.augment.len() == 2,
+            "methods here train on two views; got {} augmentation pipelines",
+            self.augment.len()
+        );
         Ok(())
     }
 
@@ -153,7 +165,8 @@ impl TrainConfig {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))
     }
 }

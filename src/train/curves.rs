@@ -221,7 +221,11 @@ fn draw_text(image: &mut RgbImage, x: i32, y: i32, text: &str, scale: i32, colou
 /// The 5x7 pattern of a character (`#` = ink); lower case maps to upper case, unknown to `?`.
 fn glyph(character: char) -> &'static [&'static str; 7] {
     let wanted = character.to_ascii_uppercase();
-    FONT.iter().find(|(c, _)| *c == wanted).or_else(|| FONT.iter().find(|(c, _)| *c == '?')).map(|(_, rows)| rows).unwrap()
+    FONT.iter()
+        .find(|(c, _)| *c == wanted)
+        .or_else(|| FONT.iter().find(|(c, _)| *c == '?'))
+        .map(|(_, rows)| rows)
+        .unwrap()
 }
 
 /// A 5x7 bitmap font, one character per line, rows top to bottom.

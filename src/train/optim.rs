@@ -43,7 +43,9 @@ impl OptimizerConfig {
 
     pub fn set_weight_decay(&mut self, value: f64) {
         match self {
-            Self::Sgd { weight_decay, .. } | Self::Lars { weight_decay, .. } | Self::AdamW { weight_decay, .. } => *weight_decay = value,
+            Self::Sgd { weight_decay, .. } | Self::Lars { weight_decay, .. } | Self::AdamW { weight_decay, .. } => {
+                *weight_decay = value
+            }
         }
     }
 }
@@ -66,7 +68,8 @@ pub struct Optimizer {
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
-        let params = params.into_iter().map(|(name, var)| Param { name, var, lr_scale: 1.0, state: Vec::new() }).collect();
+        let params =
+            params.into_iter().map(|(name, var)| Param { name, var, lr_scale: 1.0, state: Vec::new() }).collect();
         Self { config, params, steps: 0 }
     }
 
@@ -96,7 +99,11 @@ impl Optimizer {
                 OptimizerConfig::Sgd { momentum, weight_decay, nesterov } => {
                     let g = with_decay(grad, theta, weight_decay)?;
                     let buf = momentum_buffer(&mut param.state, &g, momentum)?;
-                    if nesterov { (g + (&buf * momentum)?)? } else { buf }
+                    if nesterov {
+                        (g + (&buf * momentum)?)?
+                    } else {
+                        buf
+                    }
                 }
                 OptimizerConfig::Lars { momentum, weight_decay, trust_coefficient } => {
                     let g = if is_vector {
@@ -104,7 +111,8 @@ impl Optimizer {
                     } else {
                         let g = with_decay(grad, theta, weight_decay)?;
                         let (w_norm, g_norm) = (l2_norm(theta)?, l2_norm(&g)?);
-                        let trust = if w_norm > 0.0 && g_norm > 0.0 { trust_coefficient * w_norm / g_norm } else { 1.0 };
+                        let trust =
+                            if w_norm > 0.0 && g_norm > 0.0 { trust_coefficient * w_norm / g_norm } else { 1.0 };
                         (g * trust)?
                     };
                     momentum_buffer(&mut param.state, &g, momentum)?
@@ -119,7 +127,11 @@ impl Optimizer {
                     let v_hat = (&v / (1.0 - beta2.powi(t)))?;
                     param.state = vec![m, v];
                     let adam = (m_hat / (v_hat.sqrt()? + eps)?)?;
-                    if is_vector { adam } else { (adam + (theta * weight_decay)?)? }
+                    if is_vector {
+                        adam
+                    } else {
+                        (adam + (theta * weight_decay)?)?
+                    }
                 }
             };
             param.var.set(&(theta - (update * (lr * param.lr_scale))?)?)?;

@@ -201,7 +201,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         state.batch_in_epoch = 0;
 
         let every = config.monitor.knn_every_epochs;
-        if let Some(test_set) = test_set.as_ref().filter(|_| every > 0 && (state.epoch % every == 0 || state.epoch == config.epochs)) {
+        if let Some(test_set) =
+            test_set.as_ref().filter(|_| every > 0 && (state.epoch % every == 0 || state.epoch == config.epochs))
+        {
             let accuracy = monitor_knn(&model, &train_set, test_set, &config.monitor)?;
             state.knn_history.push((state.epoch, accuracy));
             bar.println(format!("epoch {}: k-NN accuracy {accuracy:.4}", state.epoch));
@@ -270,9 +272,15 @@ fn view_pipelines(config: &TrainConfig) -> Vec<Arc<Pipeline>> {
     config.augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect()
 }
 
-fn monitor_knn(model: &Model, train_set: &Dataset, test_set: &Dataset, monitor: &super::config::MonitorConfig) -> Result<f64> {
+fn monitor_knn(
+    model: &Model,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    monitor: &super::config::MonitorConfig,
+) -> Result<f64> {
     // Copies only where a limit asks for a smaller set.
-    let (train_head, test_head) = (monitor.knn_train_limit.map(|n| train_set.head(n)), monitor.knn_test_limit.map(|n| test_set.head(n)));
+    let (train_head, test_head) =
+        (monitor.knn_train_limit.map(|n| train_set.head(n)), monitor.knn_test_limit.map(|n| test_set.head(n)));
     let (train_set, test_set) = (train_head.as_ref().unwrap_or(train_set), test_head.as_ref().unwrap_or(test_set));
     let (train_features, test_features) = (model.encode(train_set)?, model.encode(test_set)?);
     eval::knn_accuracy(
@@ -321,7 +329,13 @@ pub fn evaluate(model: &Model, train_set: &Dataset, test_set: &Dataset, full: bo
 fn augmented_pair_features(model: &Model, dataset: &Dataset) -> Result<(Tensor, Tensor)> {
     let subset = Arc::new(dataset.head(2048));
     let pipelines = view_pipelines(&model.config);
-    let config = LoaderConfig { batch_size: subset.len(), seed: model.config.seed ^ 0xa11, shuffle: false, drop_last: false, prefetch: 1 };
+    let config = LoaderConfig {
+        batch_size: subset.len(),
+        seed: model.config.seed ^ 0xa11,
+        shuffle: false,
+        drop_last: false,
+        prefetch: 1,
+    };
     let batch = BatchLoader::spawn(subset.clone(), pipelines, config, 0).next().context("no batch for alignment")?;
     let mut features = Vec::new();
     for view in &batch.views {
@@ -334,7 +348,8 @@ fn augmented_pair_features(model: &Model, dataset: &Dataset) -> Result<(Tensor, 
 fn draw_curves(dir: &Path, config: &TrainConfig, state: &RunState) {
     let title = format!("{}, batch {}", config.method.name(), config.batch_size);
     let acc: Vec<(f64, f64)> = state.knn_history.iter().map(|&(e, a)| (e as f64, a)).collect();
-    if let Err(err) = super::curves::draw_curves(&dir.join(checkpoint::CURVES_FILE), &state.loss_history, &acc, &title) {
+    if let Err(err) = super::curves::draw_curves(&dir.join(checkpoint::CURVES_FILE), &state.loss_history, &acc, &title)
+    {
         tracing::warn!("could not draw the training curves: {err:#}");
     }
 }

@@ -158,7 +158,8 @@ pub fn read_listening_addr(child: &mut Child, log: &Path, timeout: Duration) -> 
         }
     };
     let stdout = reader.join().unwrap();
-    let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("first stdout line {line:?} is not JSON: {e}"));
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("first stdout line {line:?} is not JSON: {e}"));
     let addr = value["listening"].as_str().unwrap_or_else(|| panic!("no \"listening\" in {line:?}")).to_string();
     assert!(addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"), "listening on {addr}");
     (addr, stdout)

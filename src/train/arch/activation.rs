@@ -26,11 +26,13 @@ fn contiguous<'a, T: WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Res
 fn zip_map<T: WithDType>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let len = a.len().min(b.len());
     let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len].par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(out, (a, b))| {
-        out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
-            o.write(f(a, b));
-        });
-    });
+    out.spare_capacity_mut()[..len].par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(
+        |(out, (a, b))| {
+            out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| {
+                o.write(f(a, b));
+            });
+        },
+    );
     // SAFETY: the chunks tile 0..len and every element of each was written above.
     unsafe { out.set_len(len) };
     out
@@ -132,7 +134,9 @@ impl CustomOp2 for AddRelu {
 
 /// Whether the custom ops apply: CPU f32/f64 with the custom-op backend.
 fn is_cpu_float(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64) && default_backend() == ConvBackend::Im2col
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && default_backend() == ConvBackend::Im2col
 }
 
 /// `max(0, x)`; on CPU f32/f64 its backward is one pass (candle's takes four).
@@ -159,13 +163,27 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     #[test]
     fn relu_matches_candle_in_values_and_gradients() {
         for dtype in [DType::F32, DType::F64] {
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 4, 5, 7), &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let x = Var::from_tensor(
+                &Tensor::randn(0f64, 1.0, (3, 4, 5, 7), &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
+            )
+            .unwrap();
             let probe = Tensor::randn(0f64, 1.0, (3, 4, 5, 7), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
             let (ours, theirs) = (relu(&x).unwrap(), x.relu().unwrap());
             assert_eq!(max_abs_diff(&ours, &theirs), 0.0);

@@ -72,7 +72,12 @@ impl BatchNorm2d {
         let bias = g.tensor(&format!("{name}.bias"), self.bias())?;
         let mean = g.tensor(&format!("{name}.running_mean"), self.running_mean())?;
         let var = g.tensor(&format!("{name}.running_var"), self.running_var())?;
-        g.node("BatchNormalization", &[input, &scale, &bias, &mean, &var], name, &[("epsilon", Attr::Float(self.eps as f32))])
+        g.node(
+            "BatchNormalization",
+            &[input, &scale, &bias, &mean, &var],
+            name,
+            &[("epsilon", Attr::Float(self.eps as f32))],
+        )
     }
 
     /// `γ·(x − μ)/√(σ² + ε) + β` over `x: [N, C, …]`, with batch statistics (and a running-average
@@ -156,7 +161,18 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Batch norm with batch statistics written from primitive candle ops (autograd through
@@ -168,7 +184,11 @@ mod tests {
         let centred = xt.broadcast_sub(&mean).unwrap();
         let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
         let normalised = centred.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
-        let y = normalised.broadcast_mul(&gamma.reshape((c, 1)).unwrap()).unwrap().broadcast_add(&beta.reshape((c, 1)).unwrap()).unwrap();
+        let y = normalised
+            .broadcast_mul(&gamma.reshape((c, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&beta.reshape((c, 1)).unwrap())
+            .unwrap();
         let mut dims = x.dims().to_vec();
         dims.swap(0, 1);
         let y = y.reshape(dims).unwrap().transpose(0, 1).unwrap();
@@ -185,10 +205,14 @@ mod tests {
         let c = dims[1];
         let (_varmap, bn) = layer(c, dtype);
         // Non-trivial γ and β; x with a large mean to exercise the shifted sums.
-        let gamma = Var::from_tensor(&(Tensor::randn(0f64, 1.0, c, &device).unwrap().to_dtype(dtype).unwrap())).unwrap();
+        let gamma =
+            Var::from_tensor(&(Tensor::randn(0f64, 1.0, c, &device).unwrap().to_dtype(dtype).unwrap())).unwrap();
         let beta = Var::from_tensor(&(Tensor::randn(0f64, 1.0, c, &device).unwrap().to_dtype(dtype).unwrap())).unwrap();
         let bn = BatchNorm2d { weight: gamma.as_tensor().clone(), bias: beta.as_tensor().clone(), ..bn };
-        let x = Var::from_tensor(&((Tensor::randn(0f64, 2.0, dims, &device).unwrap() + 3.0).unwrap().to_dtype(dtype).unwrap())).unwrap();
+        let x = Var::from_tensor(
+            &((Tensor::randn(0f64, 2.0, dims, &device).unwrap() + 3.0).unwrap().to_dtype(dtype).unwrap()),
+        )
+        .unwrap();
         let actual = if relu { bn.forward_t_relu(&x, true).unwrap() } else { bn.forward_t(&x, true).unwrap() };
         let expected = reference(&x, &gamma, &beta, bn.eps(), relu);
         let case = format!("{dims:?} relu {relu} {dtype:?}");
@@ -245,7 +269,11 @@ mod tests {
                     loss(&args[0], &args[1], &args[2]).to_scalar::<f64>().unwrap()
                 };
                 let numeric = (at(h) - at(-h)) / (2.0 * h);
-                assert!((numeric - analytic[i]).abs() < 1e-7, "argument {which} entry {i}: {numeric} vs {}", analytic[i]);
+                assert!(
+                    (numeric - analytic[i]).abs() < 1e-7,
+                    "argument {which} entry {i}: {numeric} vs {}",
+                    analytic[i]
+                );
             }
         }
     }
@@ -281,7 +309,8 @@ mod tests {
         let y = bn.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         assert!((y[0] - 2.0 / (4.0f64 + 1e-5).sqrt()).abs() < 1e-12, "{y:?}");
         assert!((y[1] - 2.0 / (0.25f64 + 1e-5).sqrt()).abs() < 1e-12, "{y:?}");
-        let y = bn.forward_t_relu(&(x * -1.0).unwrap(), false).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let y =
+            bn.forward_t_relu(&(x * -1.0).unwrap(), false).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         // Channel 0: (−3 − 1)/2 < 0 is cut; channel 1: (0 + 2)/0.5 passes.
         assert_eq!(y[0], 0.0);
         assert!((y[1] - 2.0 / (0.25f64 + 1e-5).sqrt()).abs() < 1e-12, "{y:?}");

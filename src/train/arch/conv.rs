@@ -44,7 +44,14 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Kaiming-normal (fan-out, ReLU) initialisation, as torchvision's ResNet.
-    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let fan_out = (out_channels * kernel * kernel) as f64;
         let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() };
         let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
@@ -64,7 +71,13 @@ impl Conv2d {
 
     /// Emits this convolution as an ONNX `Conv` node named `name`, with the evaluation-mode
     /// batch norm that follows it folded into its kernel and bias when given.
-    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str, folded: Option<&BatchNorm2d>) -> ExportResult<String> {
+    pub fn to_onnx(
+        &self,
+        g: &mut GraphBuilder,
+        input: &str,
+        name: &str,
+        folded: Option<&BatchNorm2d>,
+    ) -> ExportResult<String> {
         let (out_channels, _, kernel, _) = self.weight.dims4()?;
         let mut inputs = vec![input.to_string()];
         match folded {
@@ -82,7 +95,11 @@ impl Conv2d {
             "Conv",
             &inputs,
             name,
-            &[("kernel_shape", Attr::Ints(vec![k, k])), ("strides", Attr::Ints(vec![s, s])), ("pads", Attr::Ints(vec![p, p, p, p]))],
+            &[
+                ("kernel_shape", Attr::Ints(vec![k, k])),
+                ("strides", Attr::Ints(vec![s, s])),
+                ("pads", Attr::Ints(vec![p, p, p, p])),
+            ],
         )
     }
 

@@ -56,16 +56,35 @@ impl CustomOp3 for ConvBnTrain {
         "fused-conv-batch-norm-train"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = ConvGeometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let channels = g.out_channels;
         if l3.shape().elem_count() != 2 * channels {
-            bail!("fused conv + batch norm: {} output channels but {} batch-norm parameters (expected γ and β)", channels, l3.shape().elem_count())
+            bail!(
+                "fused conv + batch norm: {} output channels but {} batch-norm parameters (expected γ and β)",
+                channels,
+                l3.shape().elem_count()
+            )
         }
         let z = conv_forward_storage(&g, (s1, l1), (s2, l2))?;
         let output_shape = g.output_shape();
         let (gamma, beta) = (l3.narrow(0, 0, channels)?, l3.narrow(0, channels, channels)?);
-        let (y, stats) = train_forward_storage((&z, 0, output_shape.elem_count()), output_shape.dims(), (s3, &gamma), (s3, &beta), self.eps, self.relu)?;
+        let (y, stats) = train_forward_storage(
+            (&z, 0, output_shape.elem_count()),
+            output_shape.dims(),
+            (s3, &gamma),
+            (s3, &beta),
+            self.eps,
+            self.relu,
+        )?;
         let conv_output = match z {
             CpuStorage::F32(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
             CpuStorage::F64(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
@@ -75,14 +94,22 @@ impl CustomOp3 for ConvBnTrain {
         Ok((y, output_shape))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, gamma_beta: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gamma_beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (conv_output, stats) = match self.saved.lock().expect("conv-bn state lock").as_ref() {
             Some(saved) => (saved.conv_output.clone(), saved.stats.clone()),
             None => bail!("fused conv + batch norm: backward called before forward"),
         };
         let (dz, d_gamma, d_beta) = train_backward(&conv_output, y, dy, stats, self.relu)?;
         let (dx, dw) = conv_backward(x, w, &dz, ConvGeometry::new(x.dims(), w.dims(), self.stride, self.padding)?)?;
-        let d_gamma_beta = Tensor::from_vec([d_gamma, d_beta].concat(), gamma_beta.dims(), x.device())?.to_dtype(gamma_beta.dtype())?;
+        let d_gamma_beta = Tensor::from_vec([d_gamma, d_beta].concat(), gamma_beta.dims(), x.device())?
+            .to_dtype(gamma_beta.dtype())?;
         Ok((dx, dw, Some(d_gamma_beta)))
     }
 }
@@ -94,15 +121,36 @@ mod tests {
     use candle_nn::{VarBuilder, VarMap};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
     }
 
     /// Two identical (conv, bn) pairs: one runs fused, the other as two ops.
-    fn pairs(c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize, dtype: DType) -> (VarMap, [(Conv2d, BatchNorm2d); 2]) {
+    fn pairs(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        dtype: DType,
+    ) -> (VarMap, [(Conv2d, BatchNorm2d); 2]) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
         let make = |name: &str| -> (Conv2d, BatchNorm2d) {
-            (Conv2d::new(vb.pp(name).pp("conv"), c_in, c_out, kernel, stride, padding).unwrap(), BatchNorm2d::new(vb.pp(name).pp("bn"), c_out).unwrap())
+            (
+                Conv2d::new(vb.pp(name).pp("conv"), c_in, c_out, kernel, stride, padding).unwrap(),
+                BatchNorm2d::new(vb.pp(name).pp("bn"), c_out).unwrap(),
+            )
         };
         let (a, b) = (make("fused"), make("separate"));
         // Same weights and a non-trivial γ, β in both.
@@ -119,15 +167,27 @@ mod tests {
 
     #[test]
     fn fused_equals_conv_then_batch_norm_in_values_gradients_and_running_stats() {
-        let cases = [(3, 4, 3, 1, 1, (3, 3, 7, 6)), (2, 5, 3, 2, 1, (2, 2, 9, 9)), (4, 3, 1, 2, 0, (3, 4, 6, 6)), (1, 3, 3, 1, 0, (1, 1, 5, 5))];
+        let cases = [
+            (3, 4, 3, 1, 1, (3, 3, 7, 6)),
+            (2, 5, 3, 2, 1, (2, 2, 9, 9)),
+            (4, 3, 1, 2, 0, (3, 4, 6, 6)),
+            (1, 3, 3, 1, 0, (1, 1, 5, 5)),
+        ];
         for (dtype, tolerance) in [(DType::F64, 1e-10), (DType::F32, 1e-3)] {
             for relu in [false, true] {
                 for (c_in, c_out, kernel, stride, padding, dims) in cases {
                     let (_varmap, [fused, separate]) = pairs(c_in, c_out, kernel, stride, padding, dtype);
-                    let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+                    let x = Var::from_tensor(
+                        &Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
+                    )
+                    .unwrap();
                     let a = conv_bn_t(&fused.0, &fused.1, &x, true, relu).unwrap();
                     let z = separate.0.forward(&x).unwrap();
-                    let b = if relu { separate.1.forward_t_relu(&z, true).unwrap() } else { separate.1.forward_t(&z, true).unwrap() };
+                    let b = if relu {
+                        separate.1.forward_t_relu(&z, true).unwrap()
+                    } else {
+                        separate.1.forward_t(&z, true).unwrap()
+                    };
                     let case = format!("{dtype:?} relu {relu} {dims:?} -> {c_out} k{kernel} s{stride} p{padding}");
                     assert!(max_abs_diff(&a, &b) < tolerance, "{case}: values");
                     let probe = Tensor::randn(0f64, 1.0, a.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
@@ -142,7 +202,11 @@ mod tests {
                         (fused.1.running_mean(), separate.1.running_mean(), "running mean"),
                         (fused.1.running_var(), separate.1.running_var(), "running variance"),
                     ] {
-                        let (va, vb) = if what.starts_with("running") { (ta.clone(), tb.clone()) } else { (grad(&ga, ta), grad(&gb, tb)) };
+                        let (va, vb) = if what.starts_with("running") {
+                            (ta.clone(), tb.clone())
+                        } else {
+                            (grad(&ga, ta), grad(&gb, tb))
+                        };
                         assert!(max_abs_diff(&va, &vb) < tolerance, "{case}: {what}");
                     }
                 }

@@ -99,7 +99,9 @@ fn gradient_sums<T: WithDType>(x: &[T], relu_output: Option<&[T]>, dy: &[T], mea
     match relu_output {
         Some(y) => {
             let mask = |y: T, dy: T| if y > zero { dy } else { zero };
-            for ((x, y), dy) in x[..whole].chunks_exact(LANES).zip(y[..whole].chunks_exact(LANES)).zip(dy[..whole].chunks_exact(LANES)) {
+            for ((x, y), dy) in
+                x[..whole].chunks_exact(LANES).zip(y[..whole].chunks_exact(LANES)).zip(dy[..whole].chunks_exact(LANES))
+            {
                 for lane in 0..LANES {
                     add(lane, x[lane], mask(y[lane], dy[lane]));
                 }
@@ -175,22 +177,39 @@ fn normalise<T: WithDType>(layout: ChannelLayout, x: &[T], scale: &[T], shift: &
     })
 }
 
-fn forward<T: WithDType>(layout: ChannelLayout, x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> (Vec<T>, BatchStatistics) {
+fn forward<T: WithDType>(
+    layout: ChannelLayout,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    relu: bool,
+) -> (Vec<T>, BatchStatistics) {
     let stats = batch_statistics(layout, x, gamma, eps);
     let scale: Vec<f64> = (0..layout.channels).map(|c| stats.gamma[c] * stats.inv_std[c]).collect();
-    let shift: Vec<T> = (0..layout.channels).map(|c| T::from_f64(beta[c].to_f64() - stats.mean[c] * scale[c])).collect();
+    let shift: Vec<T> =
+        (0..layout.channels).map(|c| T::from_f64(beta[c].to_f64() - stats.mean[c] * scale[c])).collect();
     let scale: Vec<T> = scale.into_iter().map(T::from_f64).collect();
     (normalise(layout, x, &scale, &shift, relu), stats)
 }
 
 /// `(dx, dγ, dβ)` from the forward's statistics.
-fn backward<T: WithDType>(layout: ChannelLayout, stats: &BatchStatistics, x: &[T], y: &[T], dy: &[T], relu: bool) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+fn backward<T: WithDType>(
+    layout: ChannelLayout,
+    stats: &BatchStatistics,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    relu: bool,
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     let (d_beta, sum_dot): (Vec<f64>, Vec<f64>) = (0..layout.channels)
         .into_par_iter()
         .map(|c| {
             let mean = T::from_f64(stats.mean[c]);
             (0..layout.images)
-                .map(|n| gradient_sums(layout.row(x, n, c), relu.then(|| layout.row(y, n, c)), layout.row(dy, n, c), mean))
+                .map(|n| {
+                    gradient_sums(layout.row(x, n, c), relu.then(|| layout.row(y, n, c)), layout.row(dy, n, c), mean)
+                })
                 .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
         })
         .unzip();
@@ -209,7 +228,8 @@ fn backward<T: WithDType>(layout: ChannelLayout, stats: &BatchStatistics, x: &[T
     let (image_len, plane) = ((layout.channels * layout.plane).max(1), layout.plane.max(1));
     let dx = par_build(x.len(), image_len, |n, dx_image| {
         let start = n * image_len;
-        let (x_image, y_image, dy_image) = (&x[start..][..dx_image.len()], &y[start..][..dx_image.len()], &dy[start..][..dx_image.len()]);
+        let (x_image, y_image, dy_image) =
+            (&x[start..][..dx_image.len()], &y[start..][..dx_image.len()], &dy[start..][..dx_image.len()]);
         for (c, dx_row) in dx_image.chunks_mut(plane).enumerate() {
             let (k_dy, k_x, k_1) = coefficients[c];
             let row = c * plane..c * plane + dx_row.len();
@@ -248,14 +268,29 @@ impl CustomOp3 for BatchNormTrain {
         "fused-batch-norm-train"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_storage(s1, l1, "input")?;
         let (y, stats) = train_forward_storage(x, l1.dims(), (s2, l2), (s3, l3), self.eps, self.relu)?;
         *self.statistics.lock().expect("batch-norm statistics lock") = Some(stats);
         Ok((y, l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, gamma: &Tensor, beta: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.statistics.lock().expect("batch-norm statistics lock").clone() else {
             bail!("fused batch norm: backward called before forward")
         };
@@ -287,20 +322,46 @@ pub(crate) fn train_forward_storage(
     eps: f64,
     relu: bool,
 ) -> Result<(CpuStorage, BatchStatistics)> {
-    fn run<T: WithDType>(layout: ChannelLayout, x: &[T], gamma: &[T], beta: &[T], eps: f64, relu: bool) -> Result<(Vec<T>, BatchStatistics)> {
+    fn run<T: WithDType>(
+        layout: ChannelLayout,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        eps: f64,
+        relu: bool,
+    ) -> Result<(Vec<T>, BatchStatistics)> {
         if gamma.len() != layout.channels || beta.len() != layout.channels {
-            bail!("batch norm: input has {} channels but weight and bias have {} and {}", layout.channels, gamma.len(), beta.len())
+            bail!(
+                "batch norm: input has {} channels but weight and bias have {} and {}",
+                layout.channels,
+                gamma.len(),
+                beta.len()
+            )
         }
         Ok(forward(layout, x, gamma, beta, eps, relu))
     }
     let layout = ChannelLayout::new(dims)?;
     Ok(match (x, gamma, beta) {
         (CpuStorage::F32(x), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            let (y, stats) = run(layout, &x[start..end], contiguous(gamma, l_gamma, "weight")?, contiguous(beta, l_beta, "bias")?, eps, relu)?;
+            let (y, stats) = run(
+                layout,
+                &x[start..end],
+                contiguous(gamma, l_gamma, "weight")?,
+                contiguous(beta, l_beta, "bias")?,
+                eps,
+                relu,
+            )?;
             (CpuStorage::F32(y), stats)
         }
         (CpuStorage::F64(x), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-            let (y, stats) = run(layout, &x[start..end], contiguous(gamma, l_gamma, "weight")?, contiguous(beta, l_beta, "bias")?, eps, relu)?;
+            let (y, stats) = run(
+                layout,
+                &x[start..end],
+                contiguous(gamma, l_gamma, "weight")?,
+                contiguous(beta, l_beta, "bias")?,
+                eps,
+                relu,
+            )?;
             (CpuStorage::F64(y), stats)
         }
         _ => bail!(
@@ -314,7 +375,13 @@ pub(crate) fn train_forward_storage(
 
 /// The training backward: `(dx, dγ, dβ)` from the forward's input `x`, output `y`, statistics,
 /// and the output gradient `dy`.
-pub(crate) fn train_backward(x: &Tensor, y: &Tensor, dy: &Tensor, stats: BatchStatistics, relu: bool) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
+pub(crate) fn train_backward(
+    x: &Tensor,
+    y: &Tensor,
+    dy: &Tensor,
+    stats: BatchStatistics,
+    relu: bool,
+) -> Result<(Tensor, Vec<f64>, Vec<f64>)> {
     let parameter_grads = Arc::new(Mutex::new(None));
     let grad_op = BatchNormTrainGrad { relu, stats, parameter_grads: parameter_grads.clone() };
     let dx = x.contiguous()?.apply_op3_no_bwd(&y.contiguous()?, &dy.contiguous()?, &grad_op)?;
@@ -338,7 +405,12 @@ impl BatchNormTrainGrad {
     fn run<T: WithDType>(&self, lx: &Layout, x: &[T], y: &[T], dy: &[T]) -> Result<Vec<T>> {
         let layout = ChannelLayout::new(lx.dims())?;
         if y.len() != x.len() || dy.len() != x.len() {
-            bail!("fused batch norm backward: input, output and gradient sizes differ ({}, {}, {})", x.len(), y.len(), dy.len())
+            bail!(
+                "fused batch norm backward: input, output and gradient sizes differ ({}, {}, {})",
+                x.len(),
+                y.len(),
+                dy.len()
+            )
         }
         let (dx, d_gamma, d_beta) = backward(layout, &self.stats, x, y, dy, self.relu);
         *self.parameter_grads.lock().expect("batch-norm gradient lock") = Some((d_gamma, d_beta));
@@ -351,15 +423,34 @@ impl CustomOp3 for BatchNormTrainGrad {
         "fused-batch-norm-train-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let dx = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.run(l1, contiguous(s1, l1, "input")?, contiguous(s2, l2, "output")?, contiguous(s3, l3, "gradient")?)?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(self.run(l1, contiguous(s1, l1, "input")?, contiguous(s2, l2, "output")?, contiguous(s3, l3, "gradient")?)?)
-            }
-            _ => bail!("fused batch norm backward supports f32 or f64, got {:?}, {:?}, {:?}", s1.dtype(), s2.dtype(), s3.dtype()),
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                l1,
+                contiguous(s1, l1, "input")?,
+                contiguous(s2, l2, "output")?,
+                contiguous(s3, l3, "gradient")?,
+            )?),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                l1,
+                contiguous(s1, l1, "input")?,
+                contiguous(s2, l2, "output")?,
+                contiguous(s3, l3, "gradient")?,
+            )?),
+            _ => bail!(
+                "fused batch norm backward supports f32 or f64, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
         };
         Ok((dx, l1.shape().clone()))
     }
@@ -368,7 +459,13 @@ impl CustomOp3 for BatchNormTrainGrad {
 /// Training-mode batch norm of `x: [N, C, …]` with batch statistics, `[max(0, ·)]` when `relu`,
 /// as one op with its own backward; also returns the batch statistics (for running averages).
 /// CPU, f32 or f64 (`x`, `gamma`, `beta` of one dtype).
-pub fn batch_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<(Tensor, BatchStatistics)> {
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStatistics)> {
     if !x.device().is_cpu() {
         bail!("fused batch norm runs on the CPU only, got {:?}", x.device())
     }

@@ -148,7 +148,12 @@ impl ConvGeometry {
 /// Zeroes columns `..ow_lo` and `ow_hi..` of the output rows `oh_lo..oh_hi` of one column row.
 /// Column by column: these runs are a single element or two, and a per-row `fill` would cost
 /// a `memset` call each.
-fn zero_outside_columns<T: WithDType>(row: &mut [T], w_out: usize, (oh_lo, oh_hi): (usize, usize), (ow_lo, ow_hi): (usize, usize)) {
+fn zero_outside_columns<T: WithDType>(
+    row: &mut [T],
+    w_out: usize,
+    (oh_lo, oh_hi): (usize, usize),
+    (ow_lo, ow_hi): (usize, usize),
+) {
     let zero = T::from_f64(0.0);
     let rows = &mut row[oh_lo * w_out..oh_hi * w_out];
     for column in (0..ow_lo).chain(ow_hi..w_out) {
@@ -286,19 +291,30 @@ impl<'a, T> Operand<'a, T> {
 /// Reinterprets `&[T]` as `&[f32]` when `T` is `f32`.
 fn as_f32<T: 'static>(data: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 (same type id), so the slice's layout is identical.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) })
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts(data.as_ptr().cast(), data.len()) })
 }
 
 fn as_f32_mut<T: 'static>(data: &mut [T]) -> Option<&mut [f32]> {
     // SAFETY: as in `as_f32`.
-    (TypeId::of::<T>() == TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len()) })
+    (TypeId::of::<T>() == TypeId::of::<f32>())
+        .then(|| unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr().cast(), data.len()) })
 }
 
 /// `dst[m × n] (row-major) = [dst +] lhs[m × k] · rhs[k × n]`, single-threaded (callers run
 /// one product per image in parallel): the AVX-512 kernel for f32 where the CPU has it, else
 /// the `gemm` crate.
-fn matmul<T: WithDType>((m, n, k): (usize, usize, usize), dst: &mut [T], lhs: Operand<T>, rhs: Operand<T>, accumulate: bool) {
-    assert!(dst.len() >= m * n && lhs.data.len() >= lhs.extent(m, k) && rhs.data.len() >= rhs.extent(k, n), "matmul operands too short for {m}x{n}x{k}");
+fn matmul<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    lhs: Operand<T>,
+    rhs: Operand<T>,
+    accumulate: bool,
+) {
+    assert!(
+        dst.len() >= m * n && lhs.data.len() >= lhs.extent(m, k) && rhs.data.len() >= rhs.extent(k, n),
+        "matmul operands too short for {m}x{n}x{k}"
+    );
     if let (Some(a), Some(b), true) = (as_f32(lhs.data), as_f32(rhs.data), rhs.col_stride == 1) {
         let a = Strided { data: a, row_stride: lhs.row_stride, col_stride: lhs.col_stride };
         let b = Strided { data: b, row_stride: rhs.row_stride, col_stride: 1 };
@@ -338,21 +354,19 @@ fn conv_forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
     let (k_len, p_len) = (g.col_rows(), g.col_cols());
     let mut y = vec![T::from_f64(0.0); g.batch * g.output_image_len()];
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
-    y.par_chunks_mut(g.output_image_len().max(1))
-        .zip(x.par_chunks(g.input_image_len().max(1)))
-        .for_each_init(
-            || vec![T::from_f64(0.0); col_len],
-            |col, (y_image, x_image)| {
-                let col: &[T] = if g.col_is_image() {
-                    x_image
-                } else {
-                    im2col(g, x_image, col);
-                    col
-                };
-                // W is c_out × K, col is K × P.
-                matmul((g.out_channels, p_len, k_len), y_image, Operand::rows(w, k_len), Operand::rows(col, p_len), false);
-            },
-        );
+    y.par_chunks_mut(g.output_image_len().max(1)).zip(x.par_chunks(g.input_image_len().max(1))).for_each_init(
+        || vec![T::from_f64(0.0); col_len],
+        |col, (y_image, x_image)| {
+            let col: &[T] = if g.col_is_image() {
+                x_image
+            } else {
+                im2col(g, x_image, col);
+                col
+            };
+            // W is c_out × K, col is K × P.
+            matmul((g.out_channels, p_len, k_len), y_image, Operand::rows(w, k_len), Operand::rows(col, p_len), false);
+        },
+    );
     y
 }
 
@@ -361,22 +375,20 @@ fn conv_grad_input<T: WithDType>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> 
     let (k_len, p_len) = (g.col_rows(), g.col_cols());
     let mut dx = vec![T::from_f64(0.0); g.batch * g.input_image_len()];
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
-    dx.par_chunks_mut(g.input_image_len().max(1))
-        .zip(dy.par_chunks(g.output_image_len().max(1)))
-        .for_each_init(
-            || vec![T::from_f64(0.0); col_len],
-            |dcol, (dx_image, dy_image)| {
-                // Wᵀ is K × c_out, dY is c_out × P, dcol (or dx) is K × P.
-                let product = (k_len, p_len, g.out_channels);
-                let (lhs, rhs) = (Operand::transposed(w, k_len), Operand::rows(dy_image, p_len));
-                if g.col_is_image() {
-                    matmul(product, dx_image, lhs, rhs, false);
-                } else {
-                    matmul(product, dcol, lhs, rhs, false);
-                    col2im_add(g, dcol, dx_image);
-                }
-            },
-        );
+    dx.par_chunks_mut(g.input_image_len().max(1)).zip(dy.par_chunks(g.output_image_len().max(1))).for_each_init(
+        || vec![T::from_f64(0.0); col_len],
+        |dcol, (dx_image, dy_image)| {
+            // Wᵀ is K × c_out, dY is c_out × P, dcol (or dx) is K × P.
+            let product = (k_len, p_len, g.out_channels);
+            let (lhs, rhs) = (Operand::transposed(w, k_len), Operand::rows(dy_image, p_len));
+            if g.col_is_image() {
+                matmul(product, dx_image, lhs, rhs, false);
+            } else {
+                matmul(product, dcol, lhs, rhs, false);
+                col2im_add(g, dcol, dx_image);
+            }
+        },
+    );
     dx
 }
 
@@ -407,7 +419,13 @@ fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T>
                 let patches: &[T] = if g.col_is_image() { x_image } else { &col };
                 transpose_into(&dy[n * out_len..][..out_len], c_out, p_len, &mut dyt);
                 // col is K × P, dYᵀ is P × c_out.
-                matmul((k_len, c_out, p_len), &mut dwt, Operand::rows(patches, p_len), Operand::rows(&dyt, c_out), true);
+                matmul(
+                    (k_len, c_out, p_len),
+                    &mut dwt,
+                    Operand::rows(patches, p_len),
+                    Operand::rows(&dyt, c_out),
+                    true,
+                );
             }
             dwt
         })
@@ -472,13 +490,22 @@ impl CustomOp2 for Im2colConv2d {
 }
 
 /// The convolution of contiguous CPU storages `x` and `w` (f32 or f64).
-pub(crate) fn conv_forward_storage(g: &ConvGeometry, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout)) -> Result<CpuStorage> {
+pub(crate) fn conv_forward_storage(
+    g: &ConvGeometry,
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
     dispatch_float("im2col-conv2d", x, w, |x, w| conv_forward(g, x, w), |x, w| conv_forward(g, x, w))
 }
 
 /// `(dx, dw)` from the output gradient `dy`, each only where its operand tracks gradients
 /// (the stem's input is data).
-pub(crate) fn conv_backward(x: &Tensor, w: &Tensor, dy: &Tensor, geometry: ConvGeometry) -> Result<(Option<Tensor>, Option<Tensor>)> {
+pub(crate) fn conv_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    geometry: ConvGeometry,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dy = dy.contiguous()?;
     let dx = match x.track_op() {
         true => Some(dy.apply_op2_no_bwd(w, &Im2colConvGradInput { geometry })?),
@@ -565,11 +592,23 @@ mod tests {
     }
 
     /// Values and gradients (of `Σ y·r` for random `r`) of both implementations.
-    fn compare_with_candle(dims: (usize, usize, usize, usize), out_channels: usize, kernel: usize, stride: usize, padding: usize, dtype: DType, tolerance: f64) {
+    fn compare_with_candle(
+        dims: (usize, usize, usize, usize),
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        dtype: DType,
+        tolerance: f64,
+    ) {
         let device = Device::Cpu;
         let (n, c, h, w) = dims;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, c, h, w), &device).unwrap().to_dtype(dtype).unwrap()).unwrap();
-        let weight = Var::from_tensor(&Tensor::randn(0f64, 1.0, (out_channels, c, kernel, kernel), &device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (n, c, h, w), &device).unwrap().to_dtype(dtype).unwrap())
+            .unwrap();
+        let weight = Var::from_tensor(
+            &Tensor::randn(0f64, 1.0, (out_channels, c, kernel, kernel), &device).unwrap().to_dtype(dtype).unwrap(),
+        )
+        .unwrap();
         let expected = x.conv2d(&weight, padding, stride, 1, 1).unwrap();
         let actual = conv2d_im2col(&x, &weight, stride, padding).unwrap();
         let case = format!("{dims:?} -> {out_channels}, k{kernel} s{stride} p{padding} {dtype:?}");
@@ -632,9 +671,15 @@ mod tests {
         let (stride, padding) = (2, 1);
         let probe = Tensor::randn(0f64, 1.0, (2, 3, 3, 3), &device).unwrap();
         let loss = |x: &Tensor, w: &Tensor| {
-            (conv2d_im2col(x, w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (conv2d_im2col(x, w, stride, padding).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
-        let grads = (conv2d_im2col(&x, &w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads =
+            (conv2d_im2col(&x, &w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let h = 1e-4;
         for (var, is_input) in [(&x, true), (&w, false)] {
             let analytic = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -644,10 +689,18 @@ mod tests {
                     let mut v = values.clone();
                     v[i] += delta;
                     let t = Tensor::from_vec(v, var.shape(), &device).unwrap();
-                    if is_input { loss(&t, &w) } else { loss(&x, &t) }
+                    if is_input {
+                        loss(&t, &w)
+                    } else {
+                        loss(&x, &t)
+                    }
                 };
                 let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
-                assert!((numeric - analytic[i]).abs() < 1e-7, "entry {i} (input: {is_input}): {numeric} vs {}", analytic[i]);
+                assert!(
+                    (numeric - analytic[i]).abs() < 1e-7,
+                    "entry {i} (input: {is_input}): {numeric} vs {}",
+                    analytic[i]
+                );
             }
         }
     }

@@ -54,7 +54,8 @@ fn sample(init: Init, shape: &Shape, rng: &mut StdRng) -> Result<Vec<f32>> {
 /// variables (MoCo's initial queue).
 pub fn seeded_randn(rows: usize, cols: usize, seed: u64, name: &str, device: &Device) -> Result<Tensor> {
     let shape = Shape::from((rows, cols));
-    let values = sample(Init::Randn { mean: 0.0, stdev: 1.0 }, &shape, &mut StdRng::seed_from_u64(name_seed(seed, name)))?;
+    let values =
+        sample(Init::Randn { mean: 0.0, stdev: 1.0 }, &shape, &mut StdRng::seed_from_u64(name_seed(seed, name)))?;
     Tensor::from_vec(values, shape, device)
 }
 
@@ -103,7 +104,10 @@ mod tests {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, 0, &Device::Cpu);
         // fan-in 50, ReLU gain √2: bound = √3 · √2 / √50 = √(6/50).
-        let w = vb.get_with_hints((20, 50), "w", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?.flatten_all()?.to_vec1::<f32>()?;
+        let w = vb
+            .get_with_hints((20, 50), "w", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let bound = (6.0f32 / 50.0).sqrt();
         assert!(w.iter().all(|x| x.abs() <= bound) && w.iter().any(|x| x.abs() > 0.8 * bound));
         let c = vb.get_with_hints(3, "c", Init::Const(1.5))?.to_vec1::<f32>()?;

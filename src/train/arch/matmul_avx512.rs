@@ -37,7 +37,14 @@ pub struct Strided<'a> {
 ///
 /// # Panics
 /// If an operand's slice is too short for the sizes and strides.
-pub fn matmul_f32((m, n, k): (usize, usize, usize), a: Strided, b: Strided, c: &mut [f32], ldc: usize, accumulate: bool) -> bool {
+pub fn matmul_f32(
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> bool {
     if !available() || b.col_stride != 1 {
         return false;
     }
@@ -52,7 +59,19 @@ pub fn matmul_f32((m, n, k): (usize, usize, usize), a: Strided, b: Strided, c: &
     // SAFETY: AVX-512F is present (checked above) and every address the kernel touches lies
     // inside the slices (checked above; masked lanes are not accessed).
     unsafe {
-        kernel::matmul(m, n, k, a.data.as_ptr(), a.row_stride, a.col_stride, b.data.as_ptr(), b.row_stride, c.as_mut_ptr(), ldc, accumulate);
+        kernel::matmul(
+            m,
+            n,
+            k,
+            a.data.as_ptr(),
+            a.row_stride,
+            a.col_stride,
+            b.data.as_ptr(),
+            b.row_stride,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        );
     }
     true
 }
@@ -121,7 +140,13 @@ mod kernel {
         ldc: usize,
         accumulate: bool,
     ) {
-        let mask = |cols: usize| -> __mmask16 { if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as __mmask16 } };
+        let mask = |cols: usize| -> __mmask16 {
+            if cols >= 16 {
+                0xffff
+            } else {
+                ((1u32 << cols) - 1) as __mmask16
+            }
+        };
         for j in (0..n).step_by(TILE_COLS) {
             let cols = (n - j).min(TILE_COLS);
             let masks = (mask(cols), mask(cols.saturating_sub(16)));

@@ -75,7 +75,10 @@ impl BasicBlock {
         let bn2 = BatchNorm2d::new(vb.pp("bn2"), out_channels)?;
         let shortcut = if stride != 1 || in_channels != out_channels {
             let vb = vb.pp("shortcut");
-            Some((Conv2d::new(vb.pp("conv"), in_channels, out_channels, 1, stride, 0)?, BatchNorm2d::new(vb.pp("bn"), out_channels)?))
+            Some((
+                Conv2d::new(vb.pp("conv"), in_channels, out_channels, 1, stride, 0)?,
+                BatchNorm2d::new(vb.pp("bn"), out_channels)?,
+            ))
         } else {
             None
         };
@@ -125,7 +128,9 @@ impl ResNet {
         let stem_bn = BatchNorm2d::new(vb.pp("stem.bn"), stem_width)?;
         let mut blocks = Vec::new();
         let mut in_channels = stem_width;
-        for (stage, ((&width, &depth), &stride)) in config.widths.iter().zip(&config.blocks).zip(&config.strides).enumerate() {
+        for (stage, ((&width, &depth), &stride)) in
+            config.widths.iter().zip(&config.blocks).zip(&config.strides).enumerate()
+        {
             for block in 0..depth {
                 let vb = vb.pp(format!("stage{}.block{}", stage + 1, block + 1));
                 let stride = if block == 0 { stride } else { 1 };

@@ -29,10 +29,7 @@ mod tests {
     use candle_core::Var;
 
     fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-        (
-            vec![vec![1.0, 2.0, -0.5], vec![0.3, -0.7, 0.2]],
-            vec![vec![0.5, 1.0, 0.5], vec![-0.3, -0.2, 0.9]],
-        )
+        (vec![vec![1.0, 2.0, -0.5], vec![0.3, -0.7, 0.2]], vec![vec![0.5, 1.0, 0.5], vec![-0.3, -0.2, 0.9]])
     }
 
     #[test]
@@ -50,10 +47,8 @@ mod tests {
         let loss = byol(&matrix(&p), &matrix(&z))?.to_scalar::<f64>()?;
         assert!((loss - expected).abs() < 1e-12, "{loss} vs {expected}");
         // Hand values: identical directions give 0, opposite ones 4.
-        let aligned =
-            byol(&matrix(&[vec![1.0, 1.0]]), &matrix(&[vec![3.0, 3.0]]))?.to_scalar::<f64>()?;
-        let opposite =
-            byol(&matrix(&[vec![1.0, 0.0]]), &matrix(&[vec![-2.0, 0.0]]))?.to_scalar::<f64>()?;
+        let aligned = byol(&matrix(&[vec![1.0, 1.0]]), &matrix(&[vec![3.0, 3.0]]))?.to_scalar::<f64>()?;
+        let opposite = byol(&matrix(&[vec![1.0, 0.0]]), &matrix(&[vec![-2.0, 0.0]]))?.to_scalar::<f64>()?;
         assert!(aligned.abs() < 1e-12 && (opposite - 4.0).abs() < 1e-12);
         Ok(())
     }
@@ -61,13 +56,8 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences_and_stops_at_the_target() -> Result<()> {
         let (p, z) = example();
-        assert_gradients_match_finite_differences(&[matrix(&p), matrix(&z)], &[0], |x| {
-            byol(&x[0], &x[1])
-        });
-        let (p, z) = (
-            Var::from_tensor(&matrix(&p))?,
-            Var::from_tensor(&matrix(&z))?,
-        );
+        assert_gradients_match_finite_differences(&[matrix(&p), matrix(&z)], &[0], |x| byol(&x[0], &x[1]));
+        let (p, z) = (Var::from_tensor(&matrix(&p))?, Var::from_tensor(&matrix(&z))?);
         let grads = byol(p.as_tensor(), z.as_tensor())?.backward()?;
         assert!(grads.get(p.as_tensor()).is_some());
         assert!(grads.get(z.as_tensor()).is_none());

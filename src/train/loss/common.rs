@@ -42,10 +42,7 @@ pub fn diagonal_logit_mask(n: usize, dtype: DType, device: &candle_core::Device)
 /// Checks that `t` is a floating-point `[rows, cols]` matrix and returns its dimensions.
 pub fn expect_float_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {
-        bail!(
-            "{name} must be a floating-point tensor, got {:?}",
-            t.dtype()
-        )
+        bail!("{name} must be a floating-point tensor, got {:?}", t.dtype())
     }
     match t.dims() {
         [rows, cols] => Ok((*rows, *cols)),
@@ -56,11 +53,7 @@ pub fn expect_float_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {
 /// Checks that two matrices have the same shape (the two views of one batch, say).
 pub fn expect_same_shape(name_a: &str, a: &Tensor, name_b: &str, b: &Tensor) -> Result<()> {
     if a.dims() != b.dims() {
-        bail!(
-            "{name_a} and {name_b} must have the same shape, got {:?} and {:?}",
-            a.dims(),
-            b.dims()
-        )
+        bail!("{name_a} and {name_b} must have the same shape, got {:?} and {:?}", a.dims(), b.dims())
     }
     Ok(())
 }
@@ -89,10 +82,7 @@ mod tests {
 
     #[test]
     fn log_sum_exp_matches_direct_formula_and_survives_large_values() -> Result<()> {
-        let x = Tensor::new(
-            &[[1.0f64, 2.0, 3.0], [1000.0, 1000.0, MASKED_LOGIT]],
-            &Device::Cpu,
-        )?;
+        let x = Tensor::new(&[[1.0f64, 2.0, 3.0], [1000.0, 1000.0, MASKED_LOGIT]], &Device::Cpu)?;
         let lse = log_sum_exp_rows(&x)?.to_vec1::<f64>()?;
         let direct = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         assert!((lse[0] - direct).abs() < 1e-12);

@@ -15,8 +15,7 @@
 use candle_core::{Result, Tensor, D};
 
 use super::common::{
-    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
-    row_cosine, MASKED_LOGIT,
+    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows, row_cosine, MASKED_LOGIT,
 };
 use crate::train::pairs::{label_positive_mask, view_labels};
 
@@ -35,28 +34,17 @@ pub fn dclw(z1: &Tensor, z2: &Tensor, temperature: f64, sigma: f64) -> Result<Te
     let softmax = candle_nn::ops::softmax(&pair_cosine, 0)?;
     let weight = softmax.affine(-(batch as f64), 2.0)?;
     // Both views of sample i share its weight (view-major order).
-    decoupled(
-        z1,
-        z2,
-        temperature,
-        Some(&Tensor::cat(&[&weight, &weight], 0)?),
-    )
+    decoupled(z1, z2, temperature, Some(&Tensor::cat(&[&weight, &weight], 0)?))
 }
 
-fn decoupled(
-    z1: &Tensor,
-    z2: &Tensor,
-    temperature: f64,
-    positive_weight: Option<&Tensor>,
-) -> Result<Tensor> {
+fn decoupled(z1: &Tensor, z2: &Tensor, temperature: f64, positive_weight: Option<&Tensor>) -> Result<Tensor> {
     let (batch, _) = expect_float_matrix("z1", z1)?;
     expect_same_shape("z1", z1, "z2", z2)?;
     expect_positive("temperature", temperature)?;
     let views = 2 * batch;
     let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
     let logits = (z.matmul(&z.t()?)? / temperature)?;
-    let positives =
-        label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
+    let positives = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
     let mut positive_logit = (&logits * &positives)?.sum(D::Minus1)?;
     if let Some(weight) = positive_weight {
         positive_logit = (positive_logit * weight)?;
@@ -78,9 +66,7 @@ mod tests {
         let weights: Vec<f64> = match sigma {
             None => vec![1.0; n],
             Some(sigma) => {
-                let e: Vec<f64> = (0..n)
-                    .map(|i| (cosine(&z1[i], &z2[i]) / sigma).exp())
-                    .collect();
+                let e: Vec<f64> = (0..n).map(|i| (cosine(&z1[i], &z2[i]) / sigma).exp()).collect();
                 let total: f64 = e.iter().sum();
                 e.iter().map(|x| 2.0 - n as f64 * x / total).collect()
             }
@@ -89,10 +75,7 @@ mod tests {
         for i in 0..2 * n {
             let p = (i + n) % (2 * n);
             let s = |k: usize| cosine(views[i], views[k]) / temperature;
-            let negatives: f64 = (0..2 * n)
-                .filter(|&k| k != i && k != p)
-                .map(|k| s(k).exp())
-                .sum();
+            let negatives: f64 = (0..2 * n).filter(|&k| k != i && k != p).map(|k| s(k).exp()).sum();
             sum += -weights[i % n] * s(p) + negatives.ln();
         }
         sum / (2 * n) as f64
@@ -105,14 +88,8 @@ mod tests {
         assert!((dcl_value - reference(&z1, &z2, 0.1, None)).abs() < 1e-10);
         let dclw_value = dclw(&matrix(&z1), &matrix(&z2), 0.1, 0.5)?.to_scalar::<f64>()?;
         assert!((dclw_value - reference(&z1, &z2, 0.1, Some(0.5))).abs() < 1e-10);
-        let f32_value = dcl(
-            &matrix(&z1).to_dtype(DType::F32)?,
-            &matrix(&z2).to_dtype(DType::F32)?,
-            0.1,
-        )?;
-        assert!(
-            (f32_value.to_scalar::<f32>()? as f64 - reference(&z1, &z2, 0.1, None)).abs() < 1e-4
-        );
+        let f32_value = dcl(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?, 0.1)?;
+        assert!((f32_value.to_scalar::<f32>()? as f64 - reference(&z1, &z2, 0.1, None)).abs() < 1e-4);
         Ok(())
     }
 
@@ -138,9 +115,7 @@ mod tests {
         // as constants.
         let (z1, z2) = two_view_example();
         let (a, b) = (matrix(&z1), matrix(&z2));
-        let e: Vec<f64> = (0..3)
-            .map(|i| (cosine(&z1[i], &z2[i]) / 0.5).exp())
-            .collect();
+        let e: Vec<f64> = (0..3).map(|i| (cosine(&z1[i], &z2[i]) / 0.5).exp()).collect();
         let total: f64 = e.iter().sum();
         let w: Vec<f64> = (0..6).map(|i| 2.0 - 3.0 * e[i % 3] / total).collect();
         let weight = Tensor::new(w.as_slice(), a.device())?;
@@ -149,13 +124,11 @@ mod tests {
         });
         let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
         let dclw_grad = dclw(va.as_tensor(), vb.as_tensor(), 0.2, 0.5)?.backward()?;
-        let frozen_grad =
-            decoupled(va.as_tensor(), vb.as_tensor(), 0.2, Some(&weight))?.backward()?;
-        let difference = (dclw_grad.get(va.as_tensor()).unwrap()
-            - frozen_grad.get(va.as_tensor()).unwrap())?
-        .abs()?
-        .sum_all()?
-        .to_scalar::<f64>()?;
+        let frozen_grad = decoupled(va.as_tensor(), vb.as_tensor(), 0.2, Some(&weight))?.backward()?;
+        let difference = (dclw_grad.get(va.as_tensor()).unwrap() - frozen_grad.get(va.as_tensor()).unwrap())?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         assert!(difference < 1e-12, "{difference}");
         Ok(())
     }

@@ -20,12 +20,7 @@ use crate::train::pairs::{label_positive_mask, view_labels};
 
 /// The debiased contrastive loss of views `z1`, `z2` (`[N, D]`, normalised here) at `temperature`
 /// τ with class prior `tau_plus` τ⁺ ∈ [0, 1); mean over the 2N views.
-pub fn debiased_nt_xent(
-    z1: &Tensor,
-    z2: &Tensor,
-    temperature: f64,
-    tau_plus: f64,
-) -> Result<Tensor> {
+pub fn debiased_nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64, tau_plus: f64) -> Result<Tensor> {
     let (batch, _) = expect_float_matrix("z1", z1)?;
     expect_same_shape("z1", z1, "z2", z2)?;
     expect_positive("temperature", temperature)?;
@@ -42,14 +37,12 @@ pub fn debiased_nt_xent(
     // the common factor cancels in the ratio.
     let shifted_logits = ((z.matmul(&z.t()?)? - 1.0)? / temperature)?;
     let exp = shifted_logits.exp()?;
-    let positives =
-        label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
+    let positives = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
     let negatives = ((1.0 - Tensor::eye(views, z.dtype(), z.device())?)? - &positives)?;
     let positive_logit = (&shifted_logits * &positives)?.sum(D::Minus1)?;
     let positive_exp = (&exp * &positives)?.sum(D::Minus1)?;
     let negative_sum = (&exp * &negatives)?.sum(D::Minus1)?;
-    let corrected =
-        ((negative_sum - (&positive_exp * (negatives_per_view * tau_plus))?)? / (1.0 - tau_plus))?;
+    let corrected = ((negative_sum - (&positive_exp * (negatives_per_view * tau_plus))?)? / (1.0 - tau_plus))?;
     let floor = negatives_per_view * (-2.0 / temperature).exp(); // Q e^{−1/τ}, scaled by e^{−1/τ}
     let estimated_negatives = corrected.maximum(floor)?;
     ((positive_exp + estimated_negatives)?.log()? - positive_logit)?.mean_all()
@@ -72,8 +65,7 @@ mod tests {
             let p = (i + n) % (2 * n);
             let e = |k: usize| (cosine(views[i], views[k]) / temperature).exp();
             let negative_sum: f64 = (0..2 * n).filter(|&k| k != i && k != p).map(e).sum();
-            let ng = ((negative_sum - q * tau_plus * e(p)) / (1.0 - tau_plus))
-                .max(q * (-1.0 / temperature).exp());
+            let ng = ((negative_sum - q * tau_plus * e(p)) / (1.0 - tau_plus)).max(q * (-1.0 / temperature).exp());
             total += -(e(p) / (e(p) + ng)).ln();
         }
         total / (2 * n) as f64
@@ -85,20 +77,12 @@ mod tests {
         // At τ 0.5 (checked by hand on this example) τ⁺ 0.05 keeps every anchor's corrected sum
         // above the floor, τ⁺ 0.1 floors 4 of the 6 anchors, τ⁺ 0.9 floors all of them.
         for (temperature, tau_plus) in [(0.5, 0.05), (0.5, 0.1), (0.5, 0.9), (0.1, 0.1)] {
-            let value = debiased_nt_xent(&matrix(&z1), &matrix(&z2), temperature, tau_plus)?
-                .to_scalar::<f64>()?;
+            let value = debiased_nt_xent(&matrix(&z1), &matrix(&z2), temperature, tau_plus)?.to_scalar::<f64>()?;
             let expected = reference(&z1, &z2, temperature, tau_plus);
-            assert!(
-                (value - expected).abs() < 1e-10,
-                "τ {temperature} τ⁺ {tau_plus}: {value} vs {expected}"
-            );
+            assert!((value - expected).abs() < 1e-10, "τ {temperature} τ⁺ {tau_plus}: {value} vs {expected}");
         }
-        let value32 = debiased_nt_xent(
-            &matrix(&z1).to_dtype(DType::F32)?,
-            &matrix(&z2).to_dtype(DType::F32)?,
-            0.1,
-            0.1,
-        )?;
+        let value32 =
+            debiased_nt_xent(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?, 0.1, 0.1)?;
         assert!((value32.to_scalar::<f32>()? as f64 - reference(&z1, &z2, 0.1, 0.1)).abs() < 1e-4);
         Ok(())
     }
@@ -128,9 +112,7 @@ mod tests {
     #[test]
     fn rejects_a_class_prior_of_one() {
         let (z1, z2) = two_view_example();
-        let err = debiased_nt_xent(&matrix(&z1), &matrix(&z2), 0.5, 1.0)
-            .unwrap_err()
-            .to_string();
+        let err = debiased_nt_xent(&matrix(&z1), &matrix(&z2), 0.5, 1.0).unwrap_err().to_string();
         assert!(err.contains("tau_plus"), "{err}");
     }
 }

@@ -41,16 +41,10 @@ pub fn dino(
     let shape = expect_float_matrix("teacher[0]", &teacher[0])?;
     for (i, crop) in teacher.iter().chain(student).enumerate() {
         if expect_float_matrix("crop output", crop)? != shape {
-            bail!(
-                "every crop output must have shape {shape:?} like teacher[0]; crop {i} has {:?}",
-                crop.dims()
-            )
+            bail!("every crop output must have shape {shape:?} like teacher[0]; crop {i} has {:?}", crop.dims())
         }
     }
-    let center = center
-        .reshape((1, shape.1))?
-        .detach()
-        .to_dtype(teacher[0].dtype())?;
+    let center = center.reshape((1, shape.1))?.detach().to_dtype(teacher[0].dtype())?;
     let student_log_probabilities = student
         .iter()
         .map(|s| {
@@ -61,18 +55,12 @@ pub fn dino(
     let mut total: Option<Tensor> = None;
     let mut pairs = 0;
     for (teacher_crop, t) in teacher.iter().enumerate() {
-        let targets = candle_nn::ops::softmax(
-            &(t.detach().broadcast_sub(&center)? / teacher_temperature)?,
-            D::Minus1,
-        )?;
+        let targets = candle_nn::ops::softmax(&(t.detach().broadcast_sub(&center)? / teacher_temperature)?, D::Minus1)?;
         for (student_crop, log_probabilities) in student_log_probabilities.iter().enumerate() {
             if student_crop == teacher_crop {
                 continue;
             }
-            let cross_entropy = (&targets * log_probabilities)?
-                .sum(D::Minus1)?
-                .neg()?
-                .mean_all()?;
+            let cross_entropy = (&targets * log_probabilities)?.sum(D::Minus1)?.neg()?.mean_all()?;
             total = Some(match total {
                 None => cross_entropy,
                 Some(sum) => (sum + cross_entropy)?,
@@ -117,11 +105,7 @@ impl DinoCenter {
         }
         let outputs = Tensor::cat(teacher, 0)?.detach().to_dtype(DType::F32)?;
         if outputs.dims().len() != 2 || outputs.dims()[1] != self.center.dims()[0] {
-            bail!(
-                "teacher outputs must be [B, {}], got {:?}",
-                self.center.dims()[0],
-                teacher[0].dims()
-            )
+            bail!("teacher outputs must be [B, {}], got {:?}", self.center.dims()[0], teacher[0].dims())
         }
         let batch_mean = outputs.mean(0)?;
         self.center = ((&self.center * self.momentum)? + (batch_mean * (1.0 - self.momentum))?)?;
@@ -140,13 +124,7 @@ mod tests {
         row.iter().map(|x| (x - lse).exp()).collect()
     }
 
-    fn reference(
-        student: &[Vec<Vec<f64>>],
-        teacher: &[Vec<Vec<f64>>],
-        center: &[f64],
-        ts: f64,
-        tt: f64,
-    ) -> f64 {
+    fn reference(student: &[Vec<Vec<f64>>], teacher: &[Vec<Vec<f64>>], center: &[f64], ts: f64, tt: f64) -> f64 {
         let (mut total, mut pairs) = (0.0, 0);
         for (it, t) in teacher.iter().enumerate() {
             for (is, s) in student.iter().enumerate() {
@@ -155,19 +133,11 @@ mod tests {
                 }
                 let mut sum = 0.0;
                 for (t_row, s_row) in t.iter().zip(s) {
-                    let centred: Vec<f64> = t_row
-                        .iter()
-                        .zip(center)
-                        .map(|(x, c)| (x - c) / tt)
-                        .collect();
+                    let centred: Vec<f64> = t_row.iter().zip(center).map(|(x, c)| (x - c) / tt).collect();
                     let target = softmax(&centred);
                     let scaled: Vec<f64> = s_row.iter().map(|x| x / ts).collect();
                     let lse = log_sum_exp(&scaled);
-                    sum += -target
-                        .iter()
-                        .zip(&scaled)
-                        .map(|(p, x)| p * (x - lse))
-                        .sum::<f64>();
+                    sum += -target.iter().zip(&scaled).map(|(p, x)| p * (x - lse)).sum::<f64>();
                 }
                 total += sum / t.len() as f64;
                 pairs += 1;
@@ -183,10 +153,8 @@ mod tests {
             vec![vec![0.2, 0.1, 0.0], vec![-0.6, 0.4, 0.9]],
             vec![vec![1.0, -1.0, 0.3], vec![0.0, 0.2, -0.2]],
         ];
-        let teacher = vec![
-            vec![vec![0.4, -0.1, 0.2], vec![0.1, 0.7, -0.3]],
-            vec![vec![0.3, 0.0, 0.1], vec![-0.5, 0.3, 0.8]],
-        ];
+        let teacher =
+            vec![vec![vec![0.4, -0.1, 0.2], vec![0.1, 0.7, -0.3]], vec![vec![0.3, 0.0, 0.1], vec![-0.5, 0.3, 0.8]]];
         (student, teacher)
     }
 
@@ -203,8 +171,7 @@ mod tests {
         assert!((value - expected).abs() < 1e-10, "{value} vs {expected}");
         let s32: Vec<Tensor> = s.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
         let t32: Vec<Tensor> = t.iter().map(|x| x.to_dtype(DType::F32).unwrap()).collect();
-        let value32 =
-            dino(&s32, &t32, &center.to_dtype(DType::F32)?, 0.1, 0.04)?.to_scalar::<f32>()?;
+        let value32 = dino(&s32, &t32, &center.to_dtype(DType::F32)?, 0.1, 0.04)?.to_scalar::<f32>()?;
         assert!((value32 as f64 - expected).abs() < 1e-4);
         Ok(())
     }
@@ -215,13 +182,8 @@ mod tests {
         let mut inputs: Vec<Tensor> = student.iter().map(|m| matrix(m)).collect();
         inputs.extend(teacher.iter().map(|m| matrix(m)));
         let center = Tensor::new(&CENTER, &Device::Cpu)?;
-        assert_gradients_match_finite_differences(&inputs, &[0, 1, 2], |x| {
-            dino(&x[..3], &x[3..], &center, 0.1, 0.04)
-        });
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
+        assert_gradients_match_finite_differences(&inputs, &[0, 1, 2], |x| dino(&x[..3], &x[3..], &center, 0.1, 0.04));
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let grads = dino(&tensors[..3], &tensors[3..], &center, 0.1, 0.04)?.backward()?;
         assert!(tensors[3..].iter().all(|t| grads.get(t).is_none()));
@@ -239,11 +201,7 @@ mod tests {
         for k in 0..3 {
             let mean = rows.iter().map(|r| r[k]).sum::<f64>() / rows.len() as f64;
             let expected = 0.9 * CENTER[k] + 0.1 * mean;
-            assert!(
-                (updated[k] as f64 - expected).abs() < 1e-6,
-                "{} vs {expected}",
-                updated[k]
-            );
+            assert!((updated[k] as f64 - expected).abs() < 1e-6, "{} vs {expected}", updated[k]);
         }
         Ok(())
     }
@@ -252,15 +210,7 @@ mod tests {
     fn rejects_a_single_crop() {
         let x = matrix(&[vec![1.0, 0.0]]);
         let center = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
-        let err = dino(
-            std::slice::from_ref(&x),
-            std::slice::from_ref(&x),
-            &center,
-            0.1,
-            0.04,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = dino(std::slice::from_ref(&x), std::slice::from_ref(&x), &center, 0.1, 0.04).unwrap_err().to_string();
         assert!(err.contains("two student crops"), "{err}");
     }
 }

@@ -13,18 +13,11 @@
 
 use candle_core::{bail, Result, Tensor, D};
 
-use super::common::{
-    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
-};
+use super::common::{expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows};
 
 /// MoCo's InfoNCE: queries `q` `[N, D]` (normalised here, gradient flows), keys `k` `[N, D]`
 /// (normalised and detached here), `queue` `[K, D]` of already-normalised negatives (detached here).
-pub fn info_nce_with_queue(
-    q: &Tensor,
-    k: &Tensor,
-    queue: &Tensor,
-    temperature: f64,
-) -> Result<Tensor> {
+pub fn info_nce_with_queue(q: &Tensor, k: &Tensor, queue: &Tensor, temperature: f64) -> Result<Tensor> {
     let (_, dim) = expect_float_matrix("q", q)?;
     expect_same_shape("q", q, "k", k)?;
     let (_, queue_dim) = expect_float_matrix("queue", queue)?;
@@ -68,20 +61,12 @@ mod tests {
     use crate::train::loss::testing::*;
     use candle_core::{DType, Var};
 
-    fn reference_queue(
-        q: &[Vec<f64>],
-        k: &[Vec<f64>],
-        queue: &[Vec<f64>],
-        temperature: f64,
-    ) -> f64 {
+    fn reference_queue(q: &[Vec<f64>], k: &[Vec<f64>], queue: &[Vec<f64>], temperature: f64) -> f64 {
         let mut total = 0.0;
         for (qi, ki) in q.iter().zip(k) {
             let positive = (cosine(qi, ki) / temperature).exp();
             // The queue is already normalised: a plain dot product with the unit query.
-            let negatives: f64 = queue
-                .iter()
-                .map(|kj| (dot(&normalize(qi), kj) / temperature).exp())
-                .sum();
+            let negatives: f64 = queue.iter().map(|kj| (dot(&normalize(qi), kj) / temperature).exp()).sum();
             total += -(positive / (positive + negatives)).ln();
         }
         total / q.len() as f64
@@ -90,10 +75,7 @@ mod tests {
     fn reference_in_batch(q: &[Vec<f64>], k: &[Vec<f64>], temperature: f64) -> f64 {
         let mut total = 0.0;
         for (i, qi) in q.iter().enumerate() {
-            let all: f64 = k
-                .iter()
-                .map(|kj| (cosine(qi, kj) / temperature).exp())
-                .sum();
+            let all: f64 = k.iter().map(|kj| (cosine(qi, kj) / temperature).exp()).sum();
             total += -((cosine(qi, &k[i]) / temperature).exp() / all).ln();
         }
         total / q.len() as f64
@@ -102,15 +84,10 @@ mod tests {
     fn example() -> (Rows, Rows, Rows) {
         let q = vec![vec![1.0, 0.3, -0.2], vec![-0.4, 0.9, 0.5]];
         let k = vec![vec![0.8, 0.5, 0.1], vec![-0.1, 1.2, 0.2]];
-        let queue = [
-            vec![1.0, 1.0, 0.0],
-            vec![0.0, -1.0, 2.0],
-            vec![-3.0, 0.5, 0.5],
-            vec![0.2, 0.2, -1.0],
-        ]
-        .iter()
-        .map(|v| normalize(v))
-        .collect();
+        let queue = [vec![1.0, 1.0, 0.0], vec![0.0, -1.0, 2.0], vec![-3.0, 0.5, 0.5], vec![0.2, 0.2, -1.0]]
+            .iter()
+            .map(|v| normalize(v))
+            .collect();
         (q, k, queue)
     }
 
@@ -128,9 +105,7 @@ mod tests {
             &matrix(&queue).to_dtype(DType::F32)?,
             0.2,
         )?;
-        assert!(
-            (loss32.to_scalar::<f32>()? as f64 - reference_queue(&q, &k, &queue, 0.2)).abs() < 1e-5
-        );
+        assert!((loss32.to_scalar::<f32>()? as f64 - reference_queue(&q, &k, &queue, 0.2)).abs() < 1e-5);
         Ok(())
     }
 
@@ -146,24 +121,16 @@ mod tests {
     fn query_gradients_match_finite_differences() {
         let (q, k, queue) = example();
         let inputs = [matrix(&q), matrix(&k), matrix(&queue)];
-        assert_gradients_match_finite_differences(&inputs, &[0], |x| {
-            info_nce_with_queue(&x[0], &x[1], &x[2], 0.2)
-        });
-        assert_gradients_match_finite_differences(&inputs, &[0], |x| {
-            info_nce_in_batch(&x[0], &x[1], 0.2)
-        });
+        assert_gradients_match_finite_differences(&inputs, &[0], |x| info_nce_with_queue(&x[0], &x[1], &x[2], 0.2));
+        assert_gradients_match_finite_differences(&inputs, &[0], |x| info_nce_in_batch(&x[0], &x[1], 0.2));
     }
 
     #[test]
     fn keys_and_queue_receive_no_gradient() -> Result<()> {
         let (q, k, queue) = example();
-        let (q, k, queue) = (
-            Var::from_tensor(&matrix(&q))?,
-            Var::from_tensor(&matrix(&k))?,
-            Var::from_tensor(&matrix(&queue))?,
-        );
-        let grads = info_nce_with_queue(q.as_tensor(), k.as_tensor(), queue.as_tensor(), 0.2)?
-            .backward()?;
+        let (q, k, queue) =
+            (Var::from_tensor(&matrix(&q))?, Var::from_tensor(&matrix(&k))?, Var::from_tensor(&matrix(&queue))?);
+        let grads = info_nce_with_queue(q.as_tensor(), k.as_tensor(), queue.as_tensor(), 0.2)?.backward()?;
         assert!(grads.get(q.as_tensor()).is_some());
         assert!(grads.get(k.as_tensor()).is_none());
         assert!(grads.get(queue.as_tensor()).is_none());
@@ -176,9 +143,7 @@ mod tests {
     fn rejects_a_queue_of_another_dimension() {
         let (q, k, _) = example();
         let queue = matrix(&[vec![1.0, 0.0]]);
-        let err = info_nce_with_queue(&matrix(&q), &matrix(&k), &queue, 0.2)
-            .unwrap_err()
-            .to_string();
+        let err = info_nce_with_queue(&matrix(&q), &matrix(&k), &queue, 0.2).unwrap_err().to_string();
         assert!(err.contains("dimension 3"), "{err}");
     }
 }

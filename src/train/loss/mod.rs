@@ -73,10 +73,7 @@ pub(crate) mod testing {
     ) {
         const STEP: f64 = 1e-5;
         const TOLERANCE: f64 = 1e-6;
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
         let var_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let grads = loss(&var_tensors).unwrap().backward().unwrap();
         for &index in checked {

@@ -14,8 +14,7 @@
 use candle_core::{Result, Tensor, D};
 
 use super::common::{
-    diagonal_logit_mask, expect_float_matrix, expect_positive, expect_same_shape, l2_normalize,
-    log_sum_exp_rows,
+    diagonal_logit_mask, expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
 };
 use crate::train::pairs::{label_positive_mask, view_labels};
 
@@ -29,8 +28,7 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     let logits = (z.matmul(&z.t()?)? / temperature)?;
     let views = 2 * batch;
     // Each row has exactly one positive (the other view), so a masked sum picks its logit.
-    let positive_mask =
-        label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
+    let positive_mask = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
     let positive_logit = (&logits * positive_mask)?.sum(D::Minus1)?;
     let without_self = logits.broadcast_add(&diagonal_logit_mask(views, z.dtype(), z.device())?)?;
     (log_sum_exp_rows(&without_self)? - positive_logit)?.mean_all()
@@ -62,10 +60,7 @@ mod tests {
         for temperature in [0.1, 0.5, 1.0] {
             let loss = nt_xent(&matrix(&z1), &matrix(&z2), temperature)?.to_scalar::<f64>()?;
             let expected = reference(&z1, &z2, temperature);
-            assert!(
-                (loss - expected).abs() < 1e-10,
-                "τ {temperature}: {loss} vs {expected}"
-            );
+            assert!((loss - expected).abs() < 1e-10, "τ {temperature}: {loss} vs {expected}");
         }
         Ok(())
     }
@@ -73,11 +68,7 @@ mod tests {
     #[test]
     fn f32_agrees_with_f64() -> Result<()> {
         let (z1, z2) = two_view_example();
-        let loss32 = nt_xent(
-            &matrix(&z1).to_dtype(DType::F32)?,
-            &matrix(&z2).to_dtype(DType::F32)?,
-            0.1,
-        )?;
+        let loss32 = nt_xent(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?, 0.1)?;
         let expected = reference(&z1, &z2, 0.1);
         assert!((loss32.to_scalar::<f32>()? as f64 - expected).abs() < 1e-4);
         Ok(())
@@ -92,10 +83,7 @@ mod tests {
         for temperature in [1.0, 0.5, 0.1, 0.01] {
             let loss = nt_xent(&one_hot, &one_hot, temperature)?.to_scalar::<f64>()?;
             let analytic = (1.0 + (2 * n - 2) as f64 * (-1.0 / temperature).exp()).ln();
-            assert!(
-                (loss - analytic).abs() < 1e-12,
-                "τ {temperature}: {loss} vs {analytic}"
-            );
+            assert!((loss - analytic).abs() < 1e-12, "τ {temperature}: {loss} vs {analytic}");
         }
         let tiny = nt_xent(&one_hot, &one_hot, 0.01)?.to_scalar::<f64>()?;
         assert!(tiny < 1e-40);
@@ -105,9 +93,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let (z1, z2) = two_view_example();
-        assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| {
-            nt_xent(&x[0], &x[1], 0.2)
-        });
+        assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| nt_xent(&x[0], &x[1], 0.2));
     }
 
     #[test]
@@ -117,11 +103,7 @@ mod tests {
         let z2 = Var::from_tensor(&matrix(&z2).to_dtype(DType::F32)?)?;
         let grads = nt_xent(z1.as_tensor(), z2.as_tensor(), 0.1)?.backward()?;
         for var in [&z1, &z2] {
-            let grad = grads
-                .get(var.as_tensor())
-                .expect("gradient")
-                .abs()?
-                .sum_all()?;
+            let grad = grads.get(var.as_tensor()).expect("gradient").abs()?.sum_all()?;
             assert!(grad.to_scalar::<f32>()? > 0.0);
         }
         Ok(())

@@ -33,8 +33,7 @@ mod tests {
         let z = matrix(&[vec![1.0, 1.0], vec![0.0, -1.0]]);
         let expected = (-(0.5f64).sqrt() + 1.0) / 2.0;
         assert!((simsiam(&p, &z)?.to_scalar::<f64>()? - expected).abs() < 1e-12);
-        let loss32 =
-            simsiam(&p.to_dtype(DType::F32)?, &z.to_dtype(DType::F32)?)?.to_scalar::<f32>()?;
+        let loss32 = simsiam(&p.to_dtype(DType::F32)?, &z.to_dtype(DType::F32)?)?.to_scalar::<f32>()?;
         assert!((loss32 as f64 - expected).abs() < 1e-6);
         Ok(())
     }
@@ -43,9 +42,7 @@ mod tests {
     fn gradient_matches_finite_differences_and_stops_at_the_target() -> Result<()> {
         let p = matrix(&[vec![1.0, 2.0, -0.5], vec![0.3, -0.7, 0.2]]);
         let z = matrix(&[vec![0.5, 1.0, 0.5], vec![-0.3, -0.2, 0.9]]);
-        assert_gradients_match_finite_differences(&[p.clone(), z.clone()], &[0], |x| {
-            simsiam(&x[0], &x[1])
-        });
+        assert_gradients_match_finite_differences(&[p.clone(), z.clone()], &[0], |x| simsiam(&x[0], &x[1]));
         let (p, z) = (Var::from_tensor(&p)?, Var::from_tensor(&z)?);
         let grads = simsiam(p.as_tensor(), z.as_tensor())?.backward()?;
         assert!(grads.get(p.as_tensor()).is_some());

@@ -14,9 +14,7 @@
 
 use candle_core::{bail, Result, Tensor, D};
 
-use super::common::{
-    diagonal_logit_mask, expect_float_matrix, expect_positive, l2_normalize, log_sum_exp_rows,
-};
+use super::common::{diagonal_logit_mask, expect_float_matrix, expect_positive, l2_normalize, log_sum_exp_rows};
 use crate::train::pairs::label_positive_mask;
 
 /// SupCon's `L_out` of `features` `[M, D]` (normalised here) with `labels` `[M]` (any integer dtype;
@@ -24,10 +22,7 @@ use crate::train::pairs::label_positive_mask;
 pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Tensor> {
     let (views, _) = expect_float_matrix("features", features)?;
     if labels.dims() != [views] {
-        bail!(
-            "labels must have shape [{views}] (one per feature row), got {:?}",
-            labels.dims()
-        )
+        bail!("labels must have shape [{views}] (one per feature row), got {:?}", labels.dims())
     }
     expect_positive("temperature", temperature)?;
     let z = l2_normalize(features)?;
@@ -38,13 +33,9 @@ pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Te
     let positive_count = positives.sum(D::Minus1)?;
     let has_positive = positive_count.gt(0.0)?.to_dtype(z.dtype())?;
     // Anchors without positives get 0/1 = 0 here and are left out of the mean below.
-    let mean_positive_log_prob =
-        ((&log_prob * &positives)?.sum(D::Minus1)? / positive_count.maximum(1.0)?)?;
+    let mean_positive_log_prob = ((&log_prob * &positives)?.sum(D::Minus1)? / positive_count.maximum(1.0)?)?;
     let anchors = has_positive.sum_all()?.maximum(1.0)?;
-    (mean_positive_log_prob * has_positive)?
-        .sum_all()?
-        .neg()?
-        .div(&anchors)
+    (mean_positive_log_prob * has_positive)?.sum_all()?.neg()?.div(&anchors)
 }
 
 #[cfg(test)]
@@ -60,17 +51,12 @@ mod tests {
         let s = |i: usize, j: usize| cosine(&features[i], &features[j]) / temperature;
         let (mut total, mut anchors) = (0.0, 0);
         for i in 0..m {
-            let positives: Vec<usize> = (0..m)
-                .filter(|&p| p != i && labels[p] == labels[i])
-                .collect();
+            let positives: Vec<usize> = (0..m).filter(|&p| p != i && labels[p] == labels[i]).collect();
             if positives.is_empty() {
                 continue;
             }
             let denominator: f64 = (0..m).filter(|&a| a != i).map(|a| s(i, a).exp()).sum();
-            let sum: f64 = positives
-                .iter()
-                .map(|&p| (s(i, p).exp() / denominator).ln())
-                .sum();
+            let sum: f64 = positives.iter().map(|&p| (s(i, p).exp() / denominator).ln()).sum();
             total += -sum / positives.len() as f64;
             anchors += 1;
         }
@@ -97,13 +83,9 @@ mod tests {
         let labels = Tensor::new(&LABELS, &Device::Cpu)?;
         let loss = supcon(&matrix(&f), &labels, 0.1)?.to_scalar::<f64>()?;
         let expected = reference(&f, &LABELS, 0.1);
-        assert!(
-            loss.is_finite() && (loss - expected).abs() < 1e-10,
-            "{loss} vs {expected}"
-        );
+        assert!(loss.is_finite() && (loss - expected).abs() < 1e-10, "{loss} vs {expected}");
         let labels64 = labels.to_dtype(DType::I64)?;
-        let loss32 =
-            supcon(&matrix(&f).to_dtype(DType::F32)?, &labels64, 0.1)?.to_scalar::<f32>()?;
+        let loss32 = supcon(&matrix(&f).to_dtype(DType::F32)?, &labels64, 0.1)?.to_scalar::<f32>()?;
         assert!((loss32 as f64 - expected).abs() < 1e-4);
         Ok(())
     }
@@ -114,8 +96,7 @@ mod tests {
         let (z1, z2) = (matrix(&f[..3]), matrix(&f[3..]));
         let labels = view_labels(3, 2, &Device::Cpu)?;
         for temperature in [0.1, 0.5] {
-            let sup =
-                supcon(&Tensor::cat(&[&z1, &z2], 0)?, &labels, temperature)?.to_scalar::<f64>()?;
+            let sup = supcon(&Tensor::cat(&[&z1, &z2], 0)?, &labels, temperature)?.to_scalar::<f64>()?;
             let simclr = nt_xent(&z1, &z2, temperature)?.to_scalar::<f64>()?;
             assert!((sup - simclr).abs() < 1e-10, "{sup} vs {simclr}");
         }
@@ -133,9 +114,7 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let labels = Tensor::new(&LABELS, &Device::Cpu).unwrap();
-        assert_gradients_match_finite_differences(&[matrix(&features())], &[0], |x| {
-            supcon(&x[0], &labels, 0.3)
-        });
+        assert_gradients_match_finite_differences(&[matrix(&features())], &[0], |x| supcon(&x[0], &labels, 0.3));
     }
 
     #[test]
@@ -143,11 +122,7 @@ mod tests {
         let var = Var::from_tensor(&matrix(&features()).to_dtype(DType::F32)?)?;
         let labels = Tensor::new(&LABELS, &Device::Cpu)?;
         let grads = supcon(var.as_tensor(), &labels, 0.1)?.backward()?;
-        let grad = grads
-            .get(var.as_tensor())
-            .expect("gradient")
-            .abs()?
-            .sum_all()?;
+        let grad = grads.get(var.as_tensor()).expect("gradient").abs()?.sum_all()?;
         assert!(grad.to_scalar::<f32>()? > 0.0);
         Ok(())
     }

@@ -62,11 +62,7 @@ pub fn swapped_prediction(
 }
 
 /// Per-sample `−Σ_k targets_k log softmax(scores/τ)_k`, shape `[B]`.
-fn cross_entropy_with_soft_targets(
-    targets: &Tensor,
-    scores: &Tensor,
-    temperature: f64,
-) -> Result<Tensor> {
+fn cross_entropy_with_soft_targets(targets: &Tensor, scores: &Tensor, temperature: f64) -> Result<Tensor> {
     let logits = (scores / temperature)?;
     let log_probabilities = logits.broadcast_sub(&log_sum_exp_rows(&logits)?.unsqueeze(1)?)?;
     (targets * log_probabilities)?.sum(D::Minus1)?.neg()
@@ -82,10 +78,7 @@ mod tests {
     #[allow(clippy::needless_range_loop)] // indices mirror the formula
     fn reference_codes(scores: &[Vec<f64>], epsilon: f64, iterations: usize) -> Vec<Vec<f64>> {
         let (b, k) = (scores.len(), scores[0].len());
-        let mut q: Vec<Vec<f64>> = scores
-            .iter()
-            .map(|row| row.iter().map(|s| (s / epsilon).exp()).collect())
-            .collect();
+        let mut q: Vec<Vec<f64>> = scores.iter().map(|row| row.iter().map(|s| (s / epsilon).exp()).collect()).collect();
         let total: f64 = q.iter().flatten().sum();
         q.iter_mut().flatten().for_each(|v| *v /= total);
         for _ in 0..iterations {
@@ -98,9 +91,7 @@ mod tests {
                 row.iter_mut().for_each(|v| *v /= sum * b as f64);
             }
         }
-        q.iter()
-            .map(|row| row.iter().map(|v| v * b as f64).collect())
-            .collect()
+        q.iter().map(|row| row.iter().map(|v| v * b as f64).collect()).collect()
     }
 
     fn scores() -> Vec<Vec<f64>> {
@@ -145,10 +136,7 @@ mod tests {
                 for prototype in 0..k {
                     let mass: f32 = codes.iter().map(|row| row[prototype]).sum();
                     let target = b as f32 / k as f32;
-                    assert!(
-                        (mass - target).abs() < 1e-3,
-                        "prototype {prototype}: {mass} vs {target}"
-                    );
+                    assert!((mass - target).abs() < 1e-3, "prototype {prototype}: {mass} vs {target}");
                 }
             }
         }
@@ -167,21 +155,12 @@ mod tests {
     #[test]
     fn codes_carry_no_gradient() -> Result<()> {
         let s = Var::from_tensor(&matrix(&scores()))?;
-        let grads = sinkhorn_knopp(s.as_tensor(), 0.05, 3)?
-            .sqr()?
-            .sum_all()?
-            .backward()?;
+        let grads = sinkhorn_knopp(s.as_tensor(), 0.05, 3)?.sqr()?.sum_all()?.backward()?;
         assert!(grads.get(s.as_tensor()).is_none());
         Ok(())
     }
 
-    fn reference_swapped(
-        sa: &[Vec<f64>],
-        sb: &[Vec<f64>],
-        qa: &[Vec<f64>],
-        qb: &[Vec<f64>],
-        t: f64,
-    ) -> f64 {
+    fn reference_swapped(sa: &[Vec<f64>], sb: &[Vec<f64>], qa: &[Vec<f64>], qb: &[Vec<f64>], t: f64) -> f64 {
         let log_softmax = |row: &[f64], j: usize| {
             let scaled: Vec<f64> = row.iter().map(|s| s / t).collect();
             scaled[j] - log_sum_exp(&scaled)
@@ -216,9 +195,7 @@ mod tests {
     #[test]
     fn swapped_prediction_gradients_match_and_stop_at_the_codes() -> Result<()> {
         let t: Vec<Tensor> = two_views().iter().map(|m| matrix(m)).collect();
-        assert_gradients_match_finite_differences(&t, &[0, 1], |x| {
-            swapped_prediction(&x[0], &x[1], &x[2], &x[3], 0.2)
-        });
+        assert_gradients_match_finite_differences(&t, &[0, 1], |x| swapped_prediction(&x[0], &x[1], &x[2], &x[3], 0.2));
         let vars: Vec<Var> = t.iter().map(|m| Var::from_tensor(m).unwrap()).collect();
         let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let grads = swapped_prediction(v[0], v[1], v[2], v[3], 0.2)?.backward()?;
@@ -230,9 +207,6 @@ mod tests {
     #[test]
     fn rejects_zero_iterations() {
         let s = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
-        assert!(sinkhorn_knopp(&s, 0.05, 0)
-            .unwrap_err()
-            .to_string()
-            .contains("iteration"));
+        assert!(sinkhorn_knopp(&s, 0.05, 0).unwrap_err().to_string().contains("iteration"));
     }
 }

@@ -21,10 +21,7 @@ impl MemoryQueue {
             bail!("a memory queue needs size > 0 and dim > 0, got size {size}, dim {dim}")
         }
         let random = Tensor::randn(0f32, 1f32, (size, dim), device)?;
-        Ok(Self {
-            keys: l2_normalize(&random)?,
-            next: 0,
-        })
+        Ok(Self { keys: l2_normalize(&random)?, next: 0 })
     }
 
     /// Restores a queue saved by [`to_tensor`](Self::to_tensor): `keys` `[K, D]`, oldest first.
@@ -35,10 +32,7 @@ impl MemoryQueue {
                 bail!("a memory queue tensor must be a non-empty [K, D] matrix, got shape {dims:?}")
             }
         }
-        Ok(Self {
-            keys: keys.detach().to_dtype(DType::F32)?.contiguous()?,
-            next: 0,
-        })
+        Ok(Self { keys: keys.detach().to_dtype(DType::F32)?.contiguous()?, next: 0 })
     }
 
     /// The queue's keys in FIFO order, oldest first, for checkpointing.
@@ -79,10 +73,7 @@ impl MemoryQueue {
     pub fn push(&mut self, keys: &Tensor) -> Result<()> {
         let batch = match keys.dims() {
             [batch, dim] if *dim == self.dim() => *batch,
-            dims => bail!(
-                "pushed keys must be [B, {}], got shape {dims:?}",
-                self.dim()
-            ),
+            dims => bail!("pushed keys must be [B, {}], got shape {dims:?}", self.dim()),
         };
         let keys = keys.detach().to_dtype(DType::F32)?;
         let size = self.len();
@@ -121,20 +112,12 @@ mod tests {
 
     /// Keys whose every entry is `id`, so the queue's contents read as a list of ids.
     fn keys_with_ids(ids: &[f32], dim: usize) -> Result<Tensor> {
-        let values: Vec<f32> = ids
-            .iter()
-            .flat_map(|&id| std::iter::repeat_n(id, dim))
-            .collect();
+        let values: Vec<f32> = ids.iter().flat_map(|&id| std::iter::repeat_n(id, dim)).collect();
         Tensor::from_vec(values, (ids.len(), dim), &Device::Cpu)
     }
 
     fn ids_oldest_first(queue: &MemoryQueue) -> Result<Vec<f32>> {
-        Ok(queue
-            .to_tensor()?
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|row| row[0])
-            .collect())
+        Ok(queue.to_tensor()?.to_vec2::<f32>()?.iter().map(|row| row[0]).collect())
     }
 
     #[test]
@@ -156,12 +139,7 @@ mod tests {
         // Three more: the last slot, then wrap to the front (over 1 and 2).
         queue.push(&keys_with_ids(&[4., 5., 6.], 2)?)?;
         assert_eq!(ids_oldest_first(&queue)?, vec![3., 4., 5., 6.]);
-        let storage: Vec<f32> = queue
-            .keys()
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|r| r[0])
-            .collect();
+        let storage: Vec<f32> = queue.keys().to_vec2::<f32>()?.iter().map(|r| r[0]).collect();
         assert_eq!(storage, vec![5., 6., 3., 4.]);
         Ok(())
     }
@@ -201,10 +179,7 @@ mod tests {
     #[test]
     fn rejects_keys_of_the_wrong_dimension() -> Result<()> {
         let mut queue = MemoryQueue::new(4, 3, &Device::Cpu)?;
-        let err = queue
-            .push(&keys_with_ids(&[1.], 2)?)
-            .unwrap_err()
-            .to_string();
+        let err = queue.push(&keys_with_ids(&[1.], 2)?).unwrap_err().to_string();
         assert!(err.contains("[B, 3]"), "{err}");
         Ok(())
     }

@@ -23,7 +23,9 @@ pub struct Byol {
 
 impl Byol {
     pub fn new(config: MethodConfig, parts: &MethodParts) -> Result<Self> {
-        let MethodConfig::Byol { base_momentum, predictor_hidden, .. } = config else { candle_core::bail!("not a BYOL config") };
+        let MethodConfig::Byol { base_momentum, predictor_hidden, .. } = config else {
+            candle_core::bail!("not a BYOL config")
+        };
         let projector = parts.projector_config();
         let online = parts.branch(&projector)?;
         let out = projector.out_dim();

@@ -63,7 +63,8 @@ impl Method for MocoV2 {
         let groups = BN_GROUPS.min(n);
         let q = self.query.project_views_grouped(views, groups, None)?;
         let shuffle = interleave_groups(n, groups, views[0].device())?;
-        let k: Vec<Tensor> = self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
+        let k: Vec<Tensor> =
+            self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
         let queue = self.queue.keys();
         let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
         let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;

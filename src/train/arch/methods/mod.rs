@@ -33,9 +33,15 @@ pub const TARGET_PREFIX: &str = "target.";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum MethodConfig {
-    Simclr { temperature: f64 },
+    Simclr {
+        temperature: f64,
+    },
     #[serde(rename = "moco-v2")]
-    MocoV2 { temperature: f64, queue_size: usize, momentum: f64 },
+    MocoV2 {
+        temperature: f64,
+        queue_size: usize,
+        momentum: f64,
+    },
     Byol {
         base_momentum: f64,
         predictor_hidden: usize,
@@ -48,8 +54,16 @@ pub enum MethodConfig {
         #[serde(default = "unit_scale")]
         predictor_lr_scale: f64,
     },
-    Swav { prototypes: usize, temperature: f64, epsilon: f64, sinkhorn_iterations: usize, freeze_prototypes_steps: usize },
-    Supcon { temperature: f64 },
+    Swav {
+        prototypes: usize,
+        temperature: f64,
+        epsilon: f64,
+        sinkhorn_iterations: usize,
+        freeze_prototypes_steps: usize,
+    },
+    Supcon {
+        temperature: f64,
+    },
 }
 
 impl MethodConfig {
@@ -62,7 +76,13 @@ impl MethodConfig {
             "moco-v2" | "moco" => Self::MocoV2 { temperature: 0.2, queue_size: 4096, momentum: 0.99 },
             "byol" => Self::Byol { base_momentum: 0.99, predictor_hidden: 128, predictor_lr_scale: 1.0 },
             "simsiam" => Self::Simsiam { predictor_hidden: 32, predictor_lr_scale: 10.0 },
-            "swav" => Self::Swav { prototypes: 100, temperature: 0.1, epsilon: 0.05, sinkhorn_iterations: 3, freeze_prototypes_steps: 100 },
+            "swav" => Self::Swav {
+                prototypes: 100,
+                temperature: 0.1,
+                epsilon: 0.05,
+                sinkhorn_iterations: 3,
+                freeze_prototypes_steps: 100,
+            },
             "supcon" => Self::Supcon { temperature: 0.1 },
             other => anyhow::bail!("unknown method '{other}': expected one of {}", Self::NAMES.join(", ")),
         })
@@ -101,7 +121,9 @@ impl MethodConfig {
     /// (k-NN 0.518 against 0.544).
     pub fn learning_rate_scales(&self) -> Vec<(&'static str, f64)> {
         match self {
-            Self::Byol { predictor_lr_scale, .. } | Self::Simsiam { predictor_lr_scale, .. } => vec![("predictor.", *predictor_lr_scale)],
+            Self::Byol { predictor_lr_scale, .. } | Self::Simsiam { predictor_lr_scale, .. } => {
+                vec![("predictor.", *predictor_lr_scale)]
+            }
             _ => Vec::new(),
         }
     }
@@ -115,7 +137,9 @@ impl MethodConfig {
     /// blur is left out everywhere since it erases 28×28 images.
     pub fn view_augmentations(&self) -> Vec<AugmentConfig> {
         match self {
-            Self::Byol { .. } => vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }],
+            Self::Byol { .. } => {
+                vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }]
+            }
             _ => vec![AugmentConfig::simclr(), AugmentConfig::simclr()],
         }
     }
@@ -208,7 +232,10 @@ pub struct Branch {
 
 impl Branch {
     pub fn new(vb: VarBuilder, encoder: &ResNetConfig, projector: &MlpConfig) -> Result<Self> {
-        Ok(Self { encoder: ResNet::new(vb.pp("encoder"), encoder)?, projector: Mlp::new(vb.pp("projector"), projector)? })
+        Ok(Self {
+            encoder: ResNet::new(vb.pp("encoder"), encoder)?,
+            projector: Mlp::new(vb.pp("projector"), projector)?,
+        })
     }
 
     /// Projections of every view from one forward pass over all of them (one large batch keeps
@@ -220,7 +247,12 @@ impl Branch {
 
     /// As [`Branch::project_views`], but batch norm sees each view in `groups` separate groups
     /// of samples: consecutive ones, or those of `shuffle = (order, inverse)` (MoCo's shuffled BN).
-    pub fn project_views_grouped(&self, views: &[Tensor], groups: usize, shuffle: Option<&(Tensor, Tensor)>) -> Result<Vec<Tensor>> {
+    pub fn project_views_grouped(
+        &self,
+        views: &[Tensor],
+        groups: usize,
+        shuffle: Option<&(Tensor, Tensor)>,
+    ) -> Result<Vec<Tensor>> {
         views
             .iter()
             .map(|view| {
@@ -245,7 +277,8 @@ impl Branch {
 
 /// Every variable of the map with its name, sorted by name so that orders are reproducible.
 pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let mut vars: Vec<_> = varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let mut vars: Vec<_> =
+        varmap.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars
 }
@@ -254,7 +287,8 @@ pub fn named_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     named_vars(varmap)
         .into_iter()
-        .filter(|(name, _)| !name.starts_with(TARGET_PREFIX) && !name.ends_with("running_mean") && !name.ends_with("running_var"))
+        .filter(|(name, _)| {
+            !name.starts_with(TARGET_PREFIX) && !name.ends_with("running_mean") && !name.ends_with("running_var")
+        })
         .collect()
 }
-

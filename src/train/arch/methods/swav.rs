@@ -35,7 +35,8 @@ impl Method for Swav {
     }
 
     fn loss(&mut self, views: &[Tensor], _labels: &Tensor, step: usize) -> Result<Tensor> {
-        let MethodConfig::Swav { temperature, epsilon, sinkhorn_iterations, freeze_prototypes_steps, .. } = self.config else {
+        let MethodConfig::Swav { temperature, epsilon, sinkhorn_iterations, freeze_prototypes_steps, .. } = self.config
+        else {
             unreachable!("built from a SwAV config")
         };
         let z = self.branch.project_views(views, true)?;
