@@ -8,15 +8,17 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use contrastive::bench;
 use contrastive::data::ImageShape;
 use contrastive::export::ExportOptions;
 use contrastive::registry::ModelRepository;
-use contrastive::serve::config::{ServeArgs, ServeSettings};
+use contrastive::server::config::{ServeArgs, ServeSettings};
 use contrastive::train::arch::MethodConfig;
+use contrastive::train::checkpoint;
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::optim::OptimizerConfig;
-use contrastive::train::trainer::{self, Model, TrainOptions};
-use contrastive::train::{bench, checkpoint};
+use contrastive::train::run::TrainOptions;
+use contrastive::train::{EvalScope, Model};
 
 #[derive(Parser)]
 #[command(
@@ -224,7 +226,7 @@ enum BenchCommand {
         device: String,
     },
     /// Embedding throughput and latency of the gRPC server vs. in-process ONNX Runtime.
-    Serve(Box<contrastive::serve::bench::ServeBenchOptions>),
+    Serve(Box<contrastive::bench::serve::ServeBenchOptions>),
 }
 
 // glibc's allocator returns each large freed tensor to the kernel and page-faults it back in on
@@ -266,9 +268,9 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
             let methods =
                 if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
-            bench::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
+            bench::train::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
         }
-        Command::Bench(BenchCommand::Serve(options)) => contrastive::serve::bench::run(&options),
+        Command::Bench(BenchCommand::Serve(options)) => bench::serve::run(&options),
     }
 }
 
@@ -294,11 +296,11 @@ fn train(args: TrainArgs) -> Result<()> {
         final_eval: !args.no_final_eval,
         stop_at_step: args.stop_at_step,
     };
-    let state = trainer::train(&config, &options)?;
+    let state = contrastive::train::run::train(&config, &options)?;
     if !state.finished {
         eprintln!(
             "stopped after {} steps; resume with: contrastive train --out {} --resume",
-            state.step,
+            state.progress.step,
             run_dir.display()
         );
         std::process::exit(if stop.load(Ordering::SeqCst) { 130 } else { 0 });
@@ -306,8 +308,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let summary = serde_json::json!({
         "run": run_dir,
         "method": config.method.name(),
-        "epochs": state.epoch,
-        "train_seconds": state.train_seconds,
+        "epochs": state.progress.epoch,
+        "train_seconds": state.progress.train_seconds,
         "knn_history": state.knn_history,
         "final_eval": state.final_eval,
     });
@@ -321,7 +323,7 @@ fn async_runtime() -> Result<tokio::runtime::Runtime> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let settings = ServeSettings::resolve(&args)?;
-    async_runtime()?.block_on(contrastive::serve::run(settings, |addr| {
+    async_runtime()?.block_on(contrastive::server::run(settings, |addr| {
         // One machine-readable line, so scripts and tests learn the port when it was 0.
         println!("{}", serde_json::json!({ "listening": addr.to_string() }));
     }))
@@ -442,7 +444,8 @@ fn eval(args: EvalArgs) -> Result<()> {
     let (train_set, test_set) = source.load()?;
     let test_set = test_set
         .context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
-    let report = trainer::evaluate(&model, &train_set, &test_set, !args.knn_only)?;
+    let scope = if args.knn_only { EvalScope::KNN } else { EvalScope::FULL };
+    let report = model.evaluate(&train_set, &test_set, scope)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

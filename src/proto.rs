@@ -6,3 +6,10 @@ pub mod v1 {
 
 /// The encoded descriptors of the contract, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/contrastive_descriptor.bin"));
+
+impl v1::JobState {
+    /// SUCCEEDED, FAILED and CANCELLED: a job in one of these never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}

@@ -14,7 +14,8 @@ use contrastive::runtime::{OnnxEncoder, SessionOptions};
 use contrastive::train::arch::{MethodConfig, ResNetConfig};
 use contrastive::train::checkpoint::{self, RunState};
 use contrastive::train::config::{DataSource, TrainConfig};
-use contrastive::train::trainer::Model;
+use contrastive::train::fit::Progress;
+use contrastive::train::Model;
 use rand::{Rng, SeedableRng};
 
 fn subset_dir() -> PathBuf {
@@ -171,7 +172,8 @@ fn tiny_run_dir(dir: &Path) -> TrainConfig {
     );
     let model = Model::new(&config, &Device::Cpu).unwrap();
     config.save(&dir.join(checkpoint::CONFIG_FILE)).unwrap();
-    let state = RunState { epoch: 2, step: 20, finished: true, ..Default::default() };
+    let progress = Progress { epoch: 2, step: 20, ..Default::default() };
+    let state = RunState { progress, finished: true, ..Default::default() };
     checkpoint::save(dir, &model.varmap, &model.method.buffers().unwrap(), &Default::default(), &state).unwrap();
     config
 }

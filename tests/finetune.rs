@@ -8,14 +8,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufReader, Cursor};
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{read_listening_addr, read_log};
+use common::Dirs;
 use contrastive::client::{embedding_client, finetune_client, AuthChannel};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::data::Dataset;
@@ -29,7 +27,6 @@ use contrastive::proto::v1::{
 use contrastive::registry::{MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use image::{DynamicImage, GrayImage, ImageFormat};
 use sha2::{Digest, Sha256};
-use tempfile::TempDir;
 use tonic::{Code, Status};
 
 const BASE: &str = "fmnist-simclr";
@@ -47,99 +44,25 @@ type Embedder = EmbeddingServiceClient<AuthChannel>;
 // ---------------------------------------------------------------------------------------------
 // The server process
 
-/// A model repository (a copy of the repo's `models/`) and a data folder that outlive a server
-/// process, so a test can kill one and start another on the same folders.
-struct Dirs {
-    root: TempDir,
-    models: PathBuf,
-    data: PathBuf,
-}
+/// A running `contrastive serve` with two fine-tune threads; killed when dropped. Its log is
+/// printed if a test fails.
+struct Server(common::Server);
 
-impl Dirs {
-    fn new() -> Self {
-        let root = tempfile::tempdir().expect("a temporary folder");
-        let models = root.path().join("models");
-        copy_tree(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"), &models);
-        let data = root.path().join("data");
-        Self { root, models, data }
+impl std::ops::Deref for Server {
+    type Target = common::Server;
+    fn deref(&self) -> &common::Server {
+        &self.0
     }
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-/// A running `contrastive serve`; SIGKILLed when dropped. Its log is printed if a test fails.
-struct Server {
-    /// `http://127.0.0.1:PORT`
-    url: String,
-    child: Child,
-    _stdout: BufReader<ChildStdout>,
-    log: PathBuf,
 }
 
 impl Server {
     /// Starts the binary on `dirs` with `extra` flags and waits for health SERVING.
     async fn start(dirs: &Dirs, extra: &[&str]) -> Self {
-        let server = tokio::task::block_in_place(|| Self::spawn(dirs, extra));
+        let mut args = vec!["--finetune-threads", "2"];
+        args.extend_from_slice(extra);
+        let server = tokio::task::block_in_place(|| common::Server::start_on(dirs, &args));
         server.wait_serving().await;
-        server
-    }
-
-    fn spawn(dirs: &Dirs, extra: &[&str]) -> Self {
-        static STARTS: AtomicUsize = AtomicUsize::new(0);
-        let log = dirs.root.path().join(format!("server-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_contrastive"))
-            .args([
-                "serve",
-                "--addr",
-                "127.0.0.1:0",
-                "--metrics-addr",
-                "off",
-                "--poll-interval-ms",
-                "200",
-                "--finetune-threads",
-                "2",
-            ])
-            .arg("--models")
-            .arg(&dirs.models)
-            .arg("--data-dir")
-            .arg(&dirs.data)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .env_remove("CONTRASTIVE_API_KEY_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn contrastive serve");
-        let (addr, stdout) = read_listening_addr(&mut child, &log, Duration::from_secs(60));
-        Self { url: format!("http://{addr}"), child, _stdout: stdout, log }
-    }
-
-    async fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = contrastive::client::health(&self.url, "").await;
-            if matches!(&status, Ok(s) if s == "SERVING") {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not SERVING after 30 s (last answer {status:?}); log:\n{}",
-                read_log(&self.log)
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Self(server)
     }
 
     async fn finetune(&self) -> FineTune {
@@ -148,22 +71,6 @@ impl Server {
 
     async fn embedder(&self) -> Embedder {
         embedding_client(&self.url, None).await.expect("connect the embedding client")
-    }
-
-    /// `kill -9`: no shutdown path runs.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the server");
-        self.child.wait().expect("reap the server");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- log of the server at {} ---\n{}", self.url, read_log(&self.log));
-        }
     }
 }
 
@@ -368,7 +275,7 @@ fn numbered_versions(models: &Path, model: &str) -> Vec<PathBuf> {
 /// watcher replays the same history.
 #[tokio::test(flavor = "multi_thread")]
 async fn job_trains_publishes_and_serves_the_new_version() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &[]).await;
     let mut client = server.finetune().await;
 
@@ -497,7 +404,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
 /// Training runs on its own threads: embedding requests keep answering, unchanged, meanwhile.
 #[tokio::test(flavor = "multi_thread")]
 async fn embeddings_keep_answering_while_a_job_trains() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &[]).await;
     let mut client = server.finetune().await;
     let mut embedder = server.embedder().await;
@@ -542,7 +449,7 @@ async fn embeddings_keep_answering_while_a_job_trains() {
 /// once; a finished job cannot be cancelled.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_a_running_job_and_publishes_nothing() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &[]).await;
     let mut client = server.finetune().await;
     let info = upload(&mut client, "shirts", shirts()).await.unwrap();
@@ -584,7 +491,7 @@ async fn cancel_stops_a_running_job_and_publishes_nothing() {
 /// Datasets that cannot train end the job FAILED with a message that says why.
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_datasets_fail_the_job_with_precise_messages() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &["--max-jobs-per-client", "16"]).await;
     let mut client = server.finetune().await;
     let inline = |images: Vec<LabeledImage>| create_job_request::Data::InlineDataset(InlineDataset { images });
@@ -625,7 +532,7 @@ async fn bad_datasets_fail_the_job_with_precise_messages() {
 /// CreateJob and UploadDataset refuse malformed requests before anything is queued.
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_requests_are_refused() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &["--max-dataset-images", "20"]).await;
     let mut client = server.finetune().await;
     let small = [of_class("tshirt", 10), of_class("shirt", 10)].concat();
@@ -678,7 +585,7 @@ async fn malformed_requests_are_refused() {
     assert_eq!(datasets.len(), 1, "only the accepted upload is stored: {datasets:?}");
 
     // With a data root, server folders resolve inside it and nowhere else.
-    let root_dirs = Dirs::new();
+    let root_dirs = Dirs::with_models();
     let root = root_dirs.root.path().join("shared-data");
     write_image_folder(&root.join("two"), &[of_class("tshirt", 10), of_class("shirt", 10)].concat());
     let server = Server::start(&root_dirs, &["--finetune-data-root", root.to_str().unwrap()]).await;
@@ -720,8 +627,8 @@ fn write_image_folder(dir: &Path, images: &[LabeledImage]) {
 /// Starts a server with one job at a time, runs a 200-epoch job into its first epoch, queues a
 /// second job behind it and `kill -9`s the server. Returns the folders and the two job ids.
 async fn crash_with_a_running_and_a_queued_job() -> (Dirs, String, String) {
-    let dirs = Dirs::new();
-    let mut server = Server::start(&dirs, &CRASH_FLAGS).await;
+    let dirs = Dirs::with_models();
+    let server = Server::start(&dirs, &CRASH_FLAGS).await;
     let mut client = server.finetune().await;
     let info = upload(&mut client, "shirts", shirts()).await.unwrap();
     let data = || create_job_request::Data::DatasetId(info.dataset_id.clone());
@@ -799,7 +706,7 @@ async fn a_job_queued_before_a_crash_runs_after_the_restart() {
 /// With an API key file, fine-tune RPCs need a key; embedding RPCs do not (by default).
 #[tokio::test(flavor = "multi_thread")]
 async fn fine_tune_rpcs_need_an_api_key() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let keys = dirs.root.path().join("keys");
     std::fs::write(&keys, "# test keys\nsecret-key-1\n").unwrap();
     let server = Server::start(&dirs, &["--api-key-file", keys.to_str().unwrap()]).await;
@@ -823,7 +730,7 @@ async fn fine_tune_rpcs_need_an_api_key() {
 /// `contrastive finetune create --data DIR --watch` uploads the folder, follows the job and prints it.
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_creates_and_watches_a_job() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::with_models();
     let server = Server::start(&dirs, &[]).await;
     let folder = dirs.root.path().join("garments");
     let images = [of_class("tshirt", 40), of_class("pullover", 40), of_class("shirt", 40)].concat();

@@ -16,7 +16,8 @@ use candle_core::Device;
 use contrastive::data::ImageShape;
 use contrastive::train::arch::{MethodConfig, ResNetConfig};
 use contrastive::train::config::{DataSource, TrainConfig};
-use contrastive::train::trainer::{self, Model, TrainOptions};
+use contrastive::train::run::{train, TrainOptions};
+use contrastive::train::{EvalScope, Model};
 
 fn subset() -> DataSource {
     DataSource::MnistIdx { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset") }
@@ -44,7 +45,7 @@ fn small_config(method: &str) -> TrainConfig {
 
 fn knn_accuracy(model: &Model) -> f64 {
     let (train, test) = subset().load().unwrap();
-    trainer::evaluate(model, &train, &test.unwrap(), false).unwrap().knn_accuracy
+    model.evaluate(&train, &test.unwrap(), EvalScope::KNN).unwrap().knn_accuracy
 }
 
 /// Trains `method` and returns (k-NN at random init, k-NN after training).
@@ -61,13 +62,13 @@ fn train_and_measure(method: &str) -> (f64, f64) {
         final_eval: false,
         stop_at_step: None,
     };
-    let state = trainer::train(&config, &options).unwrap();
+    let state = train(&config, &options).unwrap();
     assert!(state.finished);
     let trained = knn_accuracy(&Model::load(dir.path(), &Device::Cpu).unwrap());
     let losses: Vec<f64> = state.loss_history.iter().map(|&(_, loss)| loss).collect();
     eprintln!(
         "{method}: k-NN {random:.3} at random init, {trained:.3} after {} steps; loss {:.3} -> {:.3}",
-        state.step,
+        state.progress.step,
         losses[0],
         losses[losses.len() - 1]
     );

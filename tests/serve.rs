@@ -23,7 +23,7 @@ use contrastive::registry::manifest::FileDigest;
 use contrastive::registry::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use contrastive::runtime::{OnnxEncoder, SessionOptions};
 use contrastive::train::checkpoint;
-use contrastive::train::trainer::Model;
+use contrastive::train::Model;
 use image::{DynamicImage, GrayImage, ImageFormat};
 use tonic::Code;
 
@@ -81,7 +81,7 @@ fn candle_embeddings(images: &[f32]) -> Vec<Vec<f32>> {
 /// What the server's preprocessing makes of encoded bytes, computed here.
 fn preprocessed(bytes: &[u8]) -> Vec<f32> {
     let mut out = Vec::new();
-    contrastive::serve::preprocess::image_to_tensor(bytes, &manifest().input, &mut out).unwrap();
+    contrastive::registry::input::image_to_tensor(bytes, &manifest().input, &mut out).unwrap();
     assert_eq!(out.len(), PIXELS);
     out
 }
@@ -537,7 +537,7 @@ async fn health_follows_the_repository() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_queued_requests_finish_then_exits_zero() {
     // A long batching delay keeps the requests queued in the server when the signal arrives.
-    let (mut server, mut client) = serving(&["--max-delay-ms", "200"]).await;
+    let (server, mut client) = serving(&["--max-delay-ms", "200"]).await;
     let reference = ort_embeddings(image(5));
     embed(&mut client, raw_request(vec![tensor_input(image(5))])).await; // the connection is up
 
@@ -773,7 +773,7 @@ async fn embed_stream_reports_a_message_it_cannot_decode() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_open_streams() {
-    let (mut server, mut client) = serving(&[]).await;
+    let (server, mut client) = serving(&[]).await;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     sender
         .send(EmbedStreamRequest { id: "r0".into(), request: Some(raw_request(vec![tensor_input(image(0))])) })

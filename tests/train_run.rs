@@ -9,7 +9,7 @@ use contrastive::data::ImageShape;
 use contrastive::train::arch::{MethodConfig, ResNetConfig};
 use contrastive::train::checkpoint;
 use contrastive::train::config::{DataSource, TrainConfig};
-use contrastive::train::trainer::{self, TrainOptions};
+use contrastive::train::run::{train, TrainOptions};
 
 fn tiny_config(method: &str) -> TrainConfig {
     let mut config = TrainConfig::for_method(MethodConfig::default_for(method).unwrap(), ImageShape::new(1, 28, 28));
@@ -46,9 +46,9 @@ fn weights(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor>
 #[test]
 fn a_run_folder_holds_config_checkpoint_metrics_and_curves() {
     let dir = tempfile::tempdir().unwrap();
-    let state = trainer::train(&tiny_config("simclr"), &options(dir.path(), false, None)).unwrap();
+    let state = train(&tiny_config("simclr"), &options(dir.path(), false, None)).unwrap();
     assert!(state.finished);
-    assert_eq!(state.step, 2 * (256 / 32));
+    assert_eq!(state.progress.step, 2 * (256 / 32));
     assert_eq!(state.knn_history.len(), 2, "k-NN after each epoch");
     for file in [
         checkpoint::CONFIG_FILE,
@@ -67,7 +67,7 @@ fn a_run_folder_holds_config_checkpoint_metrics_and_curves() {
     // The config file alone rebuilds the run.
     assert_eq!(TrainConfig::load(&dir.path().join(checkpoint::CONFIG_FILE)).unwrap(), tiny_config("simclr"));
     // Starting again over a finished run is refused rather than overwriting it.
-    let err = trainer::train(&tiny_config("simclr"), &options(dir.path(), false, None)).unwrap_err().to_string();
+    let err = train(&tiny_config("simclr"), &options(dir.path(), false, None)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
 }
 
@@ -76,15 +76,19 @@ fn a_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
     // MoCo has the most state to carry over: momentum encoder, queue, optimiser momentum.
     let config = tiny_config("moco-v2");
     let straight = tempfile::tempdir().unwrap();
-    trainer::train(&config, &options(straight.path(), false, None)).unwrap();
+    train(&config, &options(straight.path(), false, None)).unwrap();
 
     let stopped = tempfile::tempdir().unwrap();
-    let state = trainer::train(&config, &options(stopped.path(), false, Some(5))).unwrap();
+    let state = train(&config, &options(stopped.path(), false, Some(5))).unwrap();
     assert!(!state.finished);
-    assert_eq!((state.step, state.epoch, state.batch_in_epoch), (5, 0, 5), "stopped mid-epoch");
-    let state = trainer::train(&config, &options(stopped.path(), true, None)).unwrap();
+    assert_eq!(
+        (state.progress.step, state.progress.epoch, state.progress.batch_in_epoch),
+        (5, 0, 5),
+        "stopped mid-epoch"
+    );
+    let state = train(&config, &options(stopped.path(), true, None)).unwrap();
     assert!(state.finished);
-    assert_eq!(state.step, 16);
+    assert_eq!(state.progress.step, 16);
 
     assert_same_weights(straight.path(), stopped.path());
 }
@@ -93,8 +97,8 @@ fn a_stopped_run_resumes_to_the_same_weights_as_an_uninterrupted_one() {
 fn the_same_seed_trains_the_same_weights() {
     let config = tiny_config("simclr");
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    trainer::train(&config, &options(a.path(), false, None)).unwrap();
-    trainer::train(&config, &options(b.path(), false, None)).unwrap();
+    train(&config, &options(a.path(), false, None)).unwrap();
+    train(&config, &options(b.path(), false, None)).unwrap();
     assert_same_weights(a.path(), b.path());
 }
 
@@ -115,20 +119,18 @@ fn bad_inputs_give_errors_that_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = tiny_config("simclr");
     config.data = DataSource::MnistIdx { dir: dir.path().join("nowhere") };
-    let err = format!("{:#}", trainer::train(&config, &options(&dir.path().join("run"), false, None)).unwrap_err());
+    let err = format!("{:#}", train(&config, &options(&dir.path().join("run"), false, None)).unwrap_err());
     assert!(err.contains("nowhere") && err.contains("dataset-fashion-mnist"), "{err}");
 
     let mut config = tiny_config("simclr");
     config.batch_size = 1000;
-    let err = format!("{:#}", trainer::train(&config, &options(&dir.path().join("run2"), false, None)).unwrap_err());
+    let err = format!("{:#}", train(&config, &options(&dir.path().join("run2"), false, None)).unwrap_err());
     assert!(err.contains("fewer than one batch"), "{err}");
 
     let err = MethodConfig::default_for("simclr-v9").unwrap_err().to_string();
     assert!(err.contains("simclr-v9") && err.contains("moco-v2"), "{err}");
 
-    let err = format!(
-        "{:#}",
-        trainer::train(&tiny_config("simclr"), &options(&dir.path().join("run3"), true, None)).unwrap_err()
-    );
+    let err =
+        format!("{:#}", train(&tiny_config("simclr"), &options(&dir.path().join("run3"), true, None)).unwrap_err());
     assert!(err.contains("config.json"), "{err}");
 }

@@ -2,7 +2,6 @@
 
 pub mod idx;
 pub mod image_folder;
-pub mod loader;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,6 @@
-//! 5. Application layer: how good an encoder is, measured on frozen features.
+//! Layer 5, the application layer: how good an encoder is, measured on frozen features.
 //!
-//! The field's protocol (see `TAXONOMY.md`, "Evaluation protocol used in the field"):
+//! The field's protocol (see `docs/taxonomy.md`):
 //! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), and the
 //! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
@@ -12,6 +12,7 @@ pub mod knn;
 pub mod linear_probe;
 
 pub use alignment::{alignment, uniformity};
+pub use features::encode;
 pub use knn::{knn_accuracy, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
 
@@ -32,11 +33,10 @@ pub struct EvalReport {
     pub uniformity: Option<f64>,
 }
 
-/// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`; zero rows stay zero (the
-/// losses' [`crate::train::loss::l2_normalize`] after a shape check).
+/// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`; zero rows stay zero.
 pub(crate) fn l2_normalize_rows(x: &Tensor) -> Result<Tensor> {
     ensure!(x.rank() == 2, "features must be a [N, D] matrix, got shape {:?}", x.shape());
-    Ok(crate::train::loss::l2_normalize(&x.to_dtype(DType::F32)?)?)
+    Ok(contrastive_kernels::l2_normalize(&x.to_dtype(DType::F32)?)?)
 }
 
 /// Checks that `features` has one row per label and that every label is below `num_classes`.

@@ -11,18 +11,14 @@ use contrastive_export::{onnx::ModelProto, Dim, GraphBuilder};
 
 use crate::data::{Dataset, ImageShape};
 use crate::eval::EvalReport;
-use crate::registry::manifest::{Architecture, ChannelOrder, FileDigest, InputSpec, OutputSpec, TrainingSummary};
+use crate::registry::manifest::{Architecture, FileDigest, InputSpec, OutputSpec, TrainingSummary, INPUT_NAME};
 use crate::registry::{Manifest, ModelRepository, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use crate::train::arch::ResNet;
-use crate::train::checkpoint;
-use crate::train::trainer::Model;
+use crate::train::{checkpoint, Model};
 
 pub use parity::{check_parity, PARITY_TOLERANCE};
 
-pub const INPUT_NAME: &str = "image";
 pub const OUTPUT_NAME: &str = "embedding";
-/// Added to ‖x‖² before the square root, as the trainer's own `l2_normalize`.
-const NORM_EPS_SQUARED: f32 = 1e-24;
 
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
@@ -63,10 +59,10 @@ pub fn encoder_graph(
     let input = g.input(INPUT_NAME, &dims)?;
     let features = encoder.to_onnx(&mut g, &input)?;
     let embedding = if l2_normalize {
-        // x / sqrt(Σx² + ε²), as crate::train::loss::common::l2_normalize.
+        // x / sqrt(Σx² + ε²), as contrastive_kernels::l2_normalize.
         let sum_sq =
             g.node("ReduceSumSquare", &[&features], "l2.sum_sq", &[("axes", contrastive_export::Attr::Ints(vec![1]))])?;
-        let eps = g.initializer("l2.eps_sq", &[], &[NORM_EPS_SQUARED])?;
+        let eps = g.initializer("l2.eps_sq", &[], &[contrastive_kernels::L2_EPS_SQUARED as f32])?;
         let shifted = g.node("Add", &[&sum_sq, &eps], "l2.shifted", &[])?;
         let norm = g.node("Sqrt", &[&shifted], "l2.norm", &[])?;
         g.node("Div", &[&features, &norm], OUTPUT_NAME, &[])?
@@ -91,7 +87,8 @@ pub fn publish_model(
     let config = &model.config;
     let shape = config.data.image_shape();
     let encoder = model.method.encoder();
-    let channel_order = ChannelOrder::for_channels(shape.channels)?;
+    let input = InputSpec::image(shape.channels, shape.height, shape.width)?;
+    let channel_order = input.channel_order;
     let metadata = vec![
         ("name".to_string(), options.name.clone()),
         ("method".to_string(), config.method.name().to_string()),
@@ -116,15 +113,7 @@ pub fn publish_model(
             encoder_parameters: encoder_parameters(model),
             projector_dims: config.projector_dims.clone(),
         },
-        input: InputSpec {
-            name: INPUT_NAME.into(),
-            channels: shape.channels,
-            height: shape.height,
-            width: shape.width,
-            channel_order,
-            resize: "bilinear".into(),
-            scale: 1.0 / 255.0,
-        },
+        input,
         output: OutputSpec {
             name: OUTPUT_NAME.into(),
             dimensions: encoder.feature_dim(),
@@ -176,8 +165,8 @@ pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &Expor
     let provenance = Provenance {
         source: format!("run folder {}", run_dir.display()),
         evaluation: state.final_eval.clone(),
-        epochs: state.epoch,
-        steps: state.step,
+        epochs: state.progress.epoch,
+        steps: state.progress.step,
         data: None,
     };
     publish_model(repo, &model, options, &provenance, images.as_ref())

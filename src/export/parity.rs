@@ -7,8 +7,8 @@ use rand::{Rng, SeedableRng};
 use crate::data::Dataset;
 use crate::registry::manifest::{ParityCase, ParityReport};
 use crate::runtime::{OnnxEncoder, SessionOptions, ORT_VERSION};
-use crate::train::loss::common::l2_normalize;
-use crate::train::trainer::Model;
+use crate::train::Model;
+use contrastive_kernels::l2_normalize;
 
 /// The largest |candle − ONNX Runtime| an export may show.
 pub const PARITY_TOLERANCE: f32 = 1e-4;

@@ -17,7 +17,6 @@
 //! the job runner validates them, and this module only enforces sizes and labels.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
@@ -98,7 +97,6 @@ impl DatasetStore {
             id,
             name: name.to_owned(),
             tally: Tally::new(self.limits.clone()),
-            root: self.root.clone(),
             temp_path,
             final_path,
             file: Some(BufWriter::new(file)),
@@ -114,7 +112,7 @@ impl DatasetStore {
     pub fn load(&self, record: &DatasetRecord) -> Result<Vec<LabeledImage>> {
         let path = &record.path;
         let bytes = std::fs::read(path).with_context(|| format!("reading the dataset file {}", path.display()))?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = crate::files::sha256_hex(&bytes);
         if sha256 != record.sha256 {
             bail!(
                 "dataset file {} is corrupt: its SHA-256 is {sha256}, the record of dataset {} says {}",
@@ -160,7 +158,6 @@ pub struct DatasetWriter {
     id: String,
     name: String,
     tally: Tally,
-    root: PathBuf,
     temp_path: PathBuf,
     final_path: PathBuf,
     /// `None` once finished.
@@ -218,21 +215,17 @@ impl DatasetWriter {
             name: std::mem::take(&mut self.name),
             size: self.tally.images as u64,
             class_counts: std::mem::take(&mut self.tally.class_counts),
-            sha256: hex(&std::mem::take(&mut self.hasher).finalize()),
+            sha256: crate::files::hex(&std::mem::take(&mut self.hasher).finalize()),
             path: self.final_path.clone(),
             created_at: now_rfc3339(),
         })
     }
 
-    /// Flushes and fsyncs the temporary file, renames it to its final name and syncs the folder.
+    /// Flushes the temporary file and commits it durably under its final name.
     fn sync_and_rename(&self, file: BufWriter<File>) -> Result<()> {
         let temp = self.temp_path.display();
-        let file = file.into_inner().map_err(|e| anyhow!("writing the dataset file {temp}: {}", e.error()))?;
-        file.sync_all().with_context(|| format!("syncing the dataset file {temp}"))?;
-        drop(file);
-        std::fs::rename(&self.temp_path, &self.final_path)
-            .with_context(|| format!("renaming {temp} to {}", self.final_path.display()))?;
-        sync_folder(&self.root)
+        drop(file.into_inner().map_err(|e| anyhow!("writing the dataset file {temp}: {}", e.error()))?);
+        crate::files::commit(&self.temp_path, &self.final_path)
     }
 
     /// Writes to the file and the checksum; a failure marks the writer as failed.
@@ -370,25 +363,6 @@ fn count_classes(images: &[LabeledImage]) -> BTreeMap<String, u64> {
         *counts.entry(image.label.clone()).or_default() += 1;
     }
     counts
-}
-
-/// Makes a rename in `folder` durable (the folder's entry list is data too).
-fn sync_folder(folder: &Path) -> Result<()> {
-    #[cfg(unix)]
-    File::open(folder)
-        .and_then(|dir| dir.sync_all())
-        .with_context(|| format!("syncing the dataset folder {}", folder.display()))?;
-    #[cfg(not(unix))]
-    let _ = folder;
-    Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        write!(out, "{byte:02x}").expect("writing to a String cannot fail");
-    }
-    out
 }
 
 /// Reads `<data_root>/<folder>/<class>/<files>` (files ending .png/.jpg/.jpeg, case-insensitive; classes = sub-folder

@@ -9,15 +9,16 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::datasets::{read_server_folder, LabeledImage, LimitExceeded};
-use super::runner::{validate_hyper_parameters, with_defaults, JobRunner};
+use super::parameters::JobParameters;
+use super::runner::{CancelError, JobRunner};
 use super::store::DatasetRecord;
+use crate::auth::ApiKeys;
 use crate::proto::v1::fine_tune_service_server::FineTuneService;
 use crate::proto::v1::{
     create_job_request, CancelJobRequest, CreateJobRequest, DatasetInfo, GetJobRequest, Job, JobEvent, JobState,
     ListJobsRequest, ListJobsResponse, UploadDatasetChunk, WatchJobRequest,
 };
 use crate::registry::manifest::now_rfc3339;
-use crate::serve::auth::ApiKeys;
 
 pub struct FineTuneApi {
     runner: Arc<JobRunner>,
@@ -94,8 +95,7 @@ impl FineTuneService for FineTuneApi {
             if request.output_model.is_empty() { request.base_model.clone() } else { request.output_model.clone() };
         crate::registry::validate_model_name(&output_model)
             .map_err(|e| Status::invalid_argument(format!("output_model: {e}")))?;
-        let hyper_parameters = with_defaults(request.hyper_parameters);
-        validate_hyper_parameters(&hyper_parameters)
+        let parameters = JobParameters::from_proto(request.hyper_parameters.as_ref())
             .map_err(|e| Status::invalid_argument(format!("hyper_parameters: {e}")))?;
         let active = self.runner.store().active_jobs_of_client(&client).map_err(internal)?;
         if active >= self.max_jobs_per_client {
@@ -138,7 +138,7 @@ impl FineTuneService for FineTuneApi {
             base_model: request.base_model,
             base_version: request.base_version,
             output_model,
-            hyper_parameters: Some(hyper_parameters),
+            hyper_parameters: Some(parameters.to_proto()),
             dataset_id,
             state: JobState::Queued as i32,
             created_at: now_rfc3339(),
@@ -179,7 +179,11 @@ impl FineTuneService for FineTuneApi {
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         let id = request.into_inner().job_id;
         let runner = self.runner.clone();
-        let job = tokio::task::block_in_place(|| runner.cancel(&id))?;
+        let job = tokio::task::block_in_place(|| runner.cancel(&id)).map_err(|error| match error {
+            CancelError::NotFound(_) => Status::not_found(error.to_string()),
+            CancelError::Finished { .. } => Status::failed_precondition(error.to_string()),
+            CancelError::Store(error) => internal(error),
+        })?;
         Ok(Response::new(job))
     }
 
@@ -230,11 +234,9 @@ impl FineTuneService for FineTuneApi {
     }
 }
 
+/// The event that ends a job's history: its move into a terminal state.
 fn is_terminal(event: &JobEvent) -> bool {
-    event
-        .job
-        .as_ref()
-        .is_some_and(|job| matches!(job.state(), JobState::Succeeded | JobState::Failed | JobState::Cancelled))
+    event.job.as_ref().is_some_and(|job| job.state().is_terminal())
         && matches!(event.event, Some(crate::proto::v1::job_event::Event::State(_)))
 }
 

@@ -221,7 +221,7 @@ impl JobStore {
             if to == JobState::Validating && job.started_at.is_empty() {
                 job.started_at = now.clone();
             }
-            if is_terminal(to) {
+            if to.is_terminal() {
                 job.finished_at = now.clone();
             }
             if to == JobState::Succeeded {
@@ -252,7 +252,7 @@ impl JobStore {
         self.write(|tx| {
             let (mut job, last_sequence) = require_job(tx, job_id)?;
             let state = job_state(&job)?;
-            if is_terminal(state) {
+            if state.is_terminal() {
                 bail!("job {job_id} is {}; it records no more events", state_name(state as i32));
             }
             match &event {
@@ -462,10 +462,6 @@ fn append_event(conn: &Connection, job: &Job, last_sequence: u64, event: Event, 
 
 fn job_state(job: &Job) -> Result<JobState> {
     JobState::try_from(job.state).with_context(|| format!("job {} has an unknown state {}", job.job_id, job.state))
-}
-
-fn is_terminal(state: JobState) -> bool {
-    matches!(state, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
 }
 
 fn transition_allowed(from: JobState, to: JobState) -> bool {

@@ -13,6 +13,8 @@ use crate::train::config::TrainConfig;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const MODEL_FILE: &str = "model.onnx";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// The name of every exported encoder's input.
+pub const INPUT_NAME: &str = "image";
 /// Bumped when a field changes meaning; readers refuse versions they do not know.
 pub const MANIFEST_FORMAT: u32 = 1;
 
@@ -79,6 +81,22 @@ pub struct InputSpec {
     pub scale: f32,
 }
 
+impl InputSpec {
+    /// The input the trainer's encoders take: an `image` of `channels × height × width` in
+    /// [0, 1], resized bilinearly.
+    pub fn image(channels: usize, height: usize, width: usize) -> Result<Self> {
+        Ok(Self {
+            name: INPUT_NAME.into(),
+            channels,
+            height,
+            width,
+            channel_order: ChannelOrder::for_channels(channels)?,
+            resize: "bilinear".into(),
+            scale: 1.0 / 255.0,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputSpec {
     pub name: String,
@@ -125,11 +143,8 @@ pub struct FileDigest {
 
 impl FileDigest {
     pub fn of_file(path: &Path) -> Result<Self> {
-        use sha2::{Digest, Sha256};
-        let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let mut hasher = Sha256::new();
-        let bytes = std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(Self { bytes, sha256: format!("{:x}", hasher.finalize()) })
+        let (bytes, sha256) = crate::files::sha256_file(path)?;
+        Ok(Self { bytes, sha256 })
     }
 }
 

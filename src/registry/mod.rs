@@ -3,9 +3,11 @@
 //! hidden temporary name, syncing it to disk and renaming it into place, so readers see either no
 //! version or a complete one.
 
+pub mod input;
 pub mod manifest;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -14,9 +16,20 @@ pub use manifest::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 /// Prefix of in-progress publications; hidden from listings.
 const STAGING_PREFIX: &str = ".staging-";
 
-#[derive(Debug, Clone)]
+/// Called with the model name and version after each publish.
+type PublishListener = Box<dyn Fn(&str, u64) + Send + Sync>;
+
+/// A model repository; clones share their publish listeners.
+#[derive(Clone)]
 pub struct ModelRepository {
     root: PathBuf,
+    listeners: Arc<Mutex<Vec<PublishListener>>>,
+}
+
+impl std::fmt::Debug for ModelRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRepository").field("root", &self.root).finish_non_exhaustive()
+    }
 }
 
 /// Model names become folder names and appear in URLs and metrics labels.
@@ -34,7 +47,13 @@ pub fn validate_model_name(name: &str) -> Result<()> {
 impl ModelRepository {
     /// A repository rooted at `root` (which need not exist yet).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), listeners: Arc::default() }
+    }
+
+    /// Calls `listener` after every version this repository value (or a clone) publishes, so
+    /// that a server in the same process serves it at once rather than at its next scan.
+    pub fn on_publish(&self, listener: impl Fn(&str, u64) + Send + Sync + 'static) {
+        self.listeners.lock().expect("listeners lock").push(Box::new(listener));
     }
 
     pub fn root(&self) -> &Path {
@@ -98,6 +117,48 @@ impl ModelRepository {
         Manifest::load(&self.version_dir(name, version).join(MANIFEST_FILE))
     }
 
+    /// The version a request names (0: the newest) with its manifest, once the manifest loads,
+    /// describes that version and every file matches its recorded digest. With 0, versions that
+    /// fail these checks are skipped for older ones.
+    pub fn resolve(&self, name: &str, version: u64) -> Result<(u64, Manifest)> {
+        let versions = self.versions(name)?;
+        if versions.is_empty() {
+            let names = self.model_names()?;
+            if names.iter().any(|n| n == name) {
+                bail!("model {name:?} has no version");
+            }
+            bail!("model {name:?} is not in the repository (available: {})", names.join(", "));
+        }
+        if version != 0 {
+            ensure!(
+                versions.contains(&version),
+                "model {name:?} has no version {version} (versions: {})",
+                versions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            );
+            return Ok((version, self.verified_manifest(name, version)?));
+        }
+        let mut refused = Vec::new();
+        for &v in versions.iter().rev() {
+            match self.verified_manifest(name, v) {
+                Ok(manifest) => return Ok((v, manifest)),
+                Err(error) => refused.push(format!("version {v}: {error:#}")),
+            }
+        }
+        bail!("model {name:?} has no intact version ({})", refused.join("; "))
+    }
+
+    pub fn verified_manifest(&self, name: &str, version: u64) -> Result<Manifest> {
+        let manifest = self.manifest(name, version)?;
+        ensure!(
+            manifest.name == name && manifest.version == version,
+            "the manifest describes {} version {}",
+            manifest.name,
+            manifest.version
+        );
+        manifest.verify_files(&self.version_dir(name, version))?;
+        Ok(manifest)
+    }
+
     /// Publishes a version of `name`: `version`, or the next one when `None`. `write` fills the
     /// staging folder it is given (with the version number it will get); when it succeeds, the
     /// folder is synced and renamed into place. On any error nothing becomes visible.
@@ -129,12 +190,16 @@ impl ModelRepository {
             // rename(2) fails on a non-empty target, so a racing publisher cannot be overwritten.
             std::fs::rename(&staging, &target)
                 .with_context(|| format!("cannot move the new version into place at {}", target.display()))?;
-            sync_dir(&model_dir)
+            crate::files::sync_dir(&model_dir)
         });
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&staging);
         }
-        result.map(|()| version)
+        result?;
+        for listener in self.listeners.lock().expect("listeners lock").iter() {
+            listener(name, version);
+        }
+        Ok(version)
     }
 
     /// Removes staging folders left by publishers that were killed (their process is gone).
@@ -173,11 +238,7 @@ fn sync_tree(dir: &Path) -> Result<()> {
                 .with_context(|| format!("cannot sync {}", entry.path().display()))?;
         }
     }
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)?.sync_all().with_context(|| format!("cannot sync {}", dir.display()))
+    crate::files::sync_dir(dir)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::metrics;
+use crate::metrics;
 use crate::runtime::OnnxEncoder;
 
 #[derive(Debug, Clone, Copy)]

@@ -11,9 +11,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::batcher::BatchError;
-use super::metrics;
 use super::models::{LoadedVersion, LookupError, ModelStore, VersionStatus};
 use super::preprocess::preprocess_all;
+use crate::metrics;
 use crate::proto::v1::embedding_service_server::EmbeddingService;
 use crate::proto::v1::{
     embed_stream_response, EmbedRequest, EmbedResponse, EmbedStreamRequest, EmbedStreamResponse, Embedding,
@@ -100,7 +100,7 @@ impl EmbeddingApi {
             .map(|row| {
                 let mut values = row[..keep].to_vec();
                 if normalize {
-                    l2_normalize(&mut values);
+                    contrastive_kernels::l2_normalize_slice(&mut values);
                 }
                 Embedding { values }
             })
@@ -128,12 +128,6 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
-}
-
-/// `x / sqrt(Σx² + ε²)`, as the trainer's normalisation.
-fn l2_normalize(values: &mut [f32]) {
-    let norm = (values.iter().map(|v| v * v).sum::<f32>() + 1e-24).sqrt();
-    values.iter_mut().for_each(|v| *v /= norm);
 }
 
 fn lookup_status(error: LookupError) -> Status {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{ensure, Context, Result};
 
 use super::batcher::{Batcher, BatcherConfig};
-use super::metrics;
+use crate::metrics;
 use crate::registry::{Manifest, ModelRepository, MODEL_FILE};
 use crate::runtime::{OnnxEncoder, Provider, SessionOptions};
 
@@ -202,14 +202,7 @@ impl ModelStore {
 
     fn try_load(&self, name: &str, version: u64) -> Result<LoadedVersion> {
         let dir = self.repository.version_dir(name, version);
-        let manifest = self.repository.manifest(name, version)?;
-        ensure!(
-            manifest.name == name && manifest.version == version,
-            "the manifest describes {} version {}",
-            manifest.name,
-            manifest.version
-        );
-        manifest.verify_files(&dir)?;
+        let manifest = self.repository.verified_manifest(name, version)?;
         let mut encoder = OnnxEncoder::load(&dir.join(MODEL_FILE), self.options.session)?;
         // One real run before serving: catches a graph that loads but cannot execute.
         let dims = manifest.image_dims();

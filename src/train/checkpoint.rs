@@ -1,17 +1,17 @@
 //! Checkpoints in a run folder: `config.json`, `weights.safetensors` (every parameter, running
 //! statistic, momentum target and buffer), `optimizer.safetensors` and `state.json`. Every file
-//! is written under a temporary name and renamed into place, so an interrupted save leaves the
-//! previous checkpoint intact.
+//! is written durably ([`crate::files`]), so an interrupted save leaves the previous checkpoint
+//! intact.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use super::progress::Progress;
 use crate::eval::EvalReport;
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -25,12 +25,9 @@ const BUFFER_PREFIX: &str = "buffer.";
 /// Where training stands, saved with every checkpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunState {
-    /// Full epochs done.
-    pub epoch: usize,
-    /// Batches done inside `epoch` (non-zero only after an interruption).
-    pub batch_in_epoch: usize,
-    /// Optimiser steps done in total.
-    pub step: usize,
+    /// Epochs, batches and steps done, and the training time so far.
+    #[serde(flatten)]
+    pub progress: Progress,
     pub finished: bool,
     /// `(epoch, k-NN accuracy)` after each evaluated epoch.
     pub knn_history: Vec<(usize, f64)>,
@@ -38,29 +35,12 @@ pub struct RunState {
     pub loss_history: Vec<(f64, f64)>,
     /// The evaluation at the end of training.
     pub final_eval: Option<EvalReport>,
-    /// Training time so far, evaluation excluded.
-    pub train_seconds: f64,
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_path(path);
-    let mut file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let tmp = temporary_path(path);
-    candle_core::safetensors::save(tensors, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    crate::files::replace_durably(path, |tmp| {
+        candle_core::safetensors::save(tensors, tmp).with_context(|| format!("cannot write {}", tmp.display()))
+    })
 }
 
 /// Every variable of `varmap` plus the method's buffers (prefixed `buffer.`): the content of a
@@ -85,7 +65,7 @@ pub fn save(
     save_tensors(&dir.join(WEIGHTS_FILE), &weight_tensors(varmap, buffers))?;
     save_tensors(&dir.join(OPTIMIZER_FILE), optimizer)?;
     // The state goes last: it names what the files above hold.
-    write_atomically(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())
+    crate::files::write_durably(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())
 }
 
 /// Loads the weights into `varmap` (every variable must be in the file) and returns the buffers.

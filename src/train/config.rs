@@ -128,8 +128,8 @@ impl TrainConfig {
 
     /// SGD with momentum 0.9 and weight decay 5e-4 (the PyTorch reference recipe), except:
     /// BYOL trains with LARS and weight decay 1.5e-6 (Grill et al. 2020, appendix C), and
-    /// SimSiam with weight decay 5e-3. Both lose to a random-init encoder's k-NN on short
-    /// schedules with the plain recipe; measured on the test subset (420 steps, two seeds).
+    /// SimSiam with weight decay 5e-3: with the plain recipe both stay below a random-init
+    /// encoder's k-NN on short schedules (the measurements are in `docs/taxonomy.md`).
     pub fn default_optimizer(method: &MethodConfig) -> OptimizerConfig {
         match method {
             MethodConfig::Byol { .. } => OptimizerConfig::lars(1.5e-6),
@@ -161,7 +161,7 @@ impl TrainConfig {
     }
 
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        crate::train::checkpoint::write_atomically(path, serde_json::to_string_pretty(self)?.as_bytes())
+        crate::files::write_durably(path, serde_json::to_string_pretty(self)?.as_bytes())
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self> {

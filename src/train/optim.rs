@@ -32,7 +32,7 @@ impl OptimizerConfig {
 
     /// A peak learning rate for the canonical encoder when nothing else is known: SGD 0.12 (the
     /// PyTorch reference recipe), LARS 4.0 (its step is `η · trust`, with trust ≈ 10⁻³ of each
-    /// layer's norm; measured on BYOL), AdamW 10⁻³.
+    /// layer's norm), AdamW 10⁻³.
     pub fn default_learning_rate(&self) -> f64 {
         match self {
             Self::Sgd { .. } => 0.12,

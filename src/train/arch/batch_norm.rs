@@ -1,13 +1,11 @@
-//! 2-D batch normalisation with running statistics (Ioffe & Szegedy 2015). Training on the CPU
-//! runs the fused op of [`super::fused_batch_norm`]; elsewhere (and with
-//! [`ConvBackend::Candle`]) it is written with candle primitives.
+//! 2-D batch normalisation with running statistics (Ioffe & Szegedy 2015). Training with
+//! [`Backend::Fused`] on the CPU runs the fused op of [`contrastive_kernels`]; elsewhere it is
+//! written with candle primitives.
 
 use candle_core::{Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
-
-use super::conv::{default_backend, ConvBackend};
-use super::fused_batch_norm::{batch_norm_train, BatchStatistics};
+use contrastive_kernels::{Backend, BatchStatistics};
 
 /// Batch norm over the channel axis of NCHW tensors. Training uses the batch statistics and
 /// updates the running ones (PyTorch's momentum 0.1, unbiased running variance); evaluation uses
@@ -20,11 +18,12 @@ pub struct BatchNorm2d {
     running_var: Var,
     eps: f64,
     momentum: f64,
+    backend: Backend,
 }
 
 impl BatchNorm2d {
     /// Scale 1, shift 0, running mean 0 and variance 1, as PyTorch.
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, backend: Backend) -> Result<Self> {
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
         let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
@@ -36,7 +35,12 @@ impl BatchNorm2d {
             running_var: Var::from_tensor(&running_var)?,
             eps: 1e-5,
             momentum: 0.1,
+            backend,
         })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The per-channel scale γ.
@@ -92,9 +96,9 @@ impl BatchNorm2d {
         self.forward_with_activation(x, train, true)
     }
 
-    fn forward_with_activation(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if train && x.device().is_cpu() && default_backend() == ConvBackend::Im2col {
-            let (y, stats) = batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+    pub(super) fn forward_with_activation(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if train && self.backend.fused_on(x) {
+            let (y, stats) = contrastive_kernels::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
             self.update_running_statistics(&stats)?;
             return Ok(y);
         }
@@ -107,7 +111,7 @@ impl BatchNorm2d {
     }
 
     /// `running ← (1 − momentum)·running + momentum·batch`, with the unbiased batch variance.
-    pub(crate) fn update_running_statistics(&self, stats: &BatchStatistics) -> Result<()> {
+    pub(super) fn update_running_statistics(&self, stats: &BatchStatistics) -> Result<()> {
         let n = stats.count as f64;
         let unbiased: Vec<f64> = stats.variance.iter().map(|v| v * n / (n - 1.0).max(1.0)).collect();
         let m = self.momentum;
@@ -156,126 +160,8 @@ mod tests {
     fn layer(channels: usize, dtype: DType) -> (VarMap, BatchNorm2d) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-        let bn = BatchNorm2d::new(vb, channels).unwrap();
+        let bn = BatchNorm2d::new(vb, channels, Backend::Fused).unwrap();
         (varmap, bn)
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
-    /// Batch norm with batch statistics written from primitive candle ops (autograd through
-    /// every step): the textbook formula, independent of the fused op.
-    fn reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Tensor {
-        let c = x.dim(1).unwrap();
-        let xt = x.transpose(0, 1).unwrap().flatten_from(1).unwrap();
-        let mean = xt.mean_keepdim(D::Minus1).unwrap();
-        let centred = xt.broadcast_sub(&mean).unwrap();
-        let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        let normalised = centred.broadcast_div(&(var + eps).unwrap().sqrt().unwrap()).unwrap();
-        let y = normalised
-            .broadcast_mul(&gamma.reshape((c, 1)).unwrap())
-            .unwrap()
-            .broadcast_add(&beta.reshape((c, 1)).unwrap())
-            .unwrap();
-        let mut dims = x.dims().to_vec();
-        dims.swap(0, 1);
-        let y = y.reshape(dims).unwrap().transpose(0, 1).unwrap();
-        if relu {
-            y.relu().unwrap()
-        } else {
-            y
-        }
-    }
-
-    /// Values and gradients (of `Σ y·r` for random `r`) of the layer against [`reference`].
-    fn compare_with_reference(dims: &[usize], relu: bool, dtype: DType, tolerance: f64) {
-        let device = Device::Cpu;
-        let c = dims[1];
-        let (_varmap, bn) = layer(c, dtype);
-        // Non-trivial γ and β; x with a large mean to exercise the shifted sums.
-        let gamma =
-            Var::from_tensor(&(Tensor::randn(0f64, 1.0, c, &device).unwrap().to_dtype(dtype).unwrap())).unwrap();
-        let beta = Var::from_tensor(&(Tensor::randn(0f64, 1.0, c, &device).unwrap().to_dtype(dtype).unwrap())).unwrap();
-        let bn = BatchNorm2d { weight: gamma.as_tensor().clone(), bias: beta.as_tensor().clone(), ..bn };
-        let x = Var::from_tensor(
-            &((Tensor::randn(0f64, 2.0, dims, &device).unwrap() + 3.0).unwrap().to_dtype(dtype).unwrap()),
-        )
-        .unwrap();
-        let actual = if relu { bn.forward_t_relu(&x, true).unwrap() } else { bn.forward_t(&x, true).unwrap() };
-        let expected = reference(&x, &gamma, &beta, bn.eps(), relu);
-        let case = format!("{dims:?} relu {relu} {dtype:?}");
-        assert_eq!(actual.dims(), dims, "{case}");
-        let error = max_abs_diff(&actual, &expected);
-        assert!(error < tolerance, "{case}: value error {error}");
-
-        let probe = Tensor::randn(0f64, 1.0, dims, &device).unwrap().to_dtype(dtype).unwrap();
-        let actual_grads = (&actual * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let expected_grads = (&expected * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, var) in [("input", &x), ("weight", &gamma), ("bias", &beta)] {
-            let error = max_abs_diff(actual_grads.get(var).unwrap(), expected_grads.get(var).unwrap());
-            assert!(error < tolerance, "{case}: {name} gradient error {error}");
-        }
-    }
-
-    #[test]
-    fn training_matches_primitive_formula_in_values_and_gradients() {
-        for dims in [&[3, 4, 5, 6][..], &[2, 3, 7, 7], &[1, 2, 3, 5], &[16, 5, 1, 1], &[6, 3]] {
-            for relu in [false, true] {
-                compare_with_reference(dims, relu, DType::F64, 1e-10);
-                compare_with_reference(dims, relu, DType::F32, 2e-4);
-            }
-        }
-    }
-
-    /// Central differences of `Σ bn(x)·r` (f64) for every input, scale and shift entry.
-    #[test]
-    fn gradients_match_finite_differences() {
-        let device = Device::Cpu;
-        let dims = (3, 2, 2, 3);
-        let (_varmap, bn) = layer(2, DType::F64);
-        let gamma = Var::new(&[1.5f64, -0.7], &device).unwrap();
-        let beta = Var::new(&[0.2f64, 0.3], &device).unwrap();
-        let x = Var::randn(0f64, 1.0, dims, &device).unwrap();
-        let probe = Tensor::randn(0f64, 1.0, dims, &device).unwrap();
-        let loss = |x: &Tensor, g: &Tensor, b: &Tensor| {
-            let bn = BatchNorm2d { weight: g.clone(), bias: b.clone(), ..bn.clone() };
-            (bn.forward_t(x, true).unwrap() * &probe).unwrap().sum_all().unwrap()
-        };
-        let grads = loss(&x, &gamma, &beta).backward().unwrap();
-        let h = 1e-5;
-        for which in 0..3 {
-            let var = [&x, &gamma, &beta][which];
-            let analytic = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let values = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            for i in 0..values.len() {
-                let at = |delta: f64| {
-                    let mut v = values.clone();
-                    v[i] += delta;
-                    let t = Tensor::from_vec(v, var.shape(), &device).unwrap();
-                    let mut args = [x.as_tensor().clone(), gamma.as_tensor().clone(), beta.as_tensor().clone()];
-                    args[which] = t;
-                    loss(&args[0], &args[1], &args[2]).to_scalar::<f64>().unwrap()
-                };
-                let numeric = (at(h) - at(-h)) / (2.0 * h);
-                assert!(
-                    (numeric - analytic[i]).abs() < 1e-7,
-                    "argument {which} entry {i}: {numeric} vs {}",
-                    analytic[i]
-                );
-            }
-        }
     }
 
     #[test]
@@ -316,13 +202,5 @@ mod tests {
         assert!((y[1] - 2.0 / (0.25f64 + 1e-5).sqrt()).abs() < 1e-12, "{y:?}");
         // Evaluation leaves the running statistics alone.
         assert_eq!(bn.running_mean().to_vec1::<f64>().unwrap(), vec![1.0, -2.0]);
-    }
-
-    #[test]
-    fn rejects_integer_input() {
-        let (_varmap, bn) = layer(2, DType::F32);
-        let x = Tensor::zeros((2, 2, 2, 2), DType::U32, &Device::Cpu).unwrap();
-        let message = bn.forward_t(&x, true).unwrap_err().to_string();
-        assert!(message.contains("f32 or f64"), "{message}");
     }
 }

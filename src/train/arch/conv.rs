@@ -1,38 +1,11 @@
-//! 2-D convolution layer. On the CPU it runs as im2col + gemm ([`super::im2col`]), whose
-//! backward is several times faster than candle's; elsewhere (CUDA) it uses candle's conv2d.
+//! 2-D convolution layer. With [`Backend::Fused`] it runs on the CPU as im2col + gemm
+//! ([`contrastive_kernels::conv2d`]), whose backward is several times faster than candle's;
+//! elsewhere (CUDA, [`Backend::Candle`]) it uses candle's conv2d.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
-
-use super::batch_norm::BatchNorm2d;
-use super::im2col::conv2d_im2col;
-
-/// Which implementation runs the encoder's layers on the CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvBackend {
-    /// candle's stock ops: `conv2d` (its CPU backward is slow), batch norm and ReLU from
-    /// primitives. The plain-candle baseline of benchmarks.
-    Candle,
-    /// The custom CPU ops: im2col + gemm convolution, fused batch norm, one-pass ReLUs.
-    Im2col,
-}
-
-static DEFAULT_BACKEND: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
-
-/// Sets the backend every [`Conv2d`] uses from now on (benchmarks compare the two). The default
-/// is [`ConvBackend::Im2col`]; it applies to CPU tensors only.
-pub fn set_default_backend(backend: ConvBackend) {
-    DEFAULT_BACKEND.store(backend as u8, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The backend [`Conv2d::forward`] uses on CPU tensors.
-pub fn default_backend() -> ConvBackend {
-    match DEFAULT_BACKEND.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => ConvBackend::Candle,
-        _ => ConvBackend::Im2col,
-    }
-}
+use contrastive_kernels::Backend;
 
 /// Square-kernel convolution without bias (batch norm follows every conv in a ResNet).
 #[derive(Debug, Clone)]
@@ -40,6 +13,7 @@ pub struct Conv2d {
     weight: Tensor,
     stride: usize,
     padding: usize,
+    backend: Backend,
 }
 
 impl Conv2d {
@@ -51,11 +25,12 @@ impl Conv2d {
         kernel: usize,
         stride: usize,
         padding: usize,
+        backend: Backend,
     ) -> Result<Self> {
         let fan_out = (out_channels * kernel * kernel) as f64;
         let init = Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() };
         let weight = vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
-        Ok(Self { weight, stride, padding })
+        Ok(Self { weight, stride, padding, backend })
     }
 
     /// The kernel, `[out_channels, in_channels, kernel, kernel]`.
@@ -68,24 +43,27 @@ impl Conv2d {
     pub fn padding(&self) -> usize {
         self.padding
     }
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
 
-    /// Emits this convolution as an ONNX `Conv` node named `name`, with the evaluation-mode
-    /// batch norm that follows it folded into its kernel and bias when given.
+    /// Emits this convolution as an ONNX `Conv` node named `name`. With `affine = (scale,
+    /// shift)`, one value per output channel, the node computes `conv(x)·scale + shift` (how an
+    /// evaluation-mode batch norm is folded into the convolution before it).
     pub fn to_onnx(
         &self,
         g: &mut GraphBuilder,
         input: &str,
         name: &str,
-        folded: Option<&BatchNorm2d>,
+        affine: Option<(&Tensor, &Tensor)>,
     ) -> ExportResult<String> {
         let (out_channels, _, kernel, _) = self.weight.dims4()?;
         let mut inputs = vec![input.to_string()];
-        match folded {
-            Some(bn) => {
-                let (scale, shift) = bn.eval_affine()?;
+        match affine {
+            Some((scale, shift)) => {
                 let weight = self.weight.broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?;
                 inputs.push(g.tensor(&format!("{name}.weight"), &weight)?);
-                inputs.push(g.tensor(&format!("{name}.bias"), &shift)?);
+                inputs.push(g.tensor(&format!("{name}.bias"), shift)?);
             }
             None => inputs.push(g.tensor(&format!("{name}.weight"), &self.weight)?),
         }
@@ -103,11 +81,10 @@ impl Conv2d {
         )
     }
 
-    /// `x`: `[batch, in_channels, height, width]`. CPU f32/f64 tensors use the im2col op
-    /// unless the backend is [`ConvBackend::Candle`].
+    /// `x`: `[batch, in_channels, height, width]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && default_backend() == ConvBackend::Im2col {
-            conv2d_im2col(x, &self.weight, self.stride, self.padding)
+        if self.backend.fused_on(x) {
+            contrastive_kernels::conv2d(x, &self.weight, self.stride, self.padding)
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
         }

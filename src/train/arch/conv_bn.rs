@@ -1,224 +1,97 @@
-//! Convolution → batch norm [→ ReLU] as one op in CPU training.
-//!
-//! Every tensor between two ops costs candle's backward a gradient buffer: `zeros_like`, then an
-//! `add` of the incoming gradient (a fresh allocation and three passes over the tensor). A
-//! ResNet's conv outputs feed only their batch norm, so here the conv output `z` stays inside
-//! one op: the forward runs the im2col convolution then the fused batch norm
-//! ([`super::fused_batch_norm`]), and the backward hands the batch norm's `dz` straight to the
-//! convolution's gradient products. Same values and gradients as [`Conv2d::forward`] followed by
-//! [`BatchNorm2d::forward_t`] (or `forward_t_relu`), which is also what runs in evaluation, on
-//! other devices, or with [`ConvBackend::Candle`].
+//! A convolution followed by batch norm (and a ReLU where the network has one): the unit a
+//! ResNet is built of. In CPU training with [`Backend::Fused`] the two run as one op
+//! ([`contrastive_kernels::conv_bn_train`]), so candle's backward allocates no gradient buffer
+//! for the convolution's output; in evaluation and export the batch norm folds into the
+//! convolution.
 
-use std::sync::{Arc, Mutex};
-
-use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
+use contrastive_export::{GraphBuilder, Result as ExportResult};
+use contrastive_kernels::Backend;
 
 use super::batch_norm::BatchNorm2d;
-use super::conv::{default_backend, Conv2d, ConvBackend};
-use super::fused_batch_norm::{train_backward, train_forward_storage, BatchStatistics};
-use super::im2col::{conv_backward, conv_forward_storage, ConvGeometry};
+use super::conv::Conv2d;
 
-/// `bn(conv(x))`, then `max(0, ·)` when `relu`; batch statistics and a running-average update
-/// when `train`. Fused into one op in CPU training (f32/f64) with the im2col backend.
-pub fn conv_bn_t(conv: &Conv2d, bn: &BatchNorm2d, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-    if !(train && x.device().is_cpu() && default_backend() == ConvBackend::Im2col) {
-        let z = conv.forward(x)?;
-        return if relu { bn.forward_t_relu(&z, train) } else { bn.forward_t(&z, train) };
-    }
-    // One operand for γ and β (custom ops take three); `cat` hands each its gradient back.
-    let gamma_beta = Tensor::cat(&[bn.weight(), bn.bias()], 0)?;
-    let saved = Arc::new(Mutex::new(None));
-    let op = ConvBnTrain { stride: conv.stride(), padding: conv.padding(), eps: bn.eps(), relu, saved: saved.clone() };
-    let y = x.contiguous()?.apply_op3(&conv.weight().contiguous()?, &gamma_beta, op)?;
-    let saved = saved.lock().expect("conv-bn state lock");
-    let Some(saved) = saved.as_ref() else { bail!("fused conv + batch norm: forward kept no statistics") };
-    bn.update_running_statistics(&saved.stats)?;
-    Ok(y)
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: BatchNorm2d,
 }
 
-/// What the backward needs from the forward: the conv output and its batch statistics.
-struct Saved {
-    conv_output: Tensor,
-    stats: BatchStatistics,
-}
-
-/// The op on `(x, w, [γ; β])`.
-struct ConvBnTrain {
-    stride: usize,
-    padding: usize,
-    eps: f64,
-    relu: bool,
-    saved: Arc<Mutex<Option<Saved>>>,
-}
-
-impl CustomOp3 for ConvBnTrain {
-    fn name(&self) -> &'static str {
-        "fused-conv-batch-norm-train"
+impl ConvBn {
+    pub fn new(conv: Conv2d, bn: BatchNorm2d) -> Self {
+        Self { conv, bn }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let g = ConvGeometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let channels = g.out_channels;
-        if l3.shape().elem_count() != 2 * channels {
-            bail!(
-                "fused conv + batch norm: {} output channels but {} batch-norm parameters (expected γ and β)",
-                channels,
-                l3.shape().elem_count()
-            )
+    /// `bn(conv(x))`, then ReLU when `relu`; batch statistics and a running-average update when
+    /// `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let fused = self.conv.backend() == Backend::Fused && self.bn.backend().fused_on(x);
+        if train && fused {
+            let (y, stats) = contrastive_kernels::conv_bn_train(
+                x,
+                self.conv.weight(),
+                self.bn.weight(),
+                self.bn.bias(),
+                self.conv.stride(),
+                self.conv.padding(),
+                self.bn.eps(),
+                relu,
+            )?;
+            self.bn.update_running_statistics(&stats)?;
+            return Ok(y);
         }
-        let z = conv_forward_storage(&g, (s1, l1), (s2, l2))?;
-        let output_shape = g.output_shape();
-        let (gamma, beta) = (l3.narrow(0, 0, channels)?, l3.narrow(0, channels, channels)?);
-        let (y, stats) = train_forward_storage(
-            (&z, 0, output_shape.elem_count()),
-            output_shape.dims(),
-            (s3, &gamma),
-            (s3, &beta),
-            self.eps,
-            self.relu,
-        )?;
-        let conv_output = match z {
-            CpuStorage::F32(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
-            CpuStorage::F64(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
-            _ => bail!("fused conv + batch norm: the convolution returned neither f32 nor f64"),
-        };
-        *self.saved.lock().expect("conv-bn state lock") = Some(Saved { conv_output, stats });
-        Ok((y, output_shape))
+        self.bn.forward_with_activation(&self.conv.forward(x)?, train, relu)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        gamma_beta: &Tensor,
-        y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (conv_output, stats) = match self.saved.lock().expect("conv-bn state lock").as_ref() {
-            Some(saved) => (saved.conv_output.clone(), saved.stats.clone()),
-            None => bail!("fused conv + batch norm: backward called before forward"),
-        };
-        let (dz, d_gamma, d_beta) = train_backward(&conv_output, y, dy, stats, self.relu)?;
-        let (dx, dw) = conv_backward(x, w, &dz, ConvGeometry::new(x.dims(), w.dims(), self.stride, self.padding)?)?;
-        let d_gamma_beta = Tensor::from_vec([d_gamma, d_beta].concat(), gamma_beta.dims(), x.device())?
-            .to_dtype(gamma_beta.dtype())?;
-        Ok((dx, dw, Some(d_gamma_beta)))
+    /// One ONNX `Conv` node named `name` with the evaluation-mode batch norm folded in:
+    /// `W·γ/√(σ²+ε)` and `β − μ·γ/√(σ²+ε)`.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
+        let (scale, shift) = self.bn.eval_affine()?;
+        self.conv.to_onnx(g, input, name, Some((&scale, &shift)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Device, Var};
     use candle_nn::{VarBuilder, VarMap};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// Two identical (conv, bn) pairs: one runs fused, the other as two ops.
-    fn pairs(
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        dtype: DType,
-    ) -> (VarMap, [(Conv2d, BatchNorm2d); 2]) {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
-        let make = |name: &str| -> (Conv2d, BatchNorm2d) {
-            (
-                Conv2d::new(vb.pp(name).pp("conv"), c_in, c_out, kernel, stride, padding).unwrap(),
-                BatchNorm2d::new(vb.pp(name).pp("bn"), c_out).unwrap(),
-            )
+    /// The fused training path and the primitive one agree in values, running statistics and
+    /// gradients (the kernels crate tests the ops themselves against the formula).
+    #[test]
+    fn fused_and_candle_backends_agree() {
+        let device = Device::Cpu;
+        let build = |backend| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &device);
+            let conv = Conv2d::new(vb.pp("conv"), 2, 3, 3, 2, 1, backend).unwrap();
+            let bn = BatchNorm2d::new(vb.pp("bn"), 3, backend).unwrap();
+            (varmap, ConvBn::new(conv, bn))
         };
-        let (a, b) = (make("fused"), make("separate"));
-        // Same weights and a non-trivial γ, β in both.
-        let w = Tensor::randn(0f64, 1.0, a.0.weight().shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let gamma = Tensor::randn(1f64, 0.5, c_out, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        let beta = Tensor::randn(0f64, 0.5, c_out, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-        for (conv, bn) in [&a, &b] {
-            for (t, v) in [(conv.weight(), &w), (bn.weight(), &gamma), (bn.bias(), &beta)] {
-                Var::from_tensor(t).unwrap().set(v).unwrap();
-            }
+        let (_fused_map, fused) = build(Backend::Fused);
+        let (plain_map, plain) = build(Backend::Candle);
+        plain_map.data().lock().unwrap()["conv.weight"].set(fused.conv.weight()).unwrap();
+        let x = Var::randn(0f64, 1.0, (4, 2, 7, 7), &device).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (4, 3, 4, 4), &device).unwrap();
+        for relu in [false, true] {
+            let a = fused.forward_t(&x, true, relu).unwrap();
+            let b = plain.forward_t(&x, true, relu).unwrap();
+            assert!(max_abs_diff(&a, &b) < 1e-10, "relu {relu}: values");
+            let ga = (&a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(max_abs_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap()) < 1e-10, "relu {relu}: input gradient");
+            let (wa, wb) = (ga.get(fused.conv.weight()).unwrap(), gb.get(plain.conv.weight()).unwrap());
+            assert!(max_abs_diff(wa, wb) < 1e-10, "relu {relu}: kernel gradient");
         }
-        (varmap, [a, b])
-    }
-
-    #[test]
-    fn fused_equals_conv_then_batch_norm_in_values_gradients_and_running_stats() {
-        let cases = [
-            (3, 4, 3, 1, 1, (3, 3, 7, 6)),
-            (2, 5, 3, 2, 1, (2, 2, 9, 9)),
-            (4, 3, 1, 2, 0, (3, 4, 6, 6)),
-            (1, 3, 3, 1, 0, (1, 1, 5, 5)),
-        ];
-        for (dtype, tolerance) in [(DType::F64, 1e-10), (DType::F32, 1e-3)] {
-            for relu in [false, true] {
-                for (c_in, c_out, kernel, stride, padding, dims) in cases {
-                    let (_varmap, [fused, separate]) = pairs(c_in, c_out, kernel, stride, padding, dtype);
-                    let x = Var::from_tensor(
-                        &Tensor::randn(0f64, 1.0, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap(),
-                    )
-                    .unwrap();
-                    let a = conv_bn_t(&fused.0, &fused.1, &x, true, relu).unwrap();
-                    let z = separate.0.forward(&x).unwrap();
-                    let b = if relu {
-                        separate.1.forward_t_relu(&z, true).unwrap()
-                    } else {
-                        separate.1.forward_t(&z, true).unwrap()
-                    };
-                    let case = format!("{dtype:?} relu {relu} {dims:?} -> {c_out} k{kernel} s{stride} p{padding}");
-                    assert!(max_abs_diff(&a, &b) < tolerance, "{case}: values");
-                    let probe = Tensor::randn(0f64, 1.0, a.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-                    let ga = (&a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-                    let gb = (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-                    let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| g.get(t).unwrap().clone();
-                    assert!(max_abs_diff(&grad(&ga, &x), &grad(&gb, &x)) < tolerance, "{case}: input gradient");
-                    for (ta, tb, what) in [
-                        (fused.0.weight(), separate.0.weight(), "kernel"),
-                        (fused.1.weight(), separate.1.weight(), "γ"),
-                        (fused.1.bias(), separate.1.bias(), "β"),
-                        (fused.1.running_mean(), separate.1.running_mean(), "running mean"),
-                        (fused.1.running_var(), separate.1.running_var(), "running variance"),
-                    ] {
-                        let (va, vb) = if what.starts_with("running") {
-                            (ta.clone(), tb.clone())
-                        } else {
-                            (grad(&ga, ta), grad(&gb, tb))
-                        };
-                        assert!(max_abs_diff(&va, &vb) < tolerance, "{case}: {what}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn evaluation_falls_back_to_the_two_layers() {
-        let (_varmap, [fused, _]) = pairs(2, 3, 3, 1, 1, DType::F32);
-        let x = Tensor::randn(0f32, 1.0, (2, 2, 5, 5), &Device::Cpu).unwrap();
-        let expected = fused.1.forward_t(&fused.0.forward(&x).unwrap(), false).unwrap();
-        assert_eq!(max_abs_diff(&conv_bn_t(&fused.0, &fused.1, &x, false, false).unwrap(), &expected), 0.0);
+        assert!(max_abs_diff(fused.bn.running_mean(), plain.bn.running_mean()) < 1e-12);
+        assert!(max_abs_diff(fused.bn.running_var(), plain.bn.running_var()) < 1e-12);
+        // Evaluation: the same function of the running statistics on both paths.
+        let (a, b) = (fused.forward_t(&x, false, true).unwrap(), plain.forward_t(&x, false, true).unwrap());
+        assert!(max_abs_diff(&a, &b) < 1e-10, "evaluation");
     }
 }

@@ -6,6 +6,8 @@ use candle_nn::{Linear, Module, VarBuilder};
 use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 use serde::{Deserialize, Serialize};
 
+use contrastive_kernels::Backend;
+
 use super::batch_norm::BatchNorm2d;
 
 /// An MLP `dims[0] → dims[1] → … → dims[last]`: each hidden layer is Linear → BN → ReLU; the
@@ -43,7 +45,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(vb: VarBuilder, config: &MlpConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &MlpConfig, backend: Backend) -> Result<Self> {
         if config.dims.len() < 2 {
             candle_core::bail!("an MLP needs at least an input and an output size, got {:?}", config.dims)
         }
@@ -59,7 +61,7 @@ impl Mlp {
             } else {
                 candle_nn::linear(pair[0], pair[1], vb.pp("linear"))?
             };
-            let batch_norm = if with_bn { Some(BatchNorm2d::new(vb.pp("bn"), pair[1])?) } else { None };
+            let batch_norm = if with_bn { Some(BatchNorm2d::new(vb.pp("bn"), pair[1], backend)?) } else { None };
             layers.push(MlpLayer { linear, batch_norm, relu: hidden });
         }
         Ok(Self { layers })
@@ -139,7 +141,7 @@ impl Prototypes {
     /// Projects every prototype back onto the unit sphere (SwAV does this before each step).
     pub fn normalize(&self) -> Result<()> {
         let w = self.weight.as_tensor().detach();
-        self.weight.set(&crate::train::loss::l2_normalize(&w)?)
+        self.weight.set(&contrastive_kernels::l2_normalize(&w)?)
     }
 }
 
@@ -153,7 +155,7 @@ mod tests {
     fn mlp_layers_follow_the_config() -> anyhow::Result<()> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let mlp = Mlp::new(vb, &MlpConfig::new(&[128, 128, 64]))?;
+        let mlp = Mlp::new(vb, &MlpConfig::new(&[128, 128, 64]), Backend::Fused)?;
         assert_eq!(mlp.layers.len(), 2);
         assert!(mlp.layers[0].batch_norm.is_some() && mlp.layers[0].relu);
         assert!(mlp.layers[1].batch_norm.is_none() && !mlp.layers[1].relu);

@@ -1,15 +1,12 @@
-//! 3. Architectures: encoders, heads, momentum updates.
+//! Layer 3, architectures: layers, encoders, heads, momentum updates, and one file per method.
+//! The fast CPU ops under the layers are the `contrastive-kernels` crate.
 
-pub mod activation;
 pub mod batch_norm;
 pub mod conv;
 pub mod conv_bn;
 pub mod ema;
-pub mod fused_batch_norm;
 pub mod heads;
-pub mod im2col;
 pub mod init;
-pub mod matmul_avx512;
 pub mod methods;
 pub mod resnet;
 

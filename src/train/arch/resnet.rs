@@ -6,10 +6,11 @@ use candle_nn::VarBuilder;
 use contrastive_export::{Attr, GraphBuilder, Result as ExportResult};
 use serde::{Deserialize, Serialize};
 
-use super::activation::add_relu;
+use contrastive_kernels::Backend;
+
 use super::batch_norm::BatchNorm2d;
 use super::conv::Conv2d;
-use super::conv_bn::conv_bn_t;
+use super::conv_bn::ConvBn;
 
 /// Widths, depths and strides of a CIFAR-style ResNet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,50 +61,55 @@ impl ResNetConfig {
 /// shape changes), then ReLU.
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
-    pub conv1: Conv2d,
-    pub bn1: BatchNorm2d,
-    pub conv2: Conv2d,
-    pub bn2: BatchNorm2d,
-    pub shortcut: Option<(Conv2d, BatchNorm2d)>,
+    pub layer1: ConvBn,
+    pub layer2: ConvBn,
+    pub shortcut: Option<ConvBn>,
+    backend: Backend,
 }
 
 impl BasicBlock {
-    pub fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, stride: usize) -> Result<Self> {
-        let conv1 = Conv2d::new(vb.pp("conv1"), in_channels, out_channels, 3, stride, 1)?;
-        let bn1 = BatchNorm2d::new(vb.pp("bn1"), out_channels)?;
-        let conv2 = Conv2d::new(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?;
-        let bn2 = BatchNorm2d::new(vb.pp("bn2"), out_channels)?;
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        backend: Backend,
+    ) -> Result<Self> {
+        let conv_bn = |conv: &str, bn: &str, c_in: usize, kernel: usize, stride: usize, padding: usize| {
+            let conv = Conv2d::new(vb.pp(conv), c_in, out_channels, kernel, stride, padding, backend)?;
+            Ok::<_, candle_core::Error>(ConvBn::new(conv, BatchNorm2d::new(vb.pp(bn), out_channels, backend)?))
+        };
+        let layer1 = conv_bn("conv1", "bn1", in_channels, 3, stride, 1)?;
+        let layer2 = conv_bn("conv2", "bn2", out_channels, 3, 1, 1)?;
         let shortcut = if stride != 1 || in_channels != out_channels {
-            let vb = vb.pp("shortcut");
-            Some((
-                Conv2d::new(vb.pp("conv"), in_channels, out_channels, 1, stride, 0)?,
-                BatchNorm2d::new(vb.pp("bn"), out_channels)?,
-            ))
+            Some(conv_bn("shortcut.conv", "shortcut.bn", in_channels, 1, stride, 0)?)
         } else {
             None
         };
-        Ok(Self { conv1, bn1, conv2, bn2, shortcut })
+        Ok(Self { layer1, layer2, shortcut, backend })
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        // Fused conv + BN (+ ReLU) ops: one pass each way and no gradient buffer for the conv output.
-        let h = conv_bn_t(&self.conv1, &self.bn1, x, train, true)?;
-        let h = conv_bn_t(&self.conv2, &self.bn2, &h, train, false)?;
+        let h = self.layer1.forward_t(x, train, true)?;
+        let h = self.layer2.forward_t(&h, train, false)?;
         let identity = match &self.shortcut {
-            Some((conv, bn)) => conv_bn_t(conv, bn, x, train, false)?,
+            Some(shortcut) => shortcut.forward_t(x, train, false)?,
             None => x.clone(),
         };
-        add_relu(&h, &identity)
+        match self.backend {
+            Backend::Fused => contrastive_kernels::add_relu(&h, &identity),
+            Backend::Candle => (h + identity)?.relu(),
+        }
     }
 
     /// The block in evaluation mode as ONNX nodes (batch norms folded into the convs); values
     /// are named `{name}.conv1`, `{name}.add`, ….
     pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, name: &str) -> ExportResult<String> {
-        let h = self.conv1.to_onnx(g, input, &format!("{name}.conv1"), Some(&self.bn1))?;
+        let h = self.layer1.to_onnx(g, input, &format!("{name}.conv1"))?;
         let h = g.node("Relu", &[&h], &format!("{name}.relu1"), &[])?;
-        let h = self.conv2.to_onnx(g, &h, &format!("{name}.conv2"), Some(&self.bn2))?;
+        let h = self.layer2.to_onnx(g, &h, &format!("{name}.conv2"))?;
         let identity = match &self.shortcut {
-            Some((conv, bn)) => conv.to_onnx(g, input, &format!("{name}.shortcut.conv"), Some(bn))?,
+            Some(shortcut) => shortcut.to_onnx(g, input, &format!("{name}.shortcut.conv"))?,
             None => input.to_string(),
         };
         let sum = g.node("Add", &[&h, &identity], &format!("{name}.add"), &[])?;
@@ -115,17 +121,18 @@ impl BasicBlock {
 #[derive(Debug, Clone)]
 pub struct ResNet {
     pub config: ResNetConfig,
-    pub stem_conv: Conv2d,
-    pub stem_bn: BatchNorm2d,
+    pub stem: ConvBn,
     pub blocks: Vec<BasicBlock>,
 }
 
 impl ResNet {
-    pub fn new(vb: VarBuilder, config: &ResNetConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &ResNetConfig, backend: Backend) -> Result<Self> {
         config.validate().map_err(candle_core::Error::wrap)?;
         let stem_width = config.widths[0];
-        let stem_conv = Conv2d::new(vb.pp("stem.conv"), config.in_channels, stem_width, 3, 1, 1)?;
-        let stem_bn = BatchNorm2d::new(vb.pp("stem.bn"), stem_width)?;
+        let stem = ConvBn::new(
+            Conv2d::new(vb.pp("stem.conv"), config.in_channels, stem_width, 3, 1, 1, backend)?,
+            BatchNorm2d::new(vb.pp("stem.bn"), stem_width, backend)?,
+        );
         let mut blocks = Vec::new();
         let mut in_channels = stem_width;
         for (stage, ((&width, &depth), &stride)) in
@@ -134,11 +141,11 @@ impl ResNet {
             for block in 0..depth {
                 let vb = vb.pp(format!("stage{}.block{}", stage + 1, block + 1));
                 let stride = if block == 0 { stride } else { 1 };
-                blocks.push(BasicBlock::new(vb, in_channels, width, stride)?);
+                blocks.push(BasicBlock::new(vb, in_channels, width, stride, backend)?);
                 in_channels = width;
             }
         }
-        Ok(Self { config: config.clone(), stem_conv, stem_bn, blocks })
+        Ok(Self { config: config.clone(), stem, blocks })
     }
 
     pub fn feature_dim(&self) -> usize {
@@ -146,7 +153,7 @@ impl ResNet {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = conv_bn_t(&self.stem_conv, &self.stem_bn, x, train, true)?;
+        let mut h = self.stem.forward_t(x, train, true)?;
         for block in &self.blocks {
             h = block.forward_t(&h, train)?;
         }
@@ -157,7 +164,7 @@ impl ResNet {
     /// The encoder in evaluation mode as ONNX nodes reading `input` (`[N, C, H, W]`); returns the
     /// `[N, feature_dim]` feature value, named `features`.
     pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str) -> ExportResult<String> {
-        let h = self.stem_conv.to_onnx(g, input, "stem.conv", Some(&self.stem_bn))?;
+        let h = self.stem.to_onnx(g, input, "stem.conv")?;
         let mut h = g.node("Relu", &[&h], "stem.relu", &[])?;
         let mut names = Vec::new();
         for (stage, &depth) in self.config.blocks.iter().enumerate() {
@@ -181,7 +188,7 @@ mod tests {
     fn canonical_encoder_has_about_307k_parameters() -> anyhow::Result<()> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        ResNet::new(vb, &ResNetConfig::canonical(1))?;
+        ResNet::new(vb, &ResNetConfig::canonical(1), Backend::Fused)?;
         let trainable: usize = varmap
             .data()
             .lock()
@@ -199,7 +206,7 @@ mod tests {
     fn output_is_feature_dim_wide_and_spatial_size_follows_strides() -> anyhow::Result<()> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let net = ResNet::new(vb, &ResNetConfig::canonical(3))?;
+        let net = ResNet::new(vb, &ResNetConfig::canonical(3), Backend::Fused)?;
         let x = Tensor::rand(0f32, 1f32, (2, 3, 28, 28), &Device::Cpu)?;
         assert_eq!(net.forward_t(&x, true)?.dims(), &[2, 128]);
         assert_eq!(net.forward_t(&x, false)?.dims(), &[2, 128]);

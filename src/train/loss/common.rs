@@ -1,23 +1,14 @@
-//! Building blocks the losses share: row normalisation, cosine similarities, a log-sum-exp whose
-//! max-shift carries no gradient, and shape checks with messages that name the argument.
+//! Building blocks the losses share: cosine similarities, a log-sum-exp whose max-shift carries
+//! no gradient, and shape checks with messages that name the argument. Row normalisation is
+//! [`contrastive_kernels::l2_normalize`], shared with evaluation and serving.
 
 use candle_core::{bail, DType, Result, Tensor, D};
-
-/// Added under the square root of every squared norm so that a zero row normalises to zero
-/// instead of dividing by zero (a norm floor of 1e-12, as in `F.normalize`).
-const NORM_EPS_SQUARED: f64 = 1e-24;
+pub use contrastive_kernels::l2_normalize;
 
 /// Logit given to entries a loss must ignore (the self-similarity of an anchor, say).
 /// `exp(MASKED_LOGIT - max)` underflows to exactly zero in F32 and F64, so those entries
 /// contribute neither to the value nor to the gradient.
 pub const MASKED_LOGIT: f64 = -1e9;
-
-/// Divides every row of `x` (`[N, D]`) by its L2 norm: `x_i / ‖x_i‖`.
-pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let squared_norm = x.sqr()?.sum_keepdim(D::Minus1)?;
-    let norm = (squared_norm + NORM_EPS_SQUARED)?.sqrt()?;
-    x.broadcast_div(&norm)
-}
 
 /// Row-wise cosine similarity of two `[N, D]` matrices: `[cos(a_i, b_i)]`, shape `[N]`.
 pub fn row_cosine(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -70,15 +61,6 @@ pub fn expect_positive(name: &str, value: f64) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn normalised_rows_have_unit_norm_and_zero_rows_stay_zero() -> Result<()> {
-        let x = Tensor::new(&[[3.0f64, 4.0], [0.0, 0.0]], &Device::Cpu)?;
-        let n = l2_normalize(&x)?.to_vec2::<f64>()?;
-        assert!((n[0][0] - 0.6).abs() < 1e-12 && (n[0][1] - 0.8).abs() < 1e-12);
-        assert_eq!(n[1], vec![0.0, 0.0]);
-        Ok(())
-    }
 
     #[test]
     fn log_sum_exp_matches_direct_formula_and_survives_large_values() -> Result<()> {

@@ -3,7 +3,7 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use crate::train::loss::common::l2_normalize;
+use contrastive_kernels::l2_normalize;
 
 /// A fixed-size FIFO of past keys (`[K, D]`, F32). It starts full of random unit vectors, as in
 /// MoCo, so every slot is always a valid negative; each [`push`](Self::push) overwrites the oldest

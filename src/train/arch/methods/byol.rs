@@ -29,7 +29,8 @@ impl Byol {
         let projector = parts.projector_config();
         let online = parts.branch(&projector)?;
         let out = projector.out_dim();
-        let predictor = Mlp::new(parts.vb.pp("predictor"), &MlpConfig::new(&[out, predictor_hidden, out]))?;
+        let predictor =
+            Mlp::new(parts.vb.pp("predictor"), &MlpConfig::new(&[out, predictor_hidden, out]), parts.backend)?;
         let (target, ema) = parts.target_branch(&projector)?;
         Ok(Self { config, base_momentum, online, predictor, target, ema })
     }

@@ -21,6 +21,7 @@ pub mod swav;
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use contrastive_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
@@ -113,12 +114,10 @@ impl MethodConfig {
 
     /// Learning-rate multipliers by parameter-name prefix. The predictor of BYOL and SimSiam
     /// must adapt faster than the encoder it predicts: SimSiam keeps its learning rate fixed
-    /// while the encoder's decays (Chen & He 2021, §4.1), and Tian et al. 2021 ("Understanding
-    /// self-supervised learning dynamics without contrastive pairs", DirectPred) show that a
-    /// relatively faster predictor is what lets the encoder learn. Measured on the test subset
-    /// (420 steps), SimSiam's encoder stays at the random-init k-NN without it. BYOL defaults to
-    /// 1: under LARS, whose steps are already relative to each layer's norm, ×10 measured worse
-    /// (k-NN 0.518 against 0.544).
+    /// while the encoder's decays (Chen & He 2021, §4.1), and Tian et al. 2021 (DirectPred)
+    /// show that a relatively faster predictor is what lets the encoder learn. BYOL keeps 1:
+    /// LARS's steps are already relative to each layer's norm. The measurements behind both
+    /// defaults are in `docs/taxonomy.md`.
     pub fn learning_rate_scales(&self) -> Vec<(&'static str, f64)> {
         match self {
             Self::Byol { predictor_lr_scale, .. } | Self::Simsiam { predictor_lr_scale, .. } => {
@@ -185,6 +184,8 @@ pub struct MethodParts<'a> {
     pub projector_dims: &'a [usize],
     /// The run's seed, for state that is drawn at random but is not a variable.
     pub seed: u64,
+    /// Which implementation the layers run (see [`Backend`]).
+    pub backend: Backend,
 }
 
 impl MethodParts<'_> {
@@ -196,12 +197,13 @@ impl MethodParts<'_> {
 
     /// The online branch: encoder and projector.
     pub fn branch(&self, projector: &MlpConfig) -> Result<Branch> {
-        Branch::new(self.vb.clone(), self.encoder, projector)
+        Branch::new(self.vb.clone(), self.encoder, projector, self.backend)
     }
 
     /// A momentum copy of the online branch under [`TARGET_PREFIX`], starting equal to it.
     pub fn target_branch(&self, projector: &MlpConfig) -> Result<(Branch, super::EmaPairs)> {
-        let target = Branch::new(self.vb.pp(TARGET_PREFIX.trim_end_matches('.')), self.encoder, projector)?;
+        let target =
+            Branch::new(self.vb.pp(TARGET_PREFIX.trim_end_matches('.')), self.encoder, projector, self.backend)?;
         let all = named_vars(self.varmap);
         let online: Vec<_> = trainable_vars(self.varmap)
             .into_iter()
@@ -231,10 +233,10 @@ pub struct Branch {
 }
 
 impl Branch {
-    pub fn new(vb: VarBuilder, encoder: &ResNetConfig, projector: &MlpConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, encoder: &ResNetConfig, projector: &MlpConfig, backend: Backend) -> Result<Self> {
         Ok(Self {
-            encoder: ResNet::new(vb.pp("encoder"), encoder)?,
-            projector: Mlp::new(vb.pp("projector"), projector)?,
+            encoder: ResNet::new(vb.pp("encoder"), encoder, backend)?,
+            projector: Mlp::new(vb.pp("projector"), projector, backend)?,
         })
     }
 

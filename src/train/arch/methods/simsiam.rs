@@ -24,7 +24,8 @@ impl SimSiam {
         let projector = MlpConfig { output_batch_norm: true, ..parts.projector_config() };
         let branch = parts.branch(&projector)?;
         let out = projector.out_dim();
-        let predictor = Mlp::new(parts.vb.pp("predictor"), &MlpConfig::new(&[out, predictor_hidden, out]))?;
+        let predictor =
+            Mlp::new(parts.vb.pp("predictor"), &MlpConfig::new(&[out, predictor_hidden, out]), parts.backend)?;
         Ok(Self { config, branch, predictor })
     }
 }

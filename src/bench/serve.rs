@@ -16,17 +16,18 @@
 //! and the server's own view from its Prometheus metrics (mean batch size, ONNX Runtime busy
 //! time), the first things to look at when (b) falls short.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use prost::Message;
 
+use super::server_process::{ServerCommand, ServerProcess};
 use crate::data::idx::{load_mnist_format_dir, Split};
 use crate::data::Dataset;
 use crate::proto::v1::{input, EmbedRequest, Input, Tensor};
@@ -174,8 +175,8 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     // The session is warm after the first segment; later ones need only a moment to settle.
     let segment_warmup = secs(options.warmup_secs.min(0.5));
 
-    let server = ServerProcess::spawn(options, &scratch.0)?;
-    eprintln!("server {} (pid {}) is serving", server.addr, server.child.id());
+    let server = BenchServer::spawn(options, &scratch.0)?;
+    eprintln!("server {} (pid {}) is serving", server.process.addr(), server.process.pid());
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(options.client_threads).enable_all().build()?;
     let response_len =
@@ -400,30 +401,22 @@ impl<'a> Baseline<'a> {
     }
 }
 
-/// The server binary on loopback, killed when dropped.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
+/// The server binary on loopback (the harness the end-to-end tests use too), with its metrics
+/// address for the server's own view of a row.
+struct BenchServer {
+    process: ServerProcess,
     metrics: SocketAddr,
-    stderr: PathBuf,
 }
 
-impl ServerProcess {
+impl BenchServer {
     fn spawn(options: &ServeBenchOptions, scratch: &Path) -> Result<Self> {
         let binary = match &options.server_binary {
             Some(path) => path.clone(),
             None => std::env::current_exe().context("cannot find this executable to start as the server")?,
         };
-        ensure!(
-            binary.is_file(),
-            "the server binary {} does not exist (build it with `cargo build --release`)",
-            binary.display()
-        );
         let metrics = free_port().context("cannot find a free port for the server's metrics")?;
-        let stderr = scratch.join("server.log");
-        let log = std::fs::File::create(&stderr).with_context(|| format!("cannot create {}", stderr.display()))?;
-        let mut child = Command::new(&binary)
-            .args(["serve", "--addr", "127.0.0.1:0", "--metrics-addr", &metrics.to_string(), "--models"])
+        let mut command = ServerCommand::new(binary, scratch.join("server.log"))
+            .args(["--metrics-addr", &metrics.to_string(), "--models"])
             .arg(&options.models)
             .args(["--default-model", &options.model])
             .args(["--intra-threads", &options.intra_threads.to_string()])
@@ -431,72 +424,23 @@ impl ServerProcess {
             .args(["--max-delay-ms", &options.max_delay_ms.to_string()])
             // Fine-tune job state stays out of the working folder.
             .arg("--data-dir")
-            .arg(scratch.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start the server {}", binary.display()))?;
-
-        // The first stdout line is {"listening":"127.0.0.1:PORT"}; the reader then drains stdout.
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let (line_tx, line_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = line_tx.send(lines.next());
-            lines.for_each(drop);
-        });
-        let mut server = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), metrics, stderr };
-        let line = match line_rx.recv_timeout(SERVER_START_TIMEOUT) {
-            Ok(Some(Ok(line))) => line,
-            _ => bail!(
-                "the server {} printed no address within {SERVER_START_TIMEOUT:?}{}",
-                binary.display(),
-                server.log_tail()
-            ),
-        };
-        server.addr = parse_listening(&line)
-            .with_context(|| format!("the server's first line {line:?} is not {{\"listening\":\"ADDR\"}}"))?;
-        server.wait_serving(&binary)?;
-        Ok(server)
+            .arg(scratch.join("data"));
+        command.log_level = "warn".into();
+        command.start_timeout = SERVER_START_TIMEOUT;
+        let process = ServerProcess::spawn(&command)?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(process.wait_serving(SERVER_START_TIMEOUT))?;
+        Ok(Self { process, metrics })
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn wait_serving(&mut self, binary: &Path) -> Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the server {} exited ({status}) before serving{}", binary.display(), self.log_tail());
-            }
-            if let Ok(status) = runtime.block_on(crate::client::health(&self.url(), "")) {
-                if status == "SERVING" {
-                    return Ok(());
-                }
-            }
-            if started.elapsed() > SERVER_START_TIMEOUT {
-                bail!("the server on {} was not SERVING after {SERVER_START_TIMEOUT:?}{}", self.addr, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// The last lines the server wrote to stderr, for error messages.
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        match lines.len() {
-            0 => String::new(),
-            n => format!("; its log ends:\n{}", lines[n.saturating_sub(10)..].join("\n")),
-        }
+        self.process.url()
     }
 
     fn cpu(&self) -> Option<ProcessCpu> {
-        ProcessCpu::of_pid(self.child.id())
+        ProcessCpu::of_pid(self.process.pid())
     }
 
     fn metrics(&self) -> Option<ServerMetrics> {
@@ -504,22 +448,9 @@ impl ServerProcess {
     }
 }
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A loopback port free a moment ago (the server binds it right after).
 fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-/// The address in the server's `{"listening":"127.0.0.1:PORT"}` line.
-fn parse_listening(line: &str) -> Option<SocketAddr> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    value.get("listening")?.as_str()?.parse().ok()
 }
 
 /// Sends the first request of (a) and of (b) and checks the embeddings against in-process
@@ -571,7 +502,7 @@ async fn verify(
 
 /// Drives the server with `in_flight` concurrent tonic calls over one HTTP/2 connection.
 async fn tonic_load(
-    server: &ServerProcess,
+    server: &BenchServer,
     requests: Arc<Vec<EmbedRequest>>,
     in_flight: usize,
     warmup: Duration,
@@ -675,7 +606,7 @@ struct H2loadRun<'a> {
 }
 
 impl H2loadRun<'_> {
-    fn measure(&self, server: &ServerProcess) -> Result<Measured> {
+    fn measure(&self, server: &BenchServer) -> Result<Measured> {
         let body_path = self.scratch.join(format!("body-{}.bin", self.images_per_request));
         let log_path = self.scratch.join(format!("h2load-{}.log", self.images_per_request));
         std::fs::write(&body_path, &self.body).with_context(|| format!("cannot write {}", body_path.display()))?;
@@ -1146,25 +1077,5 @@ contrastive_batch_size_count{model=\"a:1\"} 5\n";
         let before = ServerMetrics { batches: 5.0, images: 300.0, inference_secs: 1.0 };
         let after = ServerMetrics { batches: 15.0, images: 940.0, inference_secs: 2.5 };
         assert_eq!(after.since(&before, 2.0), (64.0, 0.75));
-    }
-
-    #[test]
-    fn reads_the_listening_line() {
-        assert_eq!(parse_listening(r#"{"listening":"127.0.0.1:4567"}"#), Some("127.0.0.1:4567".parse().unwrap()));
-        assert_eq!(parse_listening("serving"), None);
-    }
-
-    /// The benchmark itself, before `contrastive bench serve` exists: run with
-    /// `cargo build --release && cargo test --release --lib serve::bench -- --ignored --nocapture`;
-    /// `CONTRASTIVE_BENCH_ARGS="--max-delay-ms 5 --intra-threads 1"` passes flags.
-    #[test]
-    #[ignore = "a benchmark of about a minute; needs target/release/contrastive"]
-    fn serve_benchmark() {
-        let args = std::env::var("CONTRASTIVE_BENCH_ARGS").unwrap_or_default();
-        let mut options = Cli::parse_from(std::iter::once("bench").chain(args.split_whitespace())).options;
-        options
-            .server_binary
-            .get_or_insert_with(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/contrastive")));
-        run(&options).unwrap();
     }
 }

@@ -4,13 +4,11 @@
 //! multiply: four full-tensor passes. These ops compute `dx = dy·1(y > 0)` from the output in one
 //! pass, and [`add_relu`] fuses a residual sum into the same op (`y = max(0, a + b)`, both
 //! gradients `dy·1(y > 0)`; at exactly 0 the gradient is 0, as PyTorch, where candle passes it).
-//! Other devices, dtypes and [`ConvBackend::Candle`] fall back to candle's own ops.
+//! Other devices and dtypes fall back to candle's own ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
-
-use super::conv::{default_backend, ConvBackend};
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to share work.
 const CHUNK: usize = 1 << 16;
@@ -132,11 +130,9 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// Whether the custom ops apply: CPU f32/f64 with the custom-op backend.
+/// Whether the custom ops apply: CPU f32/f64.
 fn is_cpu_float(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
-        && default_backend() == ConvBackend::Im2col
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 /// `max(0, x)`; on CPU f32/f64 its backward is one pass (candle's takes four).
@@ -160,22 +156,8 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs_diff;
     use candle_core::{DType, Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn relu_matches_candle_in_values_and_gradients() {

@@ -478,3 +478,93 @@ pub fn batch_norm_train(
         None => bail!("fused batch norm: forward produced no statistics"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{batch_norm_reference, max_abs_diff, randn};
+    use candle_core::{DType, Device, Var};
+
+    /// Values, statistics and gradients (of `Σ y·r` for random `r`) against the textbook formula.
+    fn compare_with_reference(dims: &[usize], relu: bool, dtype: DType, tolerance: f64) {
+        let c = dims[1];
+        // Non-trivial γ and β; x with a large mean to exercise the shifted sums.
+        let gamma = Var::from_tensor(&randn(0.0, 1.0, c, dtype)).unwrap();
+        let beta = Var::from_tensor(&randn(0.0, 1.0, c, dtype)).unwrap();
+        let x = Var::from_tensor(&randn(3.0, 2.0, dims, dtype)).unwrap();
+        let (actual, stats) = batch_norm_train(&x, &gamma, &beta, 1e-5, relu).unwrap();
+        let (expected, mean, variance) = batch_norm_reference(&x, &gamma, &beta, 1e-5, relu);
+        let case = format!("{dims:?} relu {relu} {dtype:?}");
+        assert_eq!(actual.dims(), dims, "{case}");
+        let error = max_abs_diff(&actual, &expected);
+        assert!(error < tolerance, "{case}: value error {error}");
+        let count: usize = dims.iter().product::<usize>() / c;
+        assert_eq!(stats.count, count, "{case}");
+        for (a, e) in stats.mean.iter().zip(&mean).chain(stats.variance.iter().zip(&variance)) {
+            assert!((a - e).abs() < tolerance, "{case}: statistics {a} vs {e}");
+        }
+
+        let probe = randn(0.0, 1.0, dims, dtype);
+        let actual_grads = (&actual * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let expected_grads = (&expected * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("input", &x), ("weight", &gamma), ("bias", &beta)] {
+            let error = max_abs_diff(actual_grads.get(var).unwrap(), expected_grads.get(var).unwrap());
+            assert!(error < tolerance, "{case}: {name} gradient error {error}");
+        }
+    }
+
+    #[test]
+    fn training_matches_primitive_formula_in_values_and_gradients() {
+        for dims in [&[3, 4, 5, 6][..], &[2, 3, 7, 7], &[1, 2, 3, 5], &[16, 5, 1, 1], &[6, 3]] {
+            for relu in [false, true] {
+                compare_with_reference(dims, relu, DType::F64, 1e-10);
+                compare_with_reference(dims, relu, DType::F32, 2e-4);
+            }
+        }
+    }
+
+    /// Central differences of `Σ bn(x)·r` (f64) for every input, scale and shift entry.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let device = Device::Cpu;
+        let dims = (3, 2, 2, 3);
+        let gamma = Var::new(&[1.5f64, -0.7], &device).unwrap();
+        let beta = Var::new(&[0.2f64, 0.3], &device).unwrap();
+        let x = Var::randn(0f64, 1.0, dims, &device).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, dims, &device).unwrap();
+        let loss = |x: &Tensor, g: &Tensor, b: &Tensor| {
+            (batch_norm_train(x, g, b, 1e-5, false).unwrap().0 * &probe).unwrap().sum_all().unwrap()
+        };
+        let grads = loss(&x, &gamma, &beta).backward().unwrap();
+        let h = 1e-5;
+        for which in 0..3 {
+            let var = [&x, &gamma, &beta][which];
+            let analytic = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let values = var.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..values.len() {
+                let at = |delta: f64| {
+                    let mut v = values.clone();
+                    v[i] += delta;
+                    let t = Tensor::from_vec(v, var.shape(), &device).unwrap();
+                    let mut args = [x.as_tensor().clone(), gamma.as_tensor().clone(), beta.as_tensor().clone()];
+                    args[which] = t;
+                    loss(&args[0], &args[1], &args[2]).to_scalar::<f64>().unwrap()
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (numeric - analytic[i]).abs() < 1e-7,
+                    "argument {which} entry {i}: {numeric} vs {}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_integer_input() {
+        let x = Tensor::zeros((2, 2, 2, 2), DType::U32, &Device::Cpu).unwrap();
+        let gamma = Tensor::ones(2, DType::U32, &Device::Cpu).unwrap();
+        let message = batch_norm_train(&x, &gamma, &gamma, 1e-5, false).unwrap_err().to_string();
+        assert!(message.contains("f32 or f64"), "{message}");
+    }
+}

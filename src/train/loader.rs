@@ -13,8 +13,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::Dataset;
-use crate::train::augment::Pipeline;
+use candle_core::{Device, Tensor};
+
+use super::augment::{AugmentConfig, Pipeline};
+use crate::data::{Dataset, ImageShape};
 
 /// How a [`BatchLoader`] cuts and orders an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,9 +40,16 @@ pub struct Batch {
     pub labels: Vec<u32>,
     /// The dataset index of each image.
     pub indices: Vec<usize>,
+    pub shape: ImageShape,
 }
 
 impl Batch {
+    /// Each view as a `[batch, channels, height, width]` tensor on `device`.
+    pub fn view_tensors(&self, device: &Device) -> candle_core::Result<Vec<Tensor>> {
+        let s = self.shape;
+        self.views.iter().map(|v| Tensor::from_slice(v, (self.len(), s.channels, s.height, s.width), device)).collect()
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.indices.len()
@@ -48,6 +57,11 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
+}
+
+/// One augmentation pipeline per view, as the run config describes them.
+pub fn view_pipelines(augment: &[AugmentConfig]) -> Vec<Arc<Pipeline>> {
+    augment.iter().map(|a| Arc::new(Pipeline::from_config(a))).collect()
 }
 
 /// Number of batches one epoch yields.
@@ -109,7 +123,7 @@ fn make_batch_with(
         })
         .collect();
     let labels = indices.iter().map(|&i| dataset.labels[i]).collect();
-    Batch { views, labels, indices: indices.to_vec() }
+    Batch { views, labels, indices: indices.to_vec(), shape }
 }
 
 /// Yields one epoch of [`Batch`]es, made ahead by a background thread.
@@ -208,8 +222,6 @@ fn splitmix64(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::ImageShape;
-    use crate::train::augment::AugmentConfig;
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 

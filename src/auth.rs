@@ -41,7 +41,7 @@ impl ApiKeys {
 
     /// The identity of the caller for per-client limits: a digest prefix of its key, or "".
     pub fn client_of<T>(&self, request: &Request<T>) -> String {
-        bearer(request).map(|key| format!("{:x}", Sha256::digest(key.as_bytes()))[..16].to_string()).unwrap_or_default()
+        bearer(request).map(|key| crate::files::sha256_hex(key.as_bytes())[..16].to_string()).unwrap_or_default()
     }
 
     /// A tonic interceptor body: UNAUTHENTICATED unless the request carries an accepted key.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::batcher::BatcherConfig;
-use super::embedding::RequestLimits;
 use crate::runtime::{InferenceDevice, SessionOptions};
+use crate::serve::batcher::BatcherConfig;
+use crate::serve::embedding::RequestLimits;
 
 /// `contrastive serve` flags; each also reads the environment variable named beside it.
 #[derive(Debug, Default, clap::Args)]

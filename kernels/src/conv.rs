@@ -21,7 +21,7 @@
 //! the input channel shifted by a constant, one copy plus a few zeroed border columns; other
 //! shapes copy one output row at a time, padding handled by ranges, not per-element branches.
 //! Images run in parallel with rayon (one single-threaded product per image, through the
-//! AVX-512 kernel of [`super::matmul_avx512`] for f32 where the CPU has it, else the `gemm`
+//! AVX-512 kernel of [`crate::matmul_avx512`] for f32 where the CPU has it, else the `gemm`
 //! crate), and the backward recomputes `col` instead of storing it. Supports f32 and f64.
 
 use std::any::TypeId;
@@ -31,7 +31,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Wi
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::matmul_avx512::{matmul_f32, Strided};
+use crate::matmul_avx512::{matmul_f32, Strided};
 
 /// The sizes of one convolution: input `[batch, in_channels, in_height, in_width]`, square
 /// kernel `[out_channels, in_channels, kernel, kernel]`, no dilation, no groups.
@@ -572,7 +572,7 @@ impl CustomOp2 for Im2colConvGradWeight {
 
 /// Convolution of `x` (`N × c_in × h × w`) with `w` (`c_out × c_in × k × k`), no bias, no
 /// dilation, as im2col + gemm on the CPU, with gradients for both operands. f32 or f64.
-pub fn conv2d_im2col(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || !w.device().is_cpu() {
         bail!("im2col conv2d runs on the CPU only, got {:?} and {:?}", x.device(), w.device())
     }
@@ -610,7 +610,7 @@ mod tests {
         )
         .unwrap();
         let expected = x.conv2d(&weight, padding, stride, 1, 1).unwrap();
-        let actual = conv2d_im2col(&x, &weight, stride, padding).unwrap();
+        let actual = conv2d(&x, &weight, stride, padding).unwrap();
         let case = format!("{dims:?} -> {out_channels}, k{kernel} s{stride} p{padding} {dtype:?}");
         assert_eq!(actual.dims(), expected.dims(), "{case}");
         let value_error = relative_error(&actual, &expected);
@@ -671,15 +671,9 @@ mod tests {
         let (stride, padding) = (2, 1);
         let probe = Tensor::randn(0f64, 1.0, (2, 3, 3, 3), &device).unwrap();
         let loss = |x: &Tensor, w: &Tensor| {
-            (conv2d_im2col(x, w, stride, padding).unwrap() * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            (conv2d(x, w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
         };
-        let grads =
-            (conv2d_im2col(&x, &w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (conv2d(&x, &w, stride, padding).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
         let h = 1e-4;
         for (var, is_input) in [(&x, true), (&w, false)] {
             let analytic = grads.get(var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -710,9 +704,9 @@ mod tests {
         // An all-ones 3x3 kernel with padding 1 sums each pixel's neighbourhood.
         let x = Tensor::new(&[[[[1f32, 2.], [3., 4.]]]], &Device::Cpu).unwrap();
         let w = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        let y = conv2d_im2col(&x, &w, 1, 1).unwrap();
+        let y = conv2d(&x, &w, 1, 1).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![10., 10., 10., 10.]);
-        let y = conv2d_im2col(&x, &w, 2, 1).unwrap();
+        let y = conv2d(&x, &w, 2, 1).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![10.]);
     }
 
@@ -721,7 +715,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (4, 2, 6, 6), &Device::Cpu).unwrap().transpose(0, 1).unwrap();
         let w = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &Device::Cpu).unwrap();
         let expected = x.contiguous().unwrap().conv2d(&w, 1, 1, 1, 1).unwrap();
-        let actual = conv2d_im2col(&x, &w, 1, 1).unwrap();
+        let actual = conv2d(&x, &w, 1, 1).unwrap();
         assert!(relative_error(&actual, &expected) < 1e-5);
     }
 
@@ -729,11 +723,11 @@ mod tests {
     fn rejects_mismatched_channels_and_integer_dtypes() {
         let x = Tensor::zeros((1, 2, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((1, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        let message = conv2d_im2col(&x, &w, 1, 1).unwrap_err().to_string();
+        let message = conv2d(&x, &w, 1, 1).unwrap_err().to_string();
         assert!(message.contains("2 channels"), "{message}");
         let x = Tensor::zeros((1, 2, 4, 4), DType::U32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((1, 2, 3, 3), DType::U32, &Device::Cpu).unwrap();
-        let message = conv2d_im2col(&x, &w, 1, 1).unwrap_err().to_string();
+        let message = conv2d(&x, &w, 1, 1).unwrap_err().to_string();
         assert!(message.contains("f32 or f64"), "{message}");
     }
 }

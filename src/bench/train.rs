@@ -7,19 +7,26 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::arch::conv::{self, ConvBackend};
-use super::arch::methods::MethodConfig;
-use super::config::TrainConfig;
-use super::trainer::Model;
+use contrastive_kernels::Backend;
+
 use crate::data::ImageShape;
+use crate::train::arch::MethodConfig;
+use crate::train::config::TrainConfig;
+use crate::train::Model;
 
 /// Seconds per step of `method` at `batch_size` (two 28×28 grayscale views), the median of
 /// `steps` timed steps after one warm-up step.
-pub fn step_seconds(method: &MethodConfig, batch_size: usize, steps: usize, device: &Device) -> Result<f64> {
+pub fn step_seconds(
+    method: &MethodConfig,
+    batch_size: usize,
+    steps: usize,
+    device: &Device,
+    backend: Backend,
+) -> Result<f64> {
     let shape = ImageShape::new(1, 28, 28);
     let mut config = TrainConfig::for_method(method.clone(), shape);
     config.batch_size = batch_size;
-    let mut model = Model::new(&config, device)?;
+    let mut model = Model::with_backend(&config, device, backend)?;
     let mut optimizer = model.optimizer();
     let views: Vec<Tensor> = (0..2)
         .map(|_| Tensor::rand(0f32, 1f32, (batch_size, 1, 28, 28), device))
@@ -43,17 +50,13 @@ pub fn step_seconds(method: &MethodConfig, batch_size: usize, steps: usize, devi
 /// Prints a table of images/s per method and the ratio against the plain-candle baseline.
 pub fn run(methods: &[String], batch_size: usize, steps: usize, device: &Device) -> Result<()> {
     let simclr = MethodConfig::default_for("simclr")?;
-    let previous = conv::default_backend();
-    conv::set_default_backend(ConvBackend::Candle);
-    let baseline = step_seconds(&simclr, batch_size, steps.min(2), device);
-    conv::set_default_backend(previous);
-    let baseline = batch_size as f64 / baseline?;
+    let baseline = batch_size as f64 / step_seconds(&simclr, batch_size, steps.min(2), device, Backend::Candle)?;
     println!("batch {batch_size}, two 28×28 views, canonical encoder, {steps} timed steps (median)");
     println!("{:<28} {:>10} {:>8}", "step", "images/s", "ratio");
     println!("{:<28} {:>10.1} {:>8.2}", "simclr (candle conv2d)", baseline, 1.0);
     for name in methods {
         let method = MethodConfig::default_for(name)?;
-        let rate = batch_size as f64 / step_seconds(&method, batch_size, steps, device)?;
+        let rate = batch_size as f64 / step_seconds(&method, batch_size, steps, device, Backend::Fused)?;
         println!("{:<28} {:>10.1} {:>8.2}", name, rate, rate / baseline);
     }
     Ok(())

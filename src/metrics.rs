@@ -1,4 +1,5 @@
-//! Prometheus metrics, named by what they measure, served over HTTP at `/metrics`.
+//! Prometheus metrics, named by what they measure, served over HTTP at `/metrics`. Every metric
+//! of the program is recorded through this module, so the names live in one place.
 //!
 //! | metric | type | labels |
 //! |---|---|---|

@@ -1,0 +1,323 @@
+//! What one fine-tune job does, from the base model to a published version, in two parts that the
+//! [`super::runner`] runs in its VALIDATING and RUNNING states:
+//!
+//! 1. [`prepare`]: the base version from the model repository (manifest and weights, digests
+//!    checked), every image decoded as the model's input, each class split into training and
+//!    held-out images.
+//! 2. [`train_and_publish`]: the base encoder and projection head trained with SupCon (Khosla et
+//!    al. 2020) by the trainer's own loop ([`crate::train::fit`]) on the training images, the
+//!    top `trainable_stages` backbone stages and the head learning, k-NN and a linear probe on
+//!    the held-out images before and after, the quality guard, then export with the parity check
+//!    and an atomic publish of the next version of the output model.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use candle_core::{Device, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::datasets::LabeledImage;
+use super::parameters::JobParameters;
+use crate::data::{Dataset, ImageShape};
+use crate::eval::EvalReport;
+use crate::export::{self, ExportOptions, Provenance};
+use crate::registry::{Manifest, ModelRepository, WEIGHTS_FILE};
+use crate::train::arch::{methods, MethodConfig};
+use crate::train::config::TrainConfig;
+use crate::train::fit::{fit, Control, FitEnd, FitHooks, NonFiniteLoss, Progress};
+use crate::train::optim::Optimizer;
+use crate::train::{checkpoint, EvalScope, Model};
+
+/// What a job is asked to do.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub base_model: String,
+    /// 0: the newest valid version.
+    pub base_version: u64,
+    pub output_model: String,
+    pub dataset_id: String,
+    pub parameters: JobParameters,
+    /// Publish even when the held-out k-NN accuracy fell.
+    pub allow_worse: bool,
+}
+
+/// Why a job failed, in the terms of the gRPC status its record carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The dataset or the hyper-parameters cannot train a model.
+    InvalidArgument,
+    /// The base model, its version or the dataset does not exist.
+    NotFound,
+    /// Trained, but not published (the quality guard).
+    FailedPrecondition,
+    Internal,
+}
+
+impl FailureKind {
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            Self::InvalidArgument => tonic::Code::InvalidArgument,
+            Self::NotFound => tonic::Code::NotFound,
+            Self::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Self::Internal => tonic::Code::Internal,
+        }
+    }
+}
+
+/// Why a job stopped before it succeeded.
+#[derive(Debug)]
+pub enum JobStop {
+    Cancelled,
+    Failed { kind: FailureKind, message: String },
+}
+
+impl JobStop {
+    fn failed(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self::Failed { kind, message: message.into() }
+    }
+}
+
+impl From<anyhow::Error> for JobStop {
+    fn from(error: anyhow::Error) -> Self {
+        let kind = match error.downcast_ref::<NonFiniteLoss>() {
+            Some(_) => FailureKind::InvalidArgument,
+            None => FailureKind::Internal,
+        };
+        Self::failed(kind, format!("{error:#}"))
+    }
+}
+
+impl From<candle_core::Error> for JobStop {
+    fn from(error: candle_core::Error) -> Self {
+        anyhow::Error::from(error).into()
+    }
+}
+
+/// What a running job reports, in order; the runner turns each into a stored job event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobUpdate {
+    Message(String),
+    /// Held-out figures of the base model.
+    Before(EvalReport),
+    Epoch {
+        epoch: usize,
+        mean_loss: f64,
+    },
+    /// Fraction of the job done, 0..1.
+    Progress(f64),
+    /// Held-out figures of the trained model.
+    After(EvalReport),
+}
+
+/// The base model and the data, ready to train.
+pub struct PreparedJob {
+    pub manifest: Manifest,
+    pub base_version: u64,
+    weights: PathBuf,
+    pub train: Dataset,
+    pub heldout: Dataset,
+}
+
+/// The published version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub name: String,
+    pub version: u64,
+}
+
+/// VALIDATING: the base version exists and is intact, every image decodes, and each of at
+/// least two classes has `min_per_class` images.
+pub fn prepare(
+    repository: &ModelRepository,
+    spec: &JobSpec,
+    images: &[LabeledImage],
+    min_per_class: usize,
+) -> Result<PreparedJob, JobStop> {
+    let (base_version, manifest) = repository
+        .resolve(&spec.base_model, spec.base_version)
+        .map_err(|e| JobStop::failed(FailureKind::NotFound, format!("base model: {e:#}")))?;
+    let weights = repository.version_dir(&spec.base_model, base_version).join(WEIGHTS_FILE);
+    let (train, heldout) = split_dataset(images, &manifest, spec.parameters, min_per_class)
+        .map_err(|e| JobStop::failed(FailureKind::InvalidArgument, format!("{e:#}")))?;
+    Ok(PreparedJob { manifest, base_version, weights, train, heldout })
+}
+
+/// RUNNING: trains, evaluates, guards and publishes; `cancel` is read before every step.
+pub fn train_and_publish(
+    repository: &ModelRepository,
+    spec: &JobSpec,
+    prepared: PreparedJob,
+    cancel: &AtomicBool,
+    report: &mut dyn FnMut(JobUpdate) -> Result<()>,
+) -> Result<Published, JobStop> {
+    let h = spec.parameters;
+    let PreparedJob { manifest, base_version, weights, train, heldout } = prepared;
+    let device = Device::Cpu;
+
+    // The base encoder and projection head, with SupCon as the objective and its optimiser.
+    let mut config = manifest.training.config.clone();
+    config.method = MethodConfig::Supcon { temperature: h.temperature };
+    config.augment = config.method.view_augmentations();
+    config.optimizer = TrainConfig::default_optimizer(&config.method);
+    config.epochs = h.epochs;
+    config.batch_size = h.batch_size.min(train.len());
+    config.learning_rate = h.learning_rate;
+    config.warmup_epochs = 0.0;
+    config.seed = h.seed;
+    let mut model = Model::new(&config, &device)?;
+    checkpoint::load_weights_file(&weights, &model.varmap, &device).context("cannot load the base model's weights")?;
+
+    let before = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, alignment: false })?;
+    report(JobUpdate::Before(before.clone()))?;
+
+    let trainable = trainable_variables(&model, h.trainable_stages, config.encoder.widths.len());
+    let frozen = frozen_running_statistics(&model, &trainable);
+    let mut optimizer = model.optimizer_over(trainable);
+    let train = Arc::new(train);
+    let mut progress = Progress::default();
+    let mut hooks = JobHooks { cancel, report: &mut *report, epochs: config.epochs };
+    if fit(&mut model, &mut optimizer, &train, &mut progress, &frozen, &mut hooks)? == FitEnd::Stopped {
+        return Err(JobStop::Cancelled);
+    }
+
+    let after = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, alignment: false })?;
+    report(JobUpdate::After(after.clone()))?;
+    if after.knn_accuracy < before.knn_accuracy && !spec.allow_worse {
+        return Err(JobStop::failed(
+            FailureKind::FailedPrecondition,
+            format!(
+                "not published: held-out k-NN accuracy fell from {:.4} to {:.4}; create the job with allow_worse to publish anyway",
+                before.knn_accuracy, after.knn_accuracy
+            ),
+        ));
+    }
+    if cancel.load(Ordering::Acquire) {
+        return Err(JobStop::Cancelled);
+    }
+    let provenance = Provenance {
+        source: format!("fine-tune job {} from {} version {base_version}", spec.job_id, spec.base_model),
+        evaluation: Some(after),
+        epochs: config.epochs,
+        steps: progress.step,
+        data: Some(format!(
+            "dataset {} ({} training and {} held-out images)",
+            spec.dataset_id,
+            train.len(),
+            heldout.len()
+        )),
+    };
+    let options = ExportOptions::new(&spec.output_model);
+    let manifest = export::publish_model(repository, &model, &options, &provenance, Some(&heldout))?;
+    Ok(Published { name: manifest.name, version: manifest.version })
+}
+
+/// The job's side of the training loop: cancellation, and an event per epoch.
+struct JobHooks<'a> {
+    cancel: &'a AtomicBool,
+    report: &'a mut dyn FnMut(JobUpdate) -> Result<()>,
+    epochs: usize,
+}
+
+impl FitHooks for JobHooks<'_> {
+    fn before_step(&mut self, _progress: &Progress) -> Control {
+        if self.cancel.load(Ordering::Acquire) {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    }
+
+    fn after_epoch(
+        &mut self,
+        _model: &Model,
+        _optimizer: &Optimizer,
+        progress: &Progress,
+        mean_loss: f64,
+    ) -> Result<()> {
+        (self.report)(JobUpdate::Epoch { epoch: progress.epoch, mean_loss })?;
+        // Evaluation and export take the last tenth of the progress bar.
+        (self.report)(JobUpdate::Progress(0.9 * progress.epoch as f64 / self.epochs as f64))
+    }
+}
+
+/// Decodes every image as the model's input and splits each class into training and held-out
+/// images (a seeded shuffle per class; at least one of each).
+pub fn split_dataset(
+    images: &[LabeledImage],
+    manifest: &Manifest,
+    parameters: JobParameters,
+    min_per_class: usize,
+) -> Result<(Dataset, Dataset)> {
+    let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, image) in images.iter().enumerate() {
+        by_class.entry(image.label.as_str()).or_default().push(i);
+    }
+    ensure!(
+        by_class.len() >= 2,
+        "the dataset has {} class(es); contrastive fine-tuning needs at least 2",
+        by_class.len()
+    );
+    let small: Vec<String> =
+        by_class.iter().filter(|(_, v)| v.len() < min_per_class).map(|(c, v)| format!("{c:?} ({})", v.len())).collect();
+    ensure!(small.is_empty(), "each class needs at least {min_per_class} images; too few in {}", small.join(", "));
+
+    let numel = manifest.input.channels * manifest.input.height * manifest.input.width;
+    let mut pixels = Vec::with_capacity(images.len() * numel);
+    for (i, image) in images.iter().enumerate() {
+        crate::registry::input::image_to_tensor(&image.bytes, &manifest.input, &mut pixels)
+            .map_err(|reason| anyhow!("image {i} (label {:?}): {reason}", image.label))?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(parameters.seed);
+    let (mut train_idx, mut heldout_idx) = (Vec::new(), Vec::new());
+    let class_names: Vec<String> = by_class.keys().map(|c| c.to_string()).collect();
+    for (label, (_, mut members)) in by_class.into_iter().enumerate() {
+        members.shuffle(&mut rng);
+        let held = ((members.len() as f64 * parameters.holdout_fraction).round() as usize).clamp(1, members.len() - 1);
+        heldout_idx.extend(members[..held].iter().map(|&i| (i, label as u32)));
+        train_idx.extend(members[held..].iter().map(|&i| (i, label as u32)));
+    }
+    let shape = ImageShape::new(manifest.input.channels, manifest.input.height, manifest.input.width);
+    let build = |members: &[(usize, u32)]| {
+        let mut data = Vec::with_capacity(members.len() * numel);
+        for &(i, _) in members {
+            data.extend_from_slice(&pixels[i * numel..(i + 1) * numel]);
+        }
+        Dataset::new(data, members.iter().map(|&(_, l)| l).collect(), shape, class_names.clone())
+    };
+    Ok((build(&train_idx)?, build(&heldout_idx)?))
+}
+
+/// The optimiser's variables: the projection head, plus the top `stages` backbone stages
+/// (`None`: the whole backbone, stem included).
+fn trainable_variables(model: &Model, stages: Option<usize>, total_stages: usize) -> Vec<(String, Var)> {
+    let all = methods::trainable_vars(&model.varmap);
+    let Some(stages) = stages else { return all };
+    let first_trained = total_stages.saturating_sub(stages) + 1;
+    all.into_iter()
+        .filter(|(name, _)| {
+            let Some(rest) = name.strip_prefix("encoder.") else { return true };
+            rest.strip_prefix("stage")
+                .and_then(|s| s.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= first_trained)
+        })
+        .collect()
+}
+
+/// The running statistics of every batch norm whose scale is not trained: they must keep the
+/// base model's values.
+fn frozen_running_statistics(model: &Model, trainable: &[(String, Var)]) -> Vec<Var> {
+    let trained: std::collections::HashSet<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
+    let vars = model.varmap.data().lock().expect("varmap lock");
+    vars.iter()
+        .filter_map(|(name, var)| {
+            let layer = name.strip_suffix(".running_mean").or_else(|| name.strip_suffix(".running_var"))?;
+            (!trained.contains(format!("{layer}.weight").as_str())).then(|| var.clone())
+        })
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! A method with its parameters, built from a run config: what the training loop trains, what
+//! evaluation encodes with, what export turns into ONNX and what fine-tune jobs start from.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
+use contrastive_kernels::Backend;
+
+use super::arch::init::seeded_var_builder;
+use super::arch::methods::{self, Method, MethodParts};
+use super::checkpoint;
+use super::config::TrainConfig;
+use super::loader::{BatchLoader, LoaderConfig};
+use super::optim::Optimizer;
+use crate::data::Dataset;
+use crate::eval::{self, EvalReport};
+
+/// Images encoded at once when computing features for evaluation.
+const ENCODE_BATCH: usize = 512;
+
+pub struct Model {
+    pub config: TrainConfig,
+    pub varmap: VarMap,
+    pub method: Box<dyn Method>,
+    pub device: Device,
+}
+
+/// Which figures [`Model::evaluate`] computes beyond the k-NN accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalScope {
+    pub linear_probe: bool,
+    /// Alignment and uniformity of two augmented views of the test images.
+    pub alignment: bool,
+}
+
+impl EvalScope {
+    pub const KNN: Self = Self { linear_probe: false, alignment: false };
+    pub const FULL: Self = Self { linear_probe: true, alignment: true };
+}
+
+impl Model {
+    /// Builds the networks with fresh, seeded weights and the fast CPU kernels.
+    pub fn new(config: &TrainConfig, device: &Device) -> Result<Self> {
+        Self::with_backend(config, device, Backend::default())
+    }
+
+    /// [`Model::new`] with the layers running `backend` (benchmarks compare the two).
+    pub fn with_backend(config: &TrainConfig, device: &Device, backend: Backend) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let method = methods::build(
+            &config.method,
+            &MethodParts {
+                vb: seeded_var_builder(&varmap, config.seed, device),
+                varmap: &varmap,
+                encoder: &config.encoder,
+                projector_dims: &config.projector_dims,
+                seed: config.seed,
+                backend,
+            },
+        )?;
+        Ok(Self { config: config.clone(), varmap, method, device: device.clone() })
+    }
+
+    /// Rebuilds the model of a run folder and loads its latest checkpoint.
+    pub fn load(run_dir: &Path, device: &Device) -> Result<Self> {
+        let config = TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))?;
+        let mut model = Self::new(&config, device)?;
+        let buffers = checkpoint::load_weights(run_dir, &model.varmap, device)?;
+        model.method.load_buffers(&buffers)?;
+        Ok(model)
+    }
+
+    /// The run's optimiser over every trainable parameter (see [`Model::optimizer_over`]).
+    pub fn optimizer(&self) -> Optimizer {
+        self.optimizer_over(methods::trainable_vars(&self.varmap))
+    }
+
+    /// The run's optimiser over `params` (fine-tuning trains a subset), with the method's
+    /// learning-rate multipliers (a faster predictor for SimSiam).
+    pub fn optimizer_over(&self, params: Vec<(String, Var)>) -> Optimizer {
+        let mut optimizer = Optimizer::new(self.config.optimizer.clone(), params);
+        for (prefix, factor) in self.config.method.learning_rate_scales() {
+            optimizer.scale_learning_rate(prefix, factor);
+        }
+        optimizer
+    }
+
+    /// The encoder's features of every image, in evaluation mode, `[N, feature_dim]`.
+    pub fn encode(&self, dataset: &Dataset) -> Result<Tensor> {
+        let encoder = self.method.encoder();
+        Ok(eval::encode(dataset, &self.device, ENCODE_BATCH, |x| encoder.forward_t(x, false))?)
+    }
+
+    /// The field's protocol on frozen encoder features: weighted k-NN (k = 200, T = 0.1) of the
+    /// `test` images against the `train` images, plus what `scope` asks for: a linear probe, and
+    /// alignment/uniformity (Wang & Isola 2020) of two augmented views of the test images.
+    pub fn evaluate(&self, train: &Dataset, test: &Dataset, scope: EvalScope) -> Result<EvalReport> {
+        let (train_features, test_features) = (self.encode(train)?, self.encode(test)?);
+        let classes = train.num_classes();
+        let knn_accuracy = eval::knn_accuracy(
+            &train_features,
+            &train.labels,
+            &test_features,
+            &test.labels,
+            classes,
+            &eval::KnnConfig::default(),
+        )?;
+        let mut report = EvalReport { knn_accuracy, linear_probe_accuracy: None, alignment: None, uniformity: None };
+        if scope.linear_probe {
+            let probe = eval::linear_probe(
+                &train_features,
+                &train.labels,
+                &test_features,
+                &test.labels,
+                classes,
+                &eval::ProbeConfig::default(),
+            )?;
+            report.linear_probe_accuracy = Some(probe.test_accuracy);
+        }
+        if scope.alignment {
+            let (a, b) = self.augmented_pair_features(test)?;
+            report.alignment = Some(eval::alignment(&a, &b, 2.0)?);
+            report.uniformity = Some(eval::uniformity(&a, 2.0)?);
+        }
+        Ok(report)
+    }
+
+    /// Features of two augmented views of (up to 2,048 of) the images, for alignment.
+    fn augmented_pair_features(&self, dataset: &Dataset) -> Result<(Tensor, Tensor)> {
+        let subset = Arc::new(dataset.head(2048));
+        let config = LoaderConfig {
+            batch_size: subset.len(),
+            seed: self.config.seed ^ 0xa11,
+            shuffle: false,
+            drop_last: false,
+            prefetch: 1,
+        };
+        let pipelines = super::loader::view_pipelines(&self.config.augment);
+        let batch =
+            BatchLoader::spawn(subset.clone(), pipelines, config, 0).next().context("no batch for alignment")?;
+        let mut features = Vec::new();
+        for view in &batch.views {
+            let images = Dataset { images: view.clone(), ..(*subset).clone() };
+            features.push(contrastive_kernels::l2_normalize(&self.encode(&images)?)?);
+        }
+        Ok((features[0].clone(), features[1].clone()))
+    }
+}
