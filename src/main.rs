@@ -213,18 +213,8 @@ struct EvalArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Images/s of one training step of each method vs. a plain candle conv2d step.
-    Train {
-        #[arg(long, default_value_t = 256)]
-        batch_size: usize,
-        #[arg(long, default_value_t = 3)]
-        steps: usize,
-        /// Methods to time [default: all]
-        #[arg(long, value_delimiter = ',')]
-        methods: Vec<String>,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    /// Images/s of one training step of each method beside PyTorch's, with FLOPs and % of peak.
+    Train(Box<contrastive::bench::train::TrainBenchOptions>),
     /// Embedding throughput and latency of the gRPC server vs. in-process ONNX Runtime.
     Serve(Box<contrastive::bench::serve::ServeBenchOptions>),
 }
@@ -265,11 +255,7 @@ fn main() -> Result<()> {
         Command::Embed(args) => async_runtime()?.block_on(embed(args)),
         Command::Health(args) => async_runtime()?.block_on(health(args)),
         Command::Finetune(args) => async_runtime()?.block_on(contrastive::finetune::client::run(args)),
-        Command::Bench(BenchCommand::Train { batch_size, steps, methods, device }) => {
-            let methods =
-                if methods.is_empty() { MethodConfig::NAMES.iter().map(|s| s.to_string()).collect() } else { methods };
-            bench::train::run(&methods, batch_size, steps.max(1), &parse_device(&device)?)
-        }
+        Command::Bench(BenchCommand::Train(options)) => bench::train::run(&options, &parse_device(&options.device)?),
         Command::Bench(BenchCommand::Serve(options)) => bench::serve::run(&options),
     }
 }

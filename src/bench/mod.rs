@@ -2,6 +2,7 @@
 //! measured in the same run, so the ratio holds on a shared, noisy machine. The server-process
 //! harness is shared with the end-to-end tests.
 
+pub mod cpu;
 pub mod serve;
 pub mod server_process;
 pub mod train;

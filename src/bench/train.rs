@@ -1,18 +1,68 @@
 //! `contrastive bench train`: images per second of one training step of each method on the
-//! canonical encoder, beside a plain-candle-conv2d SimCLR step measured in the same run, so the
-//! ratio holds however loaded the machine is.
+//! canonical encoder, beside the PyTorch step of the same network, batch, views and thread count
+//! (`bench/torch_step.py`) measured in the same run, so the ratio holds on whatever machine runs
+//! it. Also prints each step's FLOPs and the fraction of this machine's fp32 peak, measured in the
+//! same run ([`super::cpu`]).
+//!
+//! Both sides are timed the same way: random images in [0, 1] (augmentation out on both sides),
+//! the forward pass of every view, the loss, backward, the optimiser step and the method's
+//! after-step work (momentum updates, queues, prototypes); one warm-up step, then the median of
+//! `--steps` steps.
 
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-
 use contrastive_kernels::Backend;
 
+use super::cpu::{measure_fp32_peak, CpuInfo, ACCUMULATORS};
 use crate::data::ImageShape;
-use crate::train::arch::MethodConfig;
+use crate::train::arch::{MethodConfig, ResNetConfig};
 use crate::train::config::TrainConfig;
 use crate::train::Model;
+
+/// Whether to run the PyTorch reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reference {
+    /// When `python3 -c "import torch"` works.
+    Auto,
+    On,
+    Off,
+}
+
+/// `contrastive bench train` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainBenchOptions {
+    /// Images per batch (each has two views)
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Timed steps per method (after one warm-up step); the median is reported
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Methods to time [default: all]
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// The PyTorch step of the same network beside each method
+    #[arg(long, value_enum, default_value_t = Reference::Auto)]
+    pub reference: Reference,
+    /// The Python interpreter that runs the reference
+    #[arg(long, default_value = "python3")]
+    pub python: PathBuf,
+    /// Also time a SimCLR step with candle's own conv2d, batch norm and ReLU (slow: ~20 s a step)
+    #[arg(long)]
+    pub candle_baseline: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// The reference script, from the source tree or beside the working directory.
+fn reference_script() -> Option<PathBuf> {
+    let candidates =
+        [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_step.py"), PathBuf::from("bench/torch_step.py")];
+    candidates.into_iter().find(|p| p.is_file())
+}
 
 /// Seconds per step of `method` at `batch_size` (two 28×28 grayscale views), the median of
 /// `steps` timed steps after one warm-up step.
@@ -43,21 +93,176 @@ pub fn step_seconds(
             times.push(started.elapsed().as_secs_f64());
         }
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(median(times))
 }
 
-/// Prints a table of images/s per method and the ratio against the plain-candle baseline.
-pub fn run(methods: &[String], batch_size: usize, steps: usize, device: &Device) -> Result<()> {
-    let simclr = MethodConfig::default_for("simclr")?;
-    let baseline = batch_size as f64 / step_seconds(&simclr, batch_size, steps.min(2), device, Backend::Candle)?;
-    println!("batch {batch_size}, two 28×28 views, canonical encoder, {steps} timed steps (median)");
-    println!("{:<28} {:>10} {:>8}", "step", "images/s", "ratio");
-    println!("{:<28} {:>10.1} {:>8.2}", "simclr (candle conv2d)", baseline, 1.0);
-    for name in methods {
-        let method = MethodConfig::default_for(name)?;
-        let rate = batch_size as f64 / step_seconds(&method, batch_size, steps, device, Backend::Fused)?;
-        println!("{:<28} {:>10.1} {:>8.2}", name, rate, rate / baseline);
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The PyTorch step's seconds, from `bench/torch_step.py`.
+fn reference_seconds(
+    python: &Path,
+    script: &Path,
+    method: &str,
+    batch: usize,
+    steps: usize,
+    threads: usize,
+) -> Result<f64> {
+    let output = Command::new(python)
+        .arg(script)
+        .args(["--method", method, "--batch", &batch.to_string(), "--steps", &steps.to_string()])
+        .args(["--threads", &threads.to_string()])
+        .output()
+        .with_context(|| format!("cannot run {} {}", python.display(), script.display()))?;
+    if !output.status.success() {
+        bail!("the PyTorch reference failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
+    let line = String::from_utf8_lossy(&output.stdout);
+    let value: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("the PyTorch reference printed {:?}, not one JSON line", line.trim()))?;
+    value["median_seconds"].as_f64().context("the PyTorch reference's line has no median_seconds")
+}
+
+fn torch_available(python: &Path) -> bool {
+    Command::new(python).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// FLOPs (2 per multiply-add) of the convolutions of one `height × width` image through the
+/// encoder's forward pass: `(stem, rest)`.
+fn encoder_forward_flops(encoder: &ResNetConfig, height: usize, width: usize) -> (f64, f64) {
+    let conv = |c_in: usize, c_out: usize, kernel: usize, h: usize, w: usize| {
+        (2 * c_in * c_out * kernel * kernel * h * w) as f64
+    };
+    let stem = conv(encoder.in_channels, encoder.widths[0], 3, height, width);
+    let (mut rest, mut c, mut h, mut w) = (0.0, encoder.widths[0], height, width);
+    for ((&width_out, &depth), &stride) in encoder.widths.iter().zip(&encoder.blocks).zip(&encoder.strides) {
+        for block in 0..depth {
+            let s = if block == 0 { stride } else { 1 };
+            let (ho, wo) = (h.div_ceil(s), w.div_ceil(s));
+            rest += conv(c, width_out, 3, ho, wo) + conv(width_out, width_out, 3, ho, wo);
+            if s != 1 || c != width_out {
+                rest += conv(c, width_out, 1, ho, wo);
+            }
+            (c, h, w) = (width_out, ho, wo);
+        }
+    }
+    (stem, rest)
+}
+
+/// FLOPs of one training step of `method` on `2 × batch` views: the online encoder forward and
+/// backward (the backward computes input and weight gradients: twice the forward, but the stem
+/// needs no input gradient), plus a forward of the momentum encoder where the method has one.
+/// Heads and losses are under 1 % and left out.
+pub fn step_flops(method: &MethodConfig, encoder: &ResNetConfig, batch: usize) -> f64 {
+    let (stem, rest) = encoder_forward_flops(encoder, 28, 28);
+    let online = 2.0 * stem + 3.0 * rest;
+    let target = match method {
+        MethodConfig::MocoV2 { .. } | MethodConfig::Byol { .. } => stem + rest,
+        _ => 0.0,
+    };
+    (2 * batch) as f64 * (online + target)
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
+    anyhow::ensure!(options.batch_size >= 2, "--batch-size must be at least 2");
+    let steps = options.steps.max(1);
+    let methods: Vec<String> = if options.methods.is_empty() {
+        MethodConfig::NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        options.methods.clone()
+    };
+    let configs: Vec<MethodConfig> = methods.iter().map(|m| MethodConfig::default_for(m)).collect::<Result<_>>()?;
+    let script = reference_script();
+    let reference = match options.reference {
+        Reference::Off => None,
+        Reference::On => {
+            Some(script.clone().context("bench/torch_step.py is not in the source tree or the working folder")?)
+        }
+        Reference::Auto => script.filter(|_| torch_available(&options.python)),
+    };
+
+    let cpu = CpuInfo::detect();
+    let peak = measure_fp32_peak(cpu.threads, Duration::from_millis(500));
+    println!(
+        "CPU: {} · {} threads used of {} logical CPUs · {} ({} f32 lanes)",
+        cpu.model, cpu.threads, cpu.logical_cpus, cpu.vector_unit, cpu.f32_lanes
+    );
+    println!(
+        "fp32 peak, measured now: {peak:.0} GFLOP/s ({} threads at once, each a loop of fused multiply-adds on {ACCUMULATORS} independent {}-lane registers)",
+        cpu.threads, cpu.f32_lanes
+    );
+    println!(
+        "step: batch {}, two 28×28 views, canonical encoder; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after one warm-up",
+        options.batch_size
+    );
+    match (&reference, options.reference) {
+        (Some(_), _) => {
+            println!("reference: PyTorch, bench/torch_step.py, same network, batch, views and {} threads", cpu.threads)
+        }
+        (None, Reference::Off) => println!("reference: off"),
+        (None, _) => println!(
+            "reference: PyTorch is not installed for {} (pip install torch); its columns are empty",
+            options.python.display()
+        ),
+    }
+    println!();
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "method", "images/s", "PyTorch", "ratio", "GFLOP", "% peak", "PyTorch %"
+    );
+    let encoder = ResNetConfig::canonical(1);
+    for (name, method) in methods.iter().zip(&configs) {
+        let seconds = step_seconds(method, options.batch_size, steps, device, Backend::Fused)?;
+        let theirs = match &reference {
+            Some(script) => {
+                Some(reference_seconds(&options.python, script, name, options.batch_size, steps, cpu.threads)?)
+            }
+            None => None,
+        };
+        let flops = step_flops(method, &encoder, options.batch_size);
+        let percent = |s: f64| 100.0 * flops / s / 1e9 / peak;
+        let blank = || "-".to_string();
+        println!(
+            "{:<10} {:>10.1} {:>10} {:>10} {:>9.1} {:>9.1}% {:>10}",
+            name,
+            options.batch_size as f64 / seconds,
+            theirs.map_or_else(blank, |t| format!("{:.1}", options.batch_size as f64 / t)),
+            theirs.map_or_else(blank, |t| format!("{:.2}", t / seconds)),
+            flops / 1e9,
+            percent(seconds),
+            theirs.map_or_else(blank, |t| format!("{:.1}%", percent(t))),
+        );
+    }
+    if options.candle_baseline {
+        let simclr = MethodConfig::default_for("simclr")?;
+        let seconds = step_seconds(&simclr, options.batch_size, steps.min(2), device, Backend::Candle)?;
+        println!(
+            "{:<10} {:>10.1}   (SimCLR with candle's own conv2d, batch norm and ReLU)",
+            "candle",
+            options.batch_size as f64 / seconds
+        );
+    }
+    println!();
+    println!("ratio: PyTorch's step time over ours (above 1: ours is faster); GFLOP: convolutions of the step (2 per multiply-add; backward = 2 × forward; momentum encoders forward only)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_step_flops_by_hand() {
+        // Per 28×28 image, multiply-adds: stem 1·32·9·784 = 225,792; stage 1: 2 × 32·32·9·784 =
+        // 14,450,688; stage 2: 32·64·9·196 + 64·64·9·196 + 32·64·196 = 11,239,424; stage 3:
+        // 64·128·9·49 + 128·128·9·49 + 64·128·49 = 11,239,424.
+        let (stem, rest) = encoder_forward_flops(&ResNetConfig::canonical(1), 28, 28);
+        assert_eq!(stem, 2.0 * 225_792.0);
+        assert_eq!(rest, 2.0 * (14_450_688.0 + 11_239_424.0 + 11_239_424.0));
+        let simclr = step_flops(&MethodConfig::default_for("simclr").unwrap(), &ResNetConfig::canonical(1), 256);
+        assert!((simclr / 1e9 - 113.9).abs() < 0.1, "{simclr}");
+    }
 }
