@@ -2,7 +2,7 @@
 //! grayscale, widths 32/64/128) with candle's `conv2d` and with this crate's im2col op, in the
 //! same run, with the ratio. Where the time goes in a training step is `contrastive bench train`.
 //!
-//! Run: `cargo bench -p contrastive-kernels --bench conv [-- --batch 512 --reps 2]`
+//! Run: `cargo bench -p contrastive-kernels --bench conv [-- --batch 512 --reps 2 --ours-only]`
 
 use std::time::Instant;
 
@@ -59,8 +59,12 @@ fn main() -> Result<()> {
         "conv layers of the canonical encoder, {batch} images, f32, best of {reps} after a warm-up, {} threads",
         rayon::current_num_threads()
     );
-    let candle = time_layers(false, batch, reps)?;
+    // `--ours-only` skips candle's slow layers (for profiling this crate's).
     let ours = time_layers(true, batch, reps)?;
+    let candle = match args.iter().any(|a| a == "--ours-only") {
+        true => vec![(f64::NAN, f64::NAN); LAYERS.len()],
+        false => time_layers(false, batch, reps)?,
+    };
     println!("{:<36} {:>19} {:>19} {:>7}", "layer", "candle fwd/bwd s", "im2col fwd/bwd s", "ratio");
     let (mut total_candle, mut total_ours) = (0.0, 0.0);
     for ((name, ..), (c, o)) in LAYERS.iter().zip(candle.iter().zip(&ours)) {

@@ -23,6 +23,11 @@
 //! Images run in parallel with rayon (one single-threaded product per image, through the
 //! AVX-512 kernel of [`crate::matmul_avx512`] for f32 where the CPU has it, else the `gemm`
 //! crate), and the backward recomputes `col` instead of storing it. Supports f32 and f64.
+//!
+//! Stride-1 convolutions in f32 on AVX-512 skip im2col and col2im altogether ([`Implicit`]):
+//! the product reads the patches in place from a padded copy of the image, and the input
+//! gradient is a convolution of its own. Measured on the canonical encoder's layers (one
+//! thread, A/B in one process): forward 20–25 % and backward 7–14 % faster per layer.
 
 use std::any::TypeId;
 
@@ -31,7 +36,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Wi
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::matmul_avx512::{matmul_f32, Strided};
+use crate::matmul_avx512::{self, matmul_f32, matmul_rows_f32, Rows, Strided};
 
 /// The sizes of one convolution: input `[batch, in_channels, in_height, in_width]`, square
 /// kernel `[out_channels, in_channels, kernel, kernel]`, no dilation, no groups.
@@ -351,6 +356,9 @@ fn matmul<T: WithDType>(
 
 /// `y = conv(x, w)` for contiguous `x` (`N × c_in × h × w`) and `w` (`c_out × K`).
 fn conv_forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
+    if let (Some(implicit), Some(x32), Some(w32)) = (Implicit::of(g), as_f32(x), as_f32(w)) {
+        return from_f32(implicit_forward(g, &implicit, x32, w32));
+    }
     let (k_len, p_len) = (g.col_rows(), g.col_cols());
     let mut y = vec![T::from_f64(0.0); g.batch * g.output_image_len()];
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
@@ -372,6 +380,9 @@ fn conv_forward<T: WithDType>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `dx` for contiguous `dy` (`N × c_out × P`) and `w` (`c_out × K`).
 fn conv_grad_input<T: WithDType>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Vec<T> {
+    if let (Some(_), Some(dy32), Some(w32)) = (Implicit::of(g), as_f32(dy), as_f32(w)) {
+        return from_f32(implicit_grad_input(g, dy32, w32));
+    }
     let (k_len, p_len) = (g.col_rows(), g.col_cols());
     let mut dx = vec![T::from_f64(0.0); g.batch * g.input_image_len()];
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
@@ -400,6 +411,9 @@ const GRAD_WEIGHT_CHUNK: usize = 32;
 /// Computed as `dwᵀ[K × c_out] = Σₙ colₙ · dYₙᵀ` so that the product's right operand (the small
 /// `dYₙᵀ`, transposed into a scratch buffer) has contiguous rows.
 fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
+    if let (Some(implicit), Some(x32), Some(dy32)) = (Implicit::of(g), as_f32(x), as_f32(dy)) {
+        return from_f32(implicit_grad_weight(g, &implicit, x32, dy32));
+    }
     let (k_len, p_len, c_out) = (g.col_rows(), g.col_cols(), g.out_channels);
     let zero = T::from_f64(0.0);
     let col_len = if g.col_is_image() { 0 } else { k_len * p_len };
@@ -435,6 +449,157 @@ fn conv_grad_weight<T: WithDType>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T>
         dw_transposed.iter_mut().zip(part).for_each(|(t, p)| *t += *p);
     }
     let mut dw = vec![zero; c_out * k_len];
+    transpose_into(&dw_transposed, k_len, c_out, &mut dw);
+    dw
+}
+
+/// A stride-1 convolution without im2col ("implicit GEMM"). Each image is copied once into a
+/// zero-padded buffer (`c_in × hp × wp`, `hp = h + 2p`, `wp = w + 2p`); row `(ci, kh, kw)` of
+/// the column matrix is then that buffer read from offset `ci·hp·wp + kh·wp + kw`, so the
+/// product reads the patches in place. It computes the output on a grid `wp` wide (its last
+/// `k − 1` columns of each row are discarded), and the buffer ends with `k − 1` zeros that the
+/// last rows read past the image. The input gradient of a stride-1 convolution is itself one
+/// (with the kernel rotated by 180° and its channel axes swapped, padding `k − 1 − p`), so
+/// col2im is gone too. f32 on CPUs with AVX-512; other cases take the im2col path.
+struct Implicit {
+    /// Padded height and width.
+    hp: usize,
+    wp: usize,
+    /// Values of the padded buffer, guard included.
+    buffer_len: usize,
+    /// Output positions on the grid: `h_out · wp`.
+    grid: usize,
+    /// The start of each column-matrix row `(ci, kh, kw)` in the padded buffer.
+    row_offsets: Vec<usize>,
+}
+
+impl Implicit {
+    /// The layout for `g`, when the implicit path runs it.
+    fn of(g: &ConvGeometry) -> Option<Self> {
+        // A stem's few input channels make rows too short to pay for the padded copy.
+        let worth_it = g.stride == 1 && !g.col_is_image() && g.in_channels >= 4;
+        (worth_it && g.padding < g.kernel && matmul_avx512::available()).then(|| Self::layout(g))
+    }
+
+    /// The padded layout of any stride-1 geometry with `padding < kernel`.
+    fn layout(g: &ConvGeometry) -> Self {
+        let (hp, wp, k) = (g.in_height + 2 * g.padding, g.in_width + 2 * g.padding, g.kernel);
+        let plane = hp * wp;
+        let mut row_offsets = Vec::with_capacity(g.col_rows());
+        for ci in 0..g.in_channels {
+            for kh in 0..k {
+                for kw in 0..k {
+                    row_offsets.push(ci * plane + kh * wp + kw);
+                }
+            }
+        }
+        Self { hp, wp, buffer_len: g.in_channels * plane + k - 1, grid: g.out_height * wp, row_offsets }
+    }
+
+    /// Copies one image into the interior of `padded`; the border and the guard stay zero.
+    fn pad(&self, g: &ConvGeometry, image: &[f32], padded: &mut [f32]) {
+        let (p, w) = (g.padding, g.in_width);
+        for ci in 0..g.in_channels {
+            for ih in 0..g.in_height {
+                let source = &image[(ci * g.in_height + ih) * w..][..w];
+                padded[(ci * self.hp + ih + p) * self.wp + p..][..w].copy_from_slice(source);
+            }
+        }
+    }
+}
+
+/// Reinterprets a `Vec<f32>` as `Vec<T>` when `T` is `f32` (the only type the implicit path
+/// produces).
+fn from_f32<T: WithDType>(values: Vec<f32>) -> Vec<T> {
+    assert_eq!(TypeId::of::<T>(), TypeId::of::<f32>(), "the implicit convolution is f32 only");
+    let mut values = std::mem::ManuallyDrop::new(values);
+    // SAFETY: T is f32, so pointer, length and capacity describe a valid Vec<T>.
+    unsafe { Vec::from_raw_parts(values.as_mut_ptr().cast(), values.len(), values.capacity()) }
+}
+
+fn implicit_forward(g: &ConvGeometry, implicit: &Implicit, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (k_len, c_out, w_out) = (g.col_rows(), g.out_channels, g.out_width);
+    let weight_rows: Vec<usize> = (0..c_out).map(|co| co * k_len).collect();
+    let mut y = vec![0f32; g.batch * g.output_image_len()];
+    y.par_chunks_mut(g.output_image_len().max(1)).zip(x.par_chunks(g.input_image_len().max(1))).for_each_init(
+        || (vec![0f32; implicit.buffer_len], vec![0f32; c_out * implicit.grid]),
+        |(padded, grid), (y_image, x_image)| {
+            implicit.pad(g, x_image, padded);
+            let weights = Rows { data: w, offsets: &weight_rows, step: 1 };
+            let patches = Rows { data: padded, offsets: &implicit.row_offsets, step: 1 };
+            assert!(matmul_rows_f32(implicit.grid, weights, patches, grid, implicit.grid, false));
+            for (co, channel) in y_image.chunks_mut(g.col_cols()).enumerate() {
+                for (oh, row) in channel.chunks_mut(w_out).enumerate() {
+                    row.copy_from_slice(&grid[co * implicit.grid + oh * implicit.wp..][..w_out]);
+                }
+            }
+        },
+    );
+    y
+}
+
+/// `dx` of a stride-1 convolution: the convolution of `dy` with the kernel rotated by 180° and
+/// its channel axes swapped, `w'[ci, co, kh, kw] = w[co, ci, k−1−kh, k−1−kw]`, padding `k−1−p`.
+fn implicit_grad_input(g: &ConvGeometry, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let k = g.kernel;
+    let mut rotated = vec![0f32; w.len()];
+    for co in 0..g.out_channels {
+        for ci in 0..g.in_channels {
+            for kh in 0..k {
+                for kw in 0..k {
+                    rotated[((ci * g.out_channels + co) * k + kh) * k + kw] =
+                        w[((co * g.in_channels + ci) * k + (k - 1 - kh)) * k + (k - 1 - kw)];
+                }
+            }
+        }
+    }
+    let transposed = ConvGeometry::new(
+        &[g.batch, g.out_channels, g.out_height, g.out_width],
+        &[g.in_channels, g.out_channels, k, k],
+        1,
+        k - 1 - g.padding,
+    )
+    .expect("the transposed geometry of a valid stride-1 convolution is valid");
+    implicit_forward(&transposed, &Implicit::layout(&transposed), dy, &rotated)
+}
+
+/// `dw` of a stride-1 convolution, summed over the batch in fixed chunks (as
+/// [`conv_grad_weight`]): `dwᵀ[K × c_out] = Σₙ patchesₙ · dYₙᵀ`, with the patches read in place
+/// from the padded image and `dYₙᵀ` laid out on the output grid (its discarded columns zero).
+fn implicit_grad_weight(g: &ConvGeometry, implicit: &Implicit, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (k_len, c_out, h_out, w_out) = (g.col_rows(), g.out_channels, g.out_height, g.out_width);
+    let (in_len, out_len) = (g.input_image_len(), g.output_image_len());
+    let grid_rows: Vec<usize> = (0..implicit.grid).map(|q| q * c_out).collect();
+    let partials: Vec<Vec<f32>> = (0..g.batch)
+        .collect::<Vec<_>>()
+        .par_chunks(GRAD_WEIGHT_CHUNK)
+        .map(|images| {
+            let mut dwt = vec![0f32; k_len * c_out];
+            let mut padded = vec![0f32; implicit.buffer_len];
+            let mut dy_grid = vec![0f32; implicit.grid * c_out];
+            for &n in images {
+                implicit.pad(g, &x[n * in_len..][..in_len], &mut padded);
+                let dy_image = &dy[n * out_len..][..out_len];
+                for co in 0..c_out {
+                    for oh in 0..h_out {
+                        let row = &dy_image[(co * h_out + oh) * w_out..][..w_out];
+                        for (ow, &value) in row.iter().enumerate() {
+                            dy_grid[(oh * implicit.wp + ow) * c_out + co] = value;
+                        }
+                    }
+                }
+                let patches = Rows { data: &padded, offsets: &implicit.row_offsets, step: 1 };
+                let gradients = Rows { data: &dy_grid, offsets: &grid_rows, step: 1 };
+                assert!(matmul_rows_f32(c_out, patches, gradients, &mut dwt, c_out, true));
+            }
+            dwt
+        })
+        .collect();
+    let mut dw_transposed = vec![0f32; k_len * c_out];
+    for part in &partials {
+        dw_transposed.iter_mut().zip(part).for_each(|(t, p)| *t += *p);
+    }
+    let mut dw = vec![0f32; c_out * k_len];
     transpose_into(&dw_transposed, k_len, c_out, &mut dw);
     dw
 }
@@ -657,6 +822,31 @@ mod tests {
     #[test]
     fn matches_candle_conv2d_in_f32() {
         for (dims, out, kernel, stride, padding) in CASES {
+            compare_with_candle(dims, out, kernel, stride, padding, DType::F32, 1e-4);
+        }
+    }
+
+    /// Stride-1 shapes with enough input channels for the implicit-GEMM path (f32 on AVX-512):
+    /// padding 0 to k − 1, square and odd sizes, a batch that does not divide into the chunks.
+    #[test]
+    fn implicit_path_matches_candle_conv2d() {
+        const IMPLICIT: [Case; 6] = [
+            ((2, 5, 7, 6), 4, 3, 1, 1),
+            ((3, 8, 5, 9), 3, 3, 1, 0),
+            ((1, 6, 6, 6), 5, 5, 1, 2),
+            ((2, 4, 9, 8), 13, 3, 1, 2),
+            ((33, 4, 5, 5), 2, 3, 1, 1),
+            ((2, 16, 7, 7), 33, 3, 1, 1),
+        ];
+        for (dims, out, kernel, stride, padding) in IMPLICIT {
+            let geometry =
+                ConvGeometry::new(&[dims.0, dims.1, dims.2, dims.3], &[out, dims.1, kernel, kernel], 1, padding)
+                    .unwrap();
+            assert_eq!(
+                Implicit::of(&geometry).is_some(),
+                matmul_avx512::available(),
+                "{dims:?} takes the implicit path"
+            );
             compare_with_candle(dims, out, kernel, stride, padding, DType::F32, 1e-4);
         }
     }

@@ -1,10 +1,14 @@
-//! f32 matrix product `C (+)= A·B` with AVX-512 FMA, for the convolution's per-image products.
+//! f32 matrix product `C (+)= A·B` with AVX-512 FMA, for the convolutions' per-image products.
 //!
 //! The `gemm` crate only has AVX2 kernels on stable Rust; on CPUs with AVX-512 this simple
-//! kernel runs the convolution's products (a few hundred rows and columns, in cache) about 1.5x
-//! faster. Each 12x32 tile of `C` is held in 24 zmm registers while the whole reduction runs:
-//! per step, two vector loads of a row of `B` and twelve broadcasts of a column of `A`. `A` may
-//! have any strides (so `Wᵀ` is read in place); `B` needs contiguous rows; the last columns are
+//! kernel runs the convolution's products (a few hundred rows and columns, in cache) faster.
+//! Each 12x32 tile of `C` is held in 24 zmm registers while the whole reduction runs: per step,
+//! two vector loads of a row of `B` and twelve broadcasts of a column of `A`.
+//!
+//! Both operands are given by rows: row `r` of a [`Rows`] operand starts at `data[offsets[r]]`
+//! and steps by `step`. Rows of a strided matrix are evenly spaced; rows of a convolution's
+//! implicit column matrix are the input image shifted by each kernel offset, so the convolution
+//! runs without copying its patches out. `B`'s rows must be contiguous; the last columns are
 //! handled with masked loads and stores.
 
 use std::sync::OnceLock;
@@ -32,6 +36,21 @@ pub struct Strided<'a> {
     pub col_stride: usize,
 }
 
+/// A matrix given by its rows: element `(i, j)` is `data[offsets[i] + j·step]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub offsets: &'a [usize],
+    pub step: usize,
+}
+
+impl Rows<'_> {
+    /// Whether every element of `cols` columns of every row lies inside `data`.
+    fn covers(&self, cols: usize) -> bool {
+        cols == 0 || self.offsets.iter().all(|&o| o + (cols - 1) * self.step < self.data.len())
+    }
+}
+
 /// `c[m × n] (row stride ldc) = [c +] a[m × k] · b[k × n]`, where `b` has unit column stride.
 /// Returns `false` (and does nothing) when the CPU lacks AVX-512 or `b` is not row-contiguous.
 ///
@@ -48,30 +67,35 @@ pub fn matmul_f32(
     if !available() || b.col_stride != 1 {
         return false;
     }
+    let a_offsets: Vec<usize> = (0..m).map(|i| i * a.row_stride).collect();
+    let b_offsets: Vec<usize> = (0..k).map(|p| p * b.row_stride).collect();
+    let a = Rows { data: a.data, offsets: &a_offsets, step: a.col_stride };
+    let b = Rows { data: b.data, offsets: &b_offsets, step: 1 };
+    matmul_rows_f32(n, a, b, c, ldc, accumulate)
+}
+
+/// `c[m × n] (row stride ldc) = [c +] a · b` for `a` of `m = a.offsets.len()` rows and `k =
+/// b.offsets.len()` columns, and `b` of `k` rows of `n` contiguous columns (`b.step` must be
+/// 1). Returns `false` (and does nothing) when the CPU lacks AVX-512 or `b` has another step.
+///
+/// # Panics
+/// If a row of an operand, or the destination, runs past the end of its slice.
+pub fn matmul_rows_f32(n: usize, a: Rows, b: Rows, c: &mut [f32], ldc: usize, accumulate: bool) -> bool {
+    if !available() || b.step != 1 {
+        return false;
+    }
+    let (m, k) = (a.offsets.len(), b.offsets.len());
     if m == 0 || n == 0 {
         return true;
     }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(k == 0 || last(m, k, a.row_stride, a.col_stride) < a.data.len(), "matmul_f32: lhs too short");
-    assert!(k == 0 || last(k, n, b.row_stride, 1) < b.data.len(), "matmul_f32: rhs too short");
-    assert!(last(m, n, ldc, 1) < c.len(), "matmul_f32: destination too short");
+    assert!(a.covers(k), "matmul_rows_f32: a row of the lhs runs past its slice");
+    assert!(k == 0 || b.covers(n), "matmul_rows_f32: a row of the rhs runs past its slice");
+    assert!((m - 1) * ldc + n <= c.len(), "matmul_rows_f32: destination too short");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present (checked above) and every address the kernel touches lies
     // inside the slices (checked above; masked lanes are not accessed).
     unsafe {
-        kernel::matmul(
-            m,
-            n,
-            k,
-            a.data.as_ptr(),
-            a.row_stride,
-            a.col_stride,
-            b.data.as_ptr(),
-            b.row_stride,
-            c.as_mut_ptr(),
-            ldc,
-            accumulate,
-        );
+        kernel::matmul(n, k, a, b.data.as_ptr(), b.offsets, c.as_mut_ptr(), ldc, accumulate);
     }
     true
 }
@@ -80,33 +104,38 @@ pub fn matmul_f32(
 mod kernel {
     use std::arch::x86_64::*;
 
+    use super::Rows;
+
     /// Columns per tile: two zmm registers of 16 f32.
     const TILE_COLS: usize = 32;
     /// Rows per tile: 24 accumulators, leaving registers for `B` and the broadcast.
     const TILE_ROWS: usize = 12;
 
     /// One `R × 32` tile over the whole reduction; `mask_lo`/`mask_hi` select its valid columns.
+    /// `a_rows[r]` points at element `(r, 0)` of the tile's rows of `A`; `b_rows[p] + j` is
+    /// element `(p, j)` of `B`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const R: usize>(
         k: usize,
-        a: *const f32,
-        (a_rs, a_cs): (usize, usize),
+        a_rows: &[*const f32],
+        a_step: usize,
         b: *const f32,
-        ldb: usize,
+        b_rows: &[usize],
         c: *mut f32,
         ldc: usize,
         (mask_lo, mask_hi): (__mmask16, __mmask16),
         accumulate: bool,
     ) {
+        let a_rows: [*const f32; R] = std::array::from_fn(|r| a_rows[r]);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for p in 0..k {
-            let b_row = b.add(p * ldb);
+        for (p, &b_offset) in b_rows.iter().enumerate().take(k) {
+            let b_row = b.add(b_offset);
             let b_lo = _mm512_maskz_loadu_ps(mask_lo, b_row);
             let b_hi = _mm512_maskz_loadu_ps(mask_hi, b_row.add(16));
-            let a_col = a.add(p * a_cs);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let a_value = _mm512_set1_ps(*a_col.add(r * a_rs));
+            let a_at = p * a_step;
+            for (acc, a_row) in acc.iter_mut().zip(&a_rows) {
+                let a_value = _mm512_set1_ps(*a_row.add(a_at));
                 acc[0] = _mm512_fmadd_ps(a_value, b_lo, acc[0]);
                 acc[1] = _mm512_fmadd_ps(a_value, b_hi, acc[1]);
             }
@@ -128,14 +157,11 @@ mod kernel {
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
-        m: usize,
         n: usize,
         k: usize,
-        a: *const f32,
-        a_rs: usize,
-        a_cs: usize,
+        a: Rows,
         b: *const f32,
-        ldb: usize,
+        b_rows: &[usize],
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
@@ -147,27 +173,30 @@ mod kernel {
                 ((1u32 << cols) - 1) as __mmask16
             }
         };
+        let m = a.offsets.len();
+        let a_rows: Vec<*const f32> = a.offsets.iter().map(|&o| a.data.as_ptr().add(o)).collect();
+        let s = a.step;
         for j in (0..n).step_by(TILE_COLS) {
             let cols = (n - j).min(TILE_COLS);
             let masks = (mask(cols), mask(cols.saturating_sub(16)));
+            let b = b.add(j);
             let mut i = 0;
             while i < m {
                 let rows = (m - i).min(TILE_ROWS);
-                let (a, b, c) = (a.add(i * a_rs), b.add(j), c.add(i * ldc + j));
-                let s = (a_rs, a_cs);
+                let (a, c) = (&a_rows[i..i + rows], c.add(i * ldc + j));
                 match rows {
-                    12 => tile::<12>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    11 => tile::<11>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    10 => tile::<10>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    9 => tile::<9>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    8 => tile::<8>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    7 => tile::<7>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    6 => tile::<6>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    5 => tile::<5>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    4 => tile::<4>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    3 => tile::<3>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    2 => tile::<2>(k, a, s, b, ldb, c, ldc, masks, accumulate),
-                    _ => tile::<1>(k, a, s, b, ldb, c, ldc, masks, accumulate),
+                    12 => tile::<12>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    11 => tile::<11>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    10 => tile::<10>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    9 => tile::<9>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    8 => tile::<8>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    7 => tile::<7>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    6 => tile::<6>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    5 => tile::<5>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    4 => tile::<4>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    3 => tile::<3>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    2 => tile::<2>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
+                    _ => tile::<1>(k, a, s, b, b_rows, c, ldc, masks, accumulate),
                 }
                 i += rows;
             }
