@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Train an encoder with a contrastive method (or resume a run).
     Train(TrainArgs),
-    /// Evaluate a run's encoder: k-NN, linear probe, alignment and uniformity.
+    /// Evaluate a run's encoder: k-NN, linear probe, alignment, uniformity, retrieval; and raw pixels' k-NN and retrieval.
     Eval(EvalArgs),
     /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
     Export(ExportArgs),
@@ -204,7 +204,7 @@ struct EvalArgs {
     /// Evaluate on other data than the run's
     #[command(flatten)]
     data: DataArgs,
-    /// k-NN only (no linear probe, alignment, uniformity)
+    /// k-NN only (no linear probe, alignment, uniformity, retrieval, raw-pixel reference)
     #[arg(long)]
     knn_only: bool,
     #[arg(long, default_value = "cpu")]
@@ -432,6 +432,10 @@ fn eval(args: EvalArgs) -> Result<()> {
         .context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
     let scope = if args.knn_only { EvalScope::KNN } else { EvalScope::FULL };
     let report = model.evaluate(&train_set, &test_set, scope)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    let mut out = serde_json::json!({ "model": report });
+    if !args.knn_only {
+        out["raw_pixels"] = serde_json::to_value(contrastive::eval::raw_pixel_report(&train_set, &test_set)?)?;
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

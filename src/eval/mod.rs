@@ -1,8 +1,9 @@
 //! Layer 5, the application layer: how good an encoder is, measured on frozen features.
 //!
 //! The field's protocol (see `docs/taxonomy.md`):
-//! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), and the
-//! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]).
+//! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), the
+//! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]), and
+//! retrieval of training images by test images ([`retrieval`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
 //! them itself, so callers pass the backbone's raw features.
 
@@ -10,11 +11,13 @@ pub mod alignment;
 pub mod features;
 pub mod knn;
 pub mod linear_probe;
+pub mod retrieval;
 
 pub use alignment::{alignment, uniformity};
 pub use features::encode;
 pub use knn::{knn_accuracy, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
+pub use retrieval::{retrieval, RetrievalReport};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -31,6 +34,28 @@ pub struct EvalReport {
     pub alignment: Option<f64>,
     /// `log E e^{−2‖f(x)−f(y)‖²}` ([`uniformity`]); lower is better.
     pub uniformity: Option<f64>,
+    /// Test images as queries against the training images ([`retrieval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<RetrievalReport>,
+}
+
+/// The reference an encoder should beat: k-NN and retrieval on the raw pixels (each image
+/// flattened to one vector), under the same protocol as the encoder's features.
+pub fn raw_pixel_report(train: &crate::data::Dataset, test: &crate::data::Dataset) -> Result<EvalReport> {
+    let pixels =
+        |d: &crate::data::Dataset| Tensor::from_slice(&d.images, (d.len(), d.shape.numel()), &candle_core::Device::Cpu);
+    let (train_pixels, test_pixels) = (pixels(train)?, pixels(test)?);
+    let classes = train.num_classes();
+    let knn_accuracy =
+        knn_accuracy(&train_pixels, &train.labels, &test_pixels, &test.labels, classes, &KnnConfig::default())?;
+    let retrieval = retrieval(&train_pixels, &train.labels, &test_pixels, &test.labels, classes)?;
+    Ok(EvalReport {
+        knn_accuracy,
+        linear_probe_accuracy: None,
+        alignment: None,
+        uniformity: None,
+        retrieval: Some(retrieval),
+    })
 }
 
 /// Rows of a `[N, D]` matrix scaled to unit L2 norm, as `F32`; zero rows stay zero.

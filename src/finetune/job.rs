@@ -172,7 +172,7 @@ pub fn train_and_publish(
     let mut model = Model::new(&config, &device)?;
     checkpoint::load_weights_file(&weights, &model.varmap, &device).context("cannot load the base model's weights")?;
 
-    let before = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, alignment: false })?;
+    let before = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, ..EvalScope::KNN })?;
     report(JobUpdate::Before(before.clone()))?;
 
     let trainable = trainable_variables(&model, h.trainable_stages, config.encoder.widths.len());
@@ -185,7 +185,7 @@ pub fn train_and_publish(
         return Err(JobStop::Cancelled);
     }
 
-    let after = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, alignment: false })?;
+    let after = model.evaluate(&train, &heldout, EvalScope { linear_probe: true, ..EvalScope::KNN })?;
     report(JobUpdate::After(after.clone()))?;
     if after.knn_accuracy < before.knn_accuracy && !spec.allow_worse {
         return Err(JobStop::failed(

@@ -34,11 +34,13 @@ pub struct EvalScope {
     pub linear_probe: bool,
     /// Alignment and uniformity of two augmented views of the test images.
     pub alignment: bool,
+    /// Test images as queries against the training images.
+    pub retrieval: bool,
 }
 
 impl EvalScope {
-    pub const KNN: Self = Self { linear_probe: false, alignment: false };
-    pub const FULL: Self = Self { linear_probe: true, alignment: true };
+    pub const KNN: Self = Self { linear_probe: false, alignment: false, retrieval: false };
+    pub const FULL: Self = Self { linear_probe: true, alignment: true, retrieval: true };
 }
 
 impl Model {
@@ -109,7 +111,13 @@ impl Model {
             classes,
             &eval::KnnConfig::default(),
         )?;
-        let mut report = EvalReport { knn_accuracy, linear_probe_accuracy: None, alignment: None, uniformity: None };
+        let mut report = EvalReport {
+            knn_accuracy,
+            linear_probe_accuracy: None,
+            alignment: None,
+            uniformity: None,
+            retrieval: None,
+        };
         if scope.linear_probe {
             let probe = eval::linear_probe(
                 &train_features,
@@ -120,6 +128,10 @@ impl Model {
                 &eval::ProbeConfig::default(),
             )?;
             report.linear_probe_accuracy = Some(probe.test_accuracy);
+        }
+        if scope.retrieval {
+            let report_of = eval::retrieval(&train_features, &train.labels, &test_features, &test.labels, classes)?;
+            report.retrieval = Some(report_of);
         }
         if scope.alignment {
             let (a, b) = self.augmented_pair_features(test)?;
