@@ -58,9 +58,12 @@ impl ApiKeys {
     }
 }
 
+/// The key of an `authorization: Bearer <key>` header; the scheme's case does not matter
+/// (RFC 7235, section 2.1).
 fn bearer<T>(request: &Request<T>) -> Option<String> {
-    let value = request.metadata().get("authorization")?.to_str().ok()?;
-    value.strip_prefix("Bearer ").map(|key| key.trim().to_string())
+    let value = request.metadata().get("authorization")?.to_str().ok()?.trim_start();
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_string()).filter(|key| !key.is_empty())
 }
 
 #[cfg(test)]
@@ -83,7 +86,10 @@ mod tests {
         let keys = ApiKeys::from_file(&path).unwrap();
         assert!(keys.check(request(Some("Bearer alpha-key"))).is_ok());
         assert!(keys.check(request(Some("Bearer beta-key"))).is_ok());
-        for bad in [None, Some("Bearer wrong"), Some("alpha-key"), Some("Basic alpha-key")] {
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            assert!(keys.check(request(Some(&format!("{scheme} alpha-key")))).is_ok(), "{scheme}");
+        }
+        for bad in [None, Some("Bearer wrong"), Some("alpha-key"), Some("Basic alpha-key"), Some("Bearer ")] {
             assert_eq!(keys.check(request(bad)).unwrap_err().code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         assert!(ApiKeys::open().check(request(None)).is_ok());

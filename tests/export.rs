@@ -56,7 +56,7 @@ fn model_with_random_statistics(config: &TrainConfig, seed: u64) -> Model {
 }
 
 fn provenance() -> Provenance {
-    Provenance { source: "test".into(), evaluation: None, epochs: 0, steps: 0, data: None }
+    Provenance { source: "test".into(), evaluation: None, epochs: 0, steps: 0, data: None, fine_tune_job: None }
 }
 
 /// Independent of the export's own check: reload the published file and compare with candle.

@@ -45,6 +45,8 @@ pub struct Provenance {
     pub steps: usize,
     /// The training data in words, when it was not the run config's data source.
     pub data: Option<String>,
+    /// The fine-tune job publishing the version, recorded in its manifest.
+    pub fine_tune_job: Option<String>,
 }
 
 /// The encoder as an ONNX model: `image` `[batch, C, H, W]` in, `embedding` `[batch, D]` out.
@@ -131,6 +133,7 @@ pub fn publish_model(
         evaluation: provenance.evaluation.clone(),
         parity,
         source: provenance.source.clone(),
+        fine_tune_job: provenance.fine_tune_job.clone(),
         files: Default::default(),
     };
     let weights = checkpoint::weight_tensors(&model.varmap, &model.method.buffers()?);
@@ -168,6 +171,7 @@ pub fn export_checkpoint(run_dir: &Path, repo: &ModelRepository, options: &Expor
         epochs: state.progress.epoch,
         steps: state.progress.step,
         data: None,
+        fine_tune_job: None,
     };
     publish_model(repo, &model, options, &provenance, images.as_ref())
 }

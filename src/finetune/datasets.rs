@@ -84,6 +84,26 @@ impl DatasetStore {
         &self.limits
     }
 
+    /// Removes the temporary files of uploads that a killed server left unfinished; returns how
+    /// many. Call before the server accepts uploads (every temporary file is a leftover then).
+    pub fn remove_unfinished_uploads(&self) -> Result<usize> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.root.display())),
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(&format!(".{EXTENSION}.partial")) {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Starts a streamed upload (the gRPC UploadDataset handler feeds chunks into it).
     pub fn begin(&self, name: &str) -> Result<DatasetWriter> {
         std::fs::create_dir_all(&self.root)
@@ -579,6 +599,19 @@ mod tests {
             (defaults.max_images, defaults.max_image_bytes, defaults.max_total_bytes, defaults.max_label_bytes),
             (10_000, 4 * 1024 * 1024, 512 * 1024 * 1024, 128)
         );
+    }
+
+    #[test]
+    fn leftovers_of_killed_uploads_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let store = DatasetStore::new(root.path(), DatasetLimits::default());
+        assert_eq!(store.remove_unfinished_uploads().unwrap(), 0, "no folder yet");
+        let record = store.save("kept", &[image("a", b"x"), image("b", b"y")]).unwrap();
+        // What a writer killed mid-upload leaves (its Drop never ran).
+        std::fs::write(root.path().join(format!(".{}.ds.partial", "0123abcd")), b"CTRDSET\0half").unwrap();
+        assert_eq!(store.remove_unfinished_uploads().unwrap(), 1);
+        assert_eq!(files_in(root.path()), vec![format!("{}.ds", record.id)]);
+        assert_eq!(store.load(&record).unwrap().len(), 2);
     }
 
     #[test]

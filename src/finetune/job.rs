@@ -210,7 +210,12 @@ pub fn train_and_publish(
             train.len(),
             heldout.len()
         )),
+        fine_tune_job: Some(spec.job_id.clone()),
     };
+    // A job publishes once: a version it published before a crash is its result.
+    if let Some(version) = repository.version_published_by(&spec.output_model, &spec.job_id)? {
+        return Ok(Published { name: spec.output_model.clone(), version });
+    }
     let options = ExportOptions::new(&spec.output_model);
     let manifest = export::publish_model(repository, &model, &options, &provenance, Some(&heldout))?;
     Ok(Published { name: manifest.name, version: manifest.version })

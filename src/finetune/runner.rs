@@ -87,6 +87,15 @@ impl JobRunner {
             workers: Mutex::new(Vec::new()),
         });
         for job in runner.store.jobs_in_states(&[JobState::Running])? {
+            // Killed after its version became visible: the version is the job's result.
+            if let Ok(Some(version)) = runner.repository.version_published_by(&job.output_model, &job.job_id) {
+                runner.store.set_output_version(&job.job_id, version)?;
+                let message = format!("published {} version {version} before the server stopped", job.output_model);
+                runner.store.transition(&job.job_id, JobState::Succeeded, None, Some(&message))?;
+                crate::metrics::finetune_job_finished("succeeded");
+                tracing::warn!(job = %job.job_id, version, "job was running when the server stopped, after publishing; marked SUCCEEDED");
+                continue;
+            }
             let error = JobError {
                 code: tonic::Code::Aborted as i32,
                 message: "interrupted: the server stopped while the job was running".into(),

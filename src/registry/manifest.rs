@@ -34,6 +34,10 @@ pub struct Manifest {
     pub parity: ParityReport,
     /// Where the weights came from: a run folder, or a fine-tune job.
     pub source: String,
+    /// The fine-tune job that published this version, if one did: after a crash, the job's
+    /// record is reconciled with what it published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fine_tune_job: Option<String>,
     /// Size and SHA-256 of each file of the version, checked when a server loads it.
     pub files: BTreeMap<String, FileDigest>,
 }
@@ -82,6 +86,12 @@ pub struct InputSpec {
 }
 
 impl InputSpec {
+    /// The values a tensor input may hold: pixels 0..255 times the scale.
+    pub fn value_range(&self) -> (f32, f32) {
+        // Rounded so that a scale of 1/255 in f32 gives exactly 1.
+        (0.0, ((255.0 * self.scale as f64 * 1e6).round() / 1e6) as f32)
+    }
+
     /// The input the trainer's encoders take: an `image` of `channels × height × width` in
     /// [0, 1], resized bilinearly.
     pub fn image(channels: usize, height: usize, width: usize) -> Result<Self> {

@@ -13,6 +13,9 @@ use anyhow::{bail, ensure, Context, Result};
 
 pub use manifest::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 
+/// A file in the repository's root naming the model that requests without a model name get.
+pub const DEFAULT_MODEL_FILE: &str = ".default-model";
+
 /// Prefix of in-progress publications; hidden from listings.
 const STAGING_PREFIX: &str = ".staging-";
 
@@ -58,6 +61,19 @@ impl ModelRepository {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The model named by the repository's [`DEFAULT_MODEL_FILE`], when it names a valid one.
+    pub fn default_model_marker(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.root.join(DEFAULT_MODEL_FILE)).ok()?;
+        let name = text.trim();
+        match validate_model_name(name) {
+            Ok(()) => Some(name.to_string()),
+            Err(error) => {
+                tracing::warn!(%error, "{} ignored", self.root.join(DEFAULT_MODEL_FILE).display());
+                None
+            }
+        }
     }
 
     pub fn version_dir(&self, name: &str, version: u64) -> PathBuf {
@@ -115,6 +131,16 @@ impl ModelRepository {
 
     pub fn manifest(&self, name: &str, version: u64) -> Result<Manifest> {
         Manifest::load(&self.version_dir(name, version).join(MANIFEST_FILE))
+    }
+
+    /// The version of `name` that fine-tune job `job_id` published, if it published one.
+    pub fn version_published_by(&self, name: &str, job_id: &str) -> Result<Option<u64>> {
+        for version in self.versions(name)? {
+            if self.manifest(name, version).is_ok_and(|m| m.fine_tune_job.as_deref() == Some(job_id)) {
+                return Ok(Some(version));
+            }
+        }
+        Ok(None)
     }
 
     /// The version a request names (0: the newest) with its manifest, once the manifest loads,

@@ -2,6 +2,7 @@
 //! batcher, post-processing (truncation, L2 normalisation) and per-RPC metrics.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::batcher::BatchError;
 use super::models::{LoadedVersion, LookupError, ModelStore, VersionStatus};
-use super::preprocess::preprocess_all;
+use super::preprocess::{preprocess_all, DecodeBudget, PreprocessError};
 use crate::metrics;
 use crate::proto::v1::embedding_service_server::EmbeddingService;
 use crate::proto::v1::{
@@ -27,11 +28,19 @@ pub struct RequestLimits {
     pub max_client_batch: usize,
     /// Requests one stream may have in flight at once.
     pub max_stream_in_flight: usize,
+    pub decode: DecodeBudget,
+    /// Requests decoding images at once; the others wait (their memory is the risk).
+    pub decode_concurrency: usize,
 }
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        Self { max_client_batch: 256, max_stream_in_flight: 64 }
+        Self {
+            max_client_batch: 256,
+            max_stream_in_flight: 64,
+            decode: DecodeBudget::default(),
+            decode_concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
     }
 }
 
@@ -41,6 +50,42 @@ pub struct EmbeddingApi {
     limits: RequestLimits,
     /// Turns true when the server starts shutting down: open streams stop reading.
     shutdown: watch::Receiver<bool>,
+    /// Permits to decode images, `decode_concurrency` of them.
+    decode_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Sets its flag when dropped: a request future that tonic drops (the client cancelled, or its
+/// deadline passed) tells the blocking work it started to stop.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Counts a call in the request metrics when it ends, also when tonic drops it unfinished (the
+/// client cancelled or its deadline passed): those count as CANCELLED.
+struct CallMetric {
+    rpc: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl CallMetric {
+    fn start(rpc: &'static str) -> Self {
+        Self { rpc, started: Instant::now(), code: None }
+    }
+
+    fn finish<T>(mut self, result: &Result<T, Status>) {
+        self.code = Some(result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+    }
+}
+
+impl Drop for CallMetric {
+    fn drop(&mut self) {
+        metrics::request(self.rpc, self.code.unwrap_or(tonic::Code::Cancelled), self.started.elapsed());
+    }
 }
 
 /// What the stream's writer receives, in request order.
@@ -52,7 +97,8 @@ enum StreamItem {
 
 impl EmbeddingApi {
     pub fn new(store: Arc<ModelStore>, limits: RequestLimits, shutdown: watch::Receiver<bool>) -> Self {
-        Self { store, limits, shutdown }
+        let decode_slots = Arc::new(tokio::sync::Semaphore::new(limits.decode_concurrency.max(1)));
+        Self { store, limits, shutdown, decode_slots }
     }
 
     async fn embed_request(&self, request: EmbedRequest) -> Result<EmbedResponse, Status> {
@@ -81,15 +127,35 @@ impl EmbeddingApi {
         let inputs = request.inputs;
         // Tensors are only checked and copied: inline. Image decoding is CPU work: the blocking pool.
         let all_tensors = inputs.iter().all(|i| matches!(i.data, Some(crate::proto::v1::input::Data::Tensor(_))));
+        let budget = self.limits.decode;
+        let abandoned = Arc::new(AtomicBool::new(false));
         let images = if all_tensors {
-            preprocess_all(&inputs, &spec)
+            preprocess_all(&inputs, &spec, budget, &abandoned)
         } else {
-            tokio::task::spawn_blocking(move || preprocess_all(&inputs, &spec))
-                .await
-                .map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
+            let slot =
+                self.decode_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+            let _abandon = AbandonOnDrop(abandoned.clone());
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                preprocess_all(&inputs, &spec, budget, &abandoned)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("preprocessing panicked: {e}")))?
         }
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| match e {
+            PreprocessError::Abandoned => Status::cancelled(e.to_string()),
+            e => Status::invalid_argument(e.to_string()),
+        })?;
         let output = model.batcher.embed(images, count).await.map_err(batch_status)?;
+        // Inputs in range give finite embeddings; a model that still answers NaN or all zeros
+        // for an input must not have that answered as success.
+        for (index, row) in output.embeddings.chunks(output.dimensions).enumerate() {
+            let norm_squared: f32 = row.iter().map(|v| v * v).sum();
+            if !norm_squared.is_finite() || norm_squared == 0.0 {
+                let what = if norm_squared.is_finite() { "all zeros" } else { "not finite" };
+                return Err(Status::invalid_argument(format!("input {index}: the model's embedding is {what}")));
+            }
+        }
         metrics::queue_wait(&format!("{}:{}", model.name, model.version), output.queue);
 
         let keep = if dimensions == 0 { output.dimensions } else { dimensions };
@@ -151,9 +217,9 @@ type EmbedStreamOutput = Pin<Box<dyn Stream<Item = Result<EmbedStreamResponse, S
 #[tonic::async_trait]
 impl EmbeddingService for EmbeddingApi {
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let started = Instant::now();
+        let metric = CallMetric::start("Embed");
         let result = self.embed_request(request.into_inner()).await;
-        metrics::request("Embed", result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok), started.elapsed());
+        metric.finish(&result);
         result.map(Response::new)
     }
 
@@ -191,17 +257,13 @@ impl EmbeddingService for EmbeddingApi {
                 };
                 let api = api.clone();
                 let handle = tokio::spawn(async move {
-                    let started = Instant::now();
+                    let metric = CallMetric::start("EmbedStream");
                     let id = message.id;
                     let result = match message.request {
                         Some(request) => api.embed_request(request).await,
                         None => Err(Status::invalid_argument("stream message without a request")),
                     };
-                    metrics::request(
-                        "EmbedStream",
-                        result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok),
-                        started.elapsed(),
-                    );
+                    metric.finish(&result);
                     let result = match result {
                         Ok(response) => embed_stream_response::Result::Response(response),
                         Err(status) => embed_stream_response::Result::Error(ProtoError {
@@ -278,7 +340,7 @@ fn model_info(
             .iter()
             .map(|(&version, status)| match status {
                 VersionStatus::Ready(loaded) => version_info(loaded),
-                VersionStatus::Failed(reason) => VersionInfo {
+                VersionStatus::Failed { reason, .. } => VersionInfo {
                     version,
                     state: VersionState::Failed as i32,
                     error: reason.clone(),

@@ -25,9 +25,35 @@ pub struct LoadedVersion {
 #[derive(Clone)]
 pub enum VersionStatus {
     Ready(Arc<LoadedVersion>),
-    /// Refused; the reason is logged and reported by GetModel. Not retried (versions are
-    /// immutable once published).
-    Failed(String),
+    /// Refused; the reason is logged and reported by GetModel. Retried when the version's files
+    /// change (an operator fixed them), not before.
+    Failed {
+        reason: String,
+        files: FilesFingerprint,
+    },
+}
+
+/// Names, sizes and modification times of a version folder's files: what changes when someone
+/// repairs a refused version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesFingerprint(Vec<(String, u64, Option<std::time::SystemTime>)>);
+
+impl FilesFingerprint {
+    fn of(dir: &std::path::Path) -> Self {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let meta = e.metadata().ok()?;
+                        Some((e.file_name().to_string_lossy().into_owned(), meta.len(), meta.modified().ok()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        Self(files)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,18 +82,23 @@ pub enum LookupError {
 pub struct ModelStore {
     repository: ModelRepository,
     options: LoadOptions,
-    configured_default: Option<String>,
+    /// The model a request that names none gets (see [`ModelStore::default_model`]).
+    default: Mutex<Option<String>>,
     models: Mutex<BTreeMap<String, BTreeMap<u64, VersionStatus>>>,
     /// One scan at a time (the poller, and a fine-tune job that has just published).
     scanning: Mutex<()>,
 }
 
 impl ModelStore {
+    /// `default_model` is the operator's choice (`--default-model`); without one, the
+    /// repository's marker file names it, else the first model by name with a ready version at
+    /// the first scan that finds one is pinned for the life of the process.
     pub fn new(repository: ModelRepository, options: LoadOptions, default_model: Option<String>) -> Self {
+        let configured = default_model.or_else(|| repository.default_model_marker());
         Self {
             repository,
             options,
-            configured_default: default_model,
+            default: Mutex::new(configured),
             models: Mutex::new(BTreeMap::new()),
             scanning: Mutex::new(()),
         }
@@ -77,12 +108,25 @@ impl ModelStore {
         &self.repository
     }
 
-    /// The model an empty name means: the configured one, else the first by name.
+    /// The model an empty name means. It is explicit or pinned, never chosen per request, so a
+    /// new folder in the repository (a fine-tune's output model, an empty `mkdir`) cannot take it
+    /// over, and a model without a ready version never becomes it by default.
     pub fn default_model(&self) -> Option<String> {
-        if let Some(name) = &self.configured_default {
-            return Some(name.clone());
+        self.default.lock().expect("default lock").clone()
+    }
+
+    /// Pins the first model by name that has a ready version, when no default is pinned yet.
+    fn pin_default(&self) {
+        let mut default = self.default.lock().expect("default lock");
+        if default.is_some() {
+            return;
         }
-        self.models.lock().expect("models lock").keys().next().cloned()
+        let models = self.models.lock().expect("models lock");
+        let ready = models.iter().find(|(_, versions)| versions.values().any(|s| matches!(s, VersionStatus::Ready(_))));
+        if let Some((name, _)) = ready {
+            tracing::info!(model = %name, "default model (the first ready model by name; --default-model sets another)");
+            *default = Some(name.clone());
+        }
     }
 
     /// Ready versions across all models.
@@ -106,14 +150,14 @@ impl ModelStore {
         };
         let ready = |s: &VersionStatus| match s {
             VersionStatus::Ready(loaded) => Some(loaded.clone()),
-            VersionStatus::Failed(_) => None,
+            VersionStatus::Failed { .. } => None,
         };
         if version == 0 {
             return versions.values().rev().find_map(ready).ok_or(LookupError::NoReadyVersion { name });
         }
         match versions.get(&version) {
             Some(VersionStatus::Ready(loaded)) => Ok(loaded.clone()),
-            Some(VersionStatus::Failed(reason)) => {
+            Some(VersionStatus::Failed { reason, .. }) => {
                 Err(LookupError::FailedVersion { name, version, reason: reason.clone() })
             }
             None => {
@@ -153,9 +197,17 @@ impl ModelStore {
             }
         }
         drop(models);
+        self.pin_default();
         let ready = self.ready_count();
         metrics::models_loaded(ready);
         Ok(ready)
+    }
+
+    /// Whether the default model has a ready version: what health reports as SERVING.
+    pub fn default_ready(&self) -> bool {
+        let Some(name) = self.default_model() else { return false };
+        let models = self.models.lock().expect("models lock");
+        models.get(&name).is_some_and(|versions| versions.values().any(|s| matches!(s, VersionStatus::Ready(_))))
     }
 
     fn sync_model(&self, name: &str, on_disk: &[u64]) {
@@ -168,6 +220,12 @@ impl ModelStore {
                 break;
             }
             let status = match known.get(&version) {
+                Some(VersionStatus::Failed { files, .. })
+                    if *files != FilesFingerprint::of(&self.repository.version_dir(name, version)) =>
+                {
+                    tracing::info!(model = name, version, "a refused version's files changed; loading it again");
+                    self.load(name, version)
+                }
                 Some(status) => status.clone(),
                 None => self.load(name, version),
             };
@@ -193,9 +251,11 @@ impl ModelStore {
                 VersionStatus::Ready(Arc::new(loaded))
             }
             Err(error) => {
-                let reason = format!("{error:#}");
-                tracing::error!(model = name, version, %reason, "version refused; earlier versions keep serving");
-                VersionStatus::Failed(reason)
+                let dir = self.repository.version_dir(name, version);
+                tracing::error!(model = name, version, reason = %format!("{error:#}"), "version refused; earlier versions keep serving");
+                // Clients see the version's own name for its folder, not the server's paths.
+                let reason = format!("{error:#}").replace(&dir.display().to_string(), &format!("{name}/{version}"));
+                VersionStatus::Failed { reason, files: FilesFingerprint::of(&dir) }
             }
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::models::ModelStore;
 
 /// Scans the repository on a plain thread (loading a model is blocking work) and keeps the
-/// health status in step: SERVING once any version is ready.
+/// health status in step: SERVING while the default model has a ready version.
 pub struct Poller {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -27,15 +27,16 @@ impl Poller {
                 .spawn(move || {
                     let mut serving = None;
                     while !stop.load(Ordering::Acquire) {
-                        let ready = store.scan().unwrap_or_else(|error| {
+                        if let Err(error) = store.scan() {
                             tracing::error!(%error, "cannot scan the model repository");
-                            store.ready_count()
-                        });
-                        if serving != Some(ready > 0) {
-                            serving = Some(ready > 0);
+                        }
+                        // Requests that name no model must work: the default has to be ready.
+                        let ready = store.default_ready();
+                        if serving != Some(ready) {
+                            serving = Some(ready);
                             let health = health.clone();
                             runtime.block_on(async move {
-                                let status = if ready > 0 {
+                                let status = if ready {
                                     tonic_health::ServingStatus::Serving
                                 } else {
                                     tonic_health::ServingStatus::NotServing

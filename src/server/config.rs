@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::runtime::{InferenceDevice, SessionOptions};
 use crate::serve::batcher::BatcherConfig;
 use crate::serve::embedding::RequestLimits;
+use crate::serve::preprocess::DecodeBudget;
 
 /// `contrastive serve` flags; each also reads the environment variable named beside it.
 #[derive(Debug, Default, clap::Args)]
@@ -46,6 +47,15 @@ pub struct ServeArgs {
     /// Inputs allowed in one request [default: 256]
     #[arg(long, env = "CONTRASTIVE_MAX_CLIENT_BATCH")]
     pub max_client_batch: Option<usize>,
+    /// Pixels an image may have, read from its header before decoding [default: 16777216]
+    #[arg(long, env = "CONTRASTIVE_MAX_IMAGE_PIXELS")]
+    pub max_image_pixels: Option<u64>,
+    /// Pixels all images of one request may have together [default: 67108864]
+    #[arg(long, env = "CONTRASTIVE_MAX_REQUEST_PIXELS")]
+    pub max_request_pixels: Option<u64>,
+    /// Requests decoding images at once [default: the number of CPUs]
+    #[arg(long, env = "CONTRASTIVE_DECODE_CONCURRENCY")]
+    pub decode_concurrency: Option<usize>,
     /// Largest request message in bytes [default: 67108864]
     #[arg(long, env = "CONTRASTIVE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -106,6 +116,9 @@ struct FileSettings {
     max_delay_ms: Option<u64>,
     queue_capacity: Option<usize>,
     max_client_batch: Option<usize>,
+    max_image_pixels: Option<u64>,
+    max_request_pixels: Option<u64>,
+    decode_concurrency: Option<usize>,
     max_message_bytes: Option<usize>,
     keep_versions: Option<usize>,
     poll_interval_ms: Option<u64>,
@@ -182,7 +195,18 @@ impl ServeSettings {
                 max_delay: Duration::from_millis(pick!(max_delay_ms, 2)),
                 queue_capacity: pick!(queue_capacity, 1024),
             },
-            limits: RequestLimits { max_client_batch: pick!(max_client_batch, 256), ..RequestLimits::default() },
+            limits: {
+                let defaults = RequestLimits::default();
+                RequestLimits {
+                    max_client_batch: pick!(max_client_batch, 256),
+                    decode: DecodeBudget {
+                        max_image_pixels: pick!(max_image_pixels, defaults.decode.max_image_pixels),
+                        max_request_pixels: pick!(max_request_pixels, defaults.decode.max_request_pixels),
+                    },
+                    decode_concurrency: pick!(decode_concurrency, defaults.decode_concurrency),
+                    ..defaults
+                }
+            },
             max_message_bytes: pick!(max_message_bytes, 64 << 20),
             keep_versions: pick!(keep_versions, 2),
             poll_interval: Duration::from_millis(pick!(poll_interval_ms, 2000)),
@@ -211,6 +235,9 @@ impl ServeSettings {
             ("finetune-concurrency", self.finetune_concurrency),
             ("finetune-threads", self.finetune_threads),
             ("max-message-bytes", self.max_message_bytes),
+            ("decode-concurrency", self.limits.decode_concurrency),
+            ("max-image-pixels", self.limits.decode.max_image_pixels as usize),
+            ("max-request-pixels", self.limits.decode.max_request_pixels as usize),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -86,6 +86,11 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         ..DatasetLimits::default()
     };
     let datasets = Arc::new(DatasetStore::new(settings.data_dir.join("datasets"), dataset_limits));
+    match datasets.remove_unfinished_uploads() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "removed the temporary files of uploads a stopped server left unfinished"),
+        Err(error) => tracing::warn!(%error, "cannot clean unfinished uploads"),
+    }
     let runner_settings = RunnerSettings {
         concurrency: settings.finetune_concurrency,
         threads: settings.finetune_threads,
