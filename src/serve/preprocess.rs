@@ -48,7 +48,13 @@ pub fn preprocess_all(
     for (index, input) in inputs.iter().enumerate() {
         if let Some(input::Data::Image(bytes)) = &input.data {
             let (w, h) = image_dimensions(bytes).map_err(|reason| PreprocessError::Input { index, reason })?;
-            total += w as u64 * h as u64;
+            let pixels = w as u64 * h as u64;
+            if pixels > budget.max_image_pixels {
+                let max = budget.max_image_pixels;
+                let reason = format!("the image is {w}×{h} = {pixels} pixels; at most {max} are decoded per image");
+                return Err(PreprocessError::Input { index, reason });
+            }
+            total += pixels;
         }
     }
     if total > budget.max_request_pixels {
