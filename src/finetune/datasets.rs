@@ -334,8 +334,8 @@ impl Tally {
     }
 }
 
-/// Decodes a whole dataset file (already checksummed).
-fn parse(bytes: &[u8]) -> Result<Vec<LabeledImage>> {
+/// The images of a dataset file's bytes (see the module documentation for the format).
+pub fn parse(bytes: &[u8]) -> Result<Vec<LabeledImage>> {
     let mut reader = Reader { bytes, pos: 0 };
     let magic = reader.take(MAGIC.len()).context("the file is shorter than its header")?;
     if magic != MAGIC {

@@ -17,6 +17,9 @@ pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const INPUT_NAME: &str = "image";
 /// Bumped when a field changes meaning; readers refuse versions they do not know.
 pub const MANIFEST_FORMAT: u32 = 1;
+/// The largest input side a manifest may declare: the server allocates inputs of this size.
+pub const MAX_INPUT_SIDE: usize = 1024;
+pub const MAX_EMBEDDING_DIMENSIONS: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -161,15 +164,56 @@ impl FileDigest {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let manifest: Self =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// A manifest from its JSON text, refused unless it is of the format this program reads.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let manifest: Self = serde_json::from_str(text).context("not a valid manifest")?;
         anyhow::ensure!(
             manifest.format == MANIFEST_FORMAT,
-            "{} has manifest format {}; this program reads format {MANIFEST_FORMAT}",
-            path.display(),
+            "manifest format {}; this program reads format {MANIFEST_FORMAT}",
             manifest.format
         );
+        manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// Refuses what parses but cannot be served safely: an input the server cannot prepare (or
+    /// whose test tensor would not fit in memory), and file names that leave the version's folder.
+    fn validate(&self) -> Result<()> {
+        super::validate_model_name(&self.name).context("name")?;
+        let input = &self.input;
+        let order = ChannelOrder::for_channels(input.channels).context("input.channels")?;
+        anyhow::ensure!(
+            order == input.channel_order,
+            "input.channel_order is {:?} for {} channels",
+            input.channel_order,
+            input.channels
+        );
+        for (field, side) in [("height", input.height), ("width", input.width)] {
+            anyhow::ensure!(
+                (1..=MAX_INPUT_SIDE).contains(&side),
+                "input.{field} is {side}; models take 1 to {MAX_INPUT_SIDE} pixels a side"
+            );
+        }
+        anyhow::ensure!(input.resize == "bilinear", "input.resize is {:?}; only \"bilinear\" is known", input.resize);
+        anyhow::ensure!(
+            input.scale > 0.0 && input.scale <= 1.0,
+            "input.scale is {}; pixels are scaled by a number in (0, 1]",
+            input.scale
+        );
+        anyhow::ensure!(
+            (1..=MAX_EMBEDDING_DIMENSIONS).contains(&self.output.dimensions),
+            "output.dimensions is {}; embeddings have 1 to {MAX_EMBEDDING_DIMENSIONS} dimensions",
+            self.output.dimensions
+        );
+        for name in self.files.keys() {
+            let plain = Path::new(name).file_name().is_some_and(|f| f == name.as_str()) && !name.starts_with('.');
+            anyhow::ensure!(plain, "files: {name:?} is not a plain file name of the version's folder");
+        }
+        anyhow::ensure!(self.files.contains_key(MODEL_FILE), "files does not list {MODEL_FILE}");
+        Ok(())
     }
 
     /// Checks that every listed file of `dir` has its recorded size and digest.
@@ -198,4 +242,59 @@ impl Manifest {
 /// The current time as RFC 3339 (UTC, seconds).
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../models/fmnist-simclr/1/manifest.json");
+
+    fn edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Manifest> {
+        let mut value: serde_json::Value = serde_json::from_str(SHIPPED)?;
+        edit(&mut value);
+        Manifest::from_json(&value.to_string())
+    }
+
+    fn refusal(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        format!("{:#}", edited(edit).expect_err("the edited manifest must be refused"))
+    }
+
+    #[test]
+    fn the_shipped_manifest_is_accepted() -> Result<()> {
+        let manifest = Manifest::from_json(SHIPPED)?;
+        assert_eq!(manifest.image_dims(), [1, 28, 28]);
+        assert_eq!(manifest.input.value_range(), (0.0, 1.0));
+        Ok(())
+    }
+
+    #[test]
+    fn file_names_outside_the_version_folder_are_refused() {
+        for name in ["../../etc/passwd", "/etc/shadow", "sub/model.onnx", "..", ".hidden", ""] {
+            let message = refusal(|m| {
+                m["files"][name] = serde_json::json!({"bytes": 1, "sha256": "00"});
+            });
+            assert!(message.contains("not a plain file name"), "{name:?}: {message}");
+        }
+        let message = refusal(|m| {
+            m["files"].as_object_mut().unwrap().remove(MODEL_FILE);
+        });
+        assert!(message.contains("does not list model.onnx"), "{message}");
+    }
+
+    #[test]
+    fn inputs_the_server_cannot_prepare_are_refused() {
+        // A 10⁶ × 10⁶ input would make the server allocate 4 TB for its test inference.
+        let message = refusal(|m| m["input"]["height"] = 1_000_000.into());
+        assert!(message.contains("input.height is 1000000"), "{message}");
+        assert!(refusal(|m| m["input"]["width"] = 0.into()).contains("input.width is 0"));
+        assert!(refusal(|m| m["input"]["channels"] = 2.into()).contains("input.channels"));
+        assert!(refusal(|m| m["input"]["channels"] = 3.into()).contains("channel_order is Gray for 3 channels"));
+        assert!(refusal(|m| m["input"]["scale"] = (-1.0).into()).contains("input.scale is -1"));
+        assert!(refusal(|m| m["input"]["scale"] = 1e38.into()).contains("input.scale is 1"));
+        assert!(refusal(|m| m["input"]["resize"] = "lanczos".into()).contains("input.resize"));
+        assert!(refusal(|m| m["output"]["dimensions"] = 0.into()).contains("output.dimensions is 0"));
+        assert!(refusal(|m| m["name"] = "../x".into()).contains("name"));
+        assert!(refusal(|m| m["format"] = 2.into()).contains("manifest format 2"));
+    }
 }

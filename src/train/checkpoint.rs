@@ -75,19 +75,23 @@ pub fn load_weights(dir: &Path, varmap: &VarMap, device: &Device) -> Result<Hash
 
 /// [`load_weights`] from a weights file anywhere (a model version's, for instance).
 pub fn load_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let tensors = candle_core::safetensors::load(path, device)
-        .with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint weights {}", path.display()))?;
+    load_weights_bytes(&bytes, varmap, device).with_context(|| format!("in {}", path.display()))
+}
+
+/// [`load_weights`] from the bytes of a safetensors file: every variable must be there with its
+/// shape. Returns the buffers.
+pub fn load_weights_bytes(bytes: &[u8], varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, device).context("not a safetensors file")?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-        let t = tensors
-            .get(name)
-            .with_context(|| format!("{} has no tensor '{name}': it does not match the run config", path.display()))?;
+        let t = tensors.get(name).with_context(|| format!("no tensor '{name}': it does not match the run config"))?;
         anyhow::ensure!(
             t.dims() == var.dims(),
-            "{}: '{name}' has shape {:?}, the model expects {:?}",
-            path.display(),
+            "'{name}' has shape {:?}, the model expects {:?}",
             t.dims(),
             var.dims()
         );
+        anyhow::ensure!(t.dtype().is_float(), "'{name}' holds {:?}, not floating-point values", t.dtype());
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(tensors.into_iter().filter_map(|(n, t)| n.strip_prefix(BUFFER_PREFIX).map(|b| (b.to_string(), t))).collect())
