@@ -217,6 +217,8 @@ enum BenchCommand {
     Train(Box<contrastive::bench::train::TrainBenchOptions>),
     /// Embedding throughput and latency of the gRPC server vs. in-process ONNX Runtime.
     Serve(Box<contrastive::bench::serve::ServeBenchOptions>),
+    /// The server under a long mixed load with fine-tunes: RSS and p99 latency every interval.
+    Soak(Box<contrastive::bench::soak::SoakOptions>),
 }
 
 // glibc's allocator returns each large freed tensor to the kernel and page-faults it back in on
@@ -257,6 +259,7 @@ fn main() -> Result<()> {
         Command::Finetune(args) => async_runtime()?.block_on(contrastive::finetune::client::run(args)),
         Command::Bench(BenchCommand::Train(options)) => bench::train::run(&options, &parse_device(&options.device)?),
         Command::Bench(BenchCommand::Serve(options)) => bench::serve::run(&options),
+        Command::Bench(BenchCommand::Soak(options)) => bench::soak::run(&options),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod serve;
 pub mod server_process;
+pub mod soak;
 pub mod train;
 
 pub use server_process::{ServerCommand, ServerProcess};

@@ -306,7 +306,7 @@ impl Workload {
 }
 
 /// Image `i` of `dataset` as a request input: its float tensor, or (`png`) PNG bytes of its pixels.
-fn image_input(dataset: &Dataset, i: usize, png: bool) -> Result<Input> {
+pub(super) fn image_input(dataset: &Dataset, i: usize, png: bool) -> Result<Input> {
     let [c, h, w] = dataset.shape.dims();
     let values = dataset.image(i).to_vec();
     let data = if png {
@@ -449,7 +449,7 @@ impl BenchServer {
 }
 
 /// A loopback port free a moment ago (the server binds it right after).
-fn free_port() -> Result<SocketAddr> {
+pub(super) fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -838,10 +838,10 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
 }
 
 /// A folder for the server's log and h2load's files, removed afterwards.
-struct ScratchDir(PathBuf);
+pub(super) struct ScratchDir(pub(super) PathBuf);
 
 impl ScratchDir {
-    fn create() -> Result<Self> {
+    pub(super) fn create() -> Result<Self> {
         let path = std::env::temp_dir().join(format!("contrastive-bench-serve-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Self(path))
