@@ -26,7 +26,8 @@ pub struct ServeArgs {
     /// The model repository [default: models]
     #[arg(long, env = "CONTRASTIVE_MODELS")]
     pub models: Option<PathBuf>,
-    /// Model served when a request names none [default: the first by name]
+    /// Model served when a request names none [default: the one the repository's .default-model file names, else
+    /// the first model by name with a ready version at start, pinned until restart]
     #[arg(long, env = "CONTRASTIVE_DEFAULT_MODEL")]
     pub default_model: Option<String>,
     /// cpu, cuda, cuda:N or auto [default: cpu]
