@@ -410,28 +410,19 @@ struct BenchServer {
 
 impl BenchServer {
     fn spawn(options: &ServeBenchOptions, scratch: &Path) -> Result<Self> {
-        let binary = match &options.server_binary {
-            Some(path) => path.clone(),
-            None => std::env::current_exe().context("cannot find this executable to start as the server")?,
+        let target = BenchTarget {
+            server_binary: options.server_binary.as_deref(),
+            models: &options.models,
+            model: &options.model,
+            intra_threads: options.intra_threads,
         };
-        let metrics = free_port().context("cannot find a free port for the server's metrics")?;
-        let mut command = ServerCommand::new(binary, scratch.join("server.log"))
-            .args(["--metrics-addr", &metrics.to_string(), "--models"])
-            .arg(&options.models)
-            .args(["--default-model", &options.model])
-            .args(["--intra-threads", &options.intra_threads.to_string()])
-            .args(["--max-batch", &options.max_batch.to_string()])
-            .args(["--max-delay-ms", &options.max_delay_ms.to_string()])
-            // Fine-tune job state stays out of the working folder.
-            .arg("--data-dir")
-            .arg(scratch.join("data"));
-        command.log_level = "warn".into();
-        command.start_timeout = SERVER_START_TIMEOUT;
-        let process = ServerProcess::spawn(&command)?;
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(process.wait_serving(SERVER_START_TIMEOUT))?;
+        let batching = [
+            "--max-batch".to_string(),
+            options.max_batch.to_string(),
+            "--max-delay-ms".to_string(),
+            options.max_delay_ms.to_string(),
+        ];
+        let (process, metrics) = target.spawn(scratch, &batching)?;
         Ok(Self { process, metrics })
     }
 
@@ -448,8 +439,47 @@ impl BenchServer {
     }
 }
 
+/// The server a benchmark starts: `model` of the repository `models` as the default model, job
+/// state and logs in a scratch folder, metrics on a free port.
+pub(super) struct BenchTarget<'a> {
+    /// The `contrastive` binary; `None`: this executable.
+    pub server_binary: Option<&'a Path>,
+    pub models: &'a Path,
+    pub model: &'a str,
+    pub intra_threads: usize,
+}
+
+impl BenchTarget<'_> {
+    /// Starts the server with `extra` arguments and waits until it is SERVING; returns it with
+    /// its metrics address.
+    pub fn spawn(&self, scratch: &Path, extra: &[String]) -> Result<(ServerProcess, SocketAddr)> {
+        let binary = match self.server_binary {
+            Some(path) => path.to_path_buf(),
+            None => std::env::current_exe().context("cannot find this executable to start as the server")?,
+        };
+        let metrics = free_port().context("cannot find a free port for the server's metrics")?;
+        let mut command = ServerCommand::new(binary, scratch.join("server.log"))
+            .args(["--metrics-addr", &metrics.to_string(), "--models"])
+            .arg(self.models)
+            .args(["--default-model", self.model])
+            .args(["--intra-threads", &self.intra_threads.to_string()])
+            .args(extra)
+            // Fine-tune job state stays out of the working folder.
+            .arg("--data-dir")
+            .arg(scratch.join("data"));
+        command.log_level = "warn".into();
+        command.start_timeout = SERVER_START_TIMEOUT;
+        let process = ServerProcess::spawn(&command)?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(process.wait_serving(SERVER_START_TIMEOUT))?;
+        Ok((process, metrics))
+    }
+}
+
 /// A loopback port free a moment ago (the server binds it right after).
-pub(super) fn free_port() -> Result<SocketAddr> {
+fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 

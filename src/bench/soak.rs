@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tonic::Code;
 
-use super::serve::{free_port, image_input, ScratchDir};
-use super::server_process::{ServerCommand, ServerProcess};
+use super::serve::{image_input, BenchTarget, ScratchDir};
+use super::server_process::ServerProcess;
 use crate::data::idx::{load_mnist_format_dir, Split};
 use crate::proto::v1::{
     create_job_request, input, CreateJobRequest, EmbedRequest, GetJobRequest, HyperParameters, InlineDataset, Input,
@@ -27,7 +27,6 @@ use crate::registry::ModelRepository;
 const FINETUNE_OUTPUT: &str = "soak-finetune";
 /// A call that takes longer than this counts as hung.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct SoakOptions {
@@ -92,6 +91,7 @@ struct Sample {
     at_min: f64,
     rss_mb: f64,
     p99_ms: f64,
+    unexpected: u64,
 }
 
 pub fn run(options: &SoakOptions) -> Result<()> {
@@ -101,23 +101,14 @@ pub fn run(options: &SoakOptions) -> Result<()> {
     let scratch = ScratchDir::create()?;
     let models = scratch.0.join("models");
     copy_model(&options.models, &options.model, &models)?;
-    let binary = match &options.server_binary {
-        Some(path) => path.clone(),
-        None => std::env::current_exe().context("cannot find this executable to start as the server")?,
-    };
-    let metrics = free_port().context("cannot find a free port for the server's metrics")?;
-    let mut command = ServerCommand::new(binary, scratch.0.join("server.log"))
-        .args(["--metrics-addr", &metrics.to_string(), "--models"])
-        .arg(&models)
-        .args(["--default-model", &options.model])
-        .args(["--intra-threads", &options.intra_threads.to_string()])
-        .arg("--data-dir")
-        .arg(scratch.0.join("data"));
-    command.log_level = "warn".into();
-    command.start_timeout = SERVER_START_TIMEOUT;
-    let server = ServerProcess::spawn(&command)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    runtime.block_on(server.wait_serving(SERVER_START_TIMEOUT))?;
+    let target = BenchTarget {
+        server_binary: options.server_binary.as_deref(),
+        models: &models,
+        model: &options.model,
+        intra_threads: options.intra_threads,
+    };
+    let (server, _metrics) = target.spawn(&scratch.0, &[])?;
     let url = server.url();
 
     let pngs = (0..16).map(|i| image_input(&dataset, i, true)).collect::<Result<Vec<_>>>()?;
@@ -168,8 +159,7 @@ pub fn run(options: &SoakOptions) -> Result<()> {
         anyhow::Ok(samples?)
     })?;
     let jobs = jobs.lock().expect("jobs lock").clone();
-    let unexpected = tally.lock().expect("tally lock").unexpected;
-    summarise(&samples, &jobs, unexpected, &server)
+    summarise(&samples, &jobs, &server)
 }
 
 fn validate(options: &SoakOptions) -> Result<()> {
@@ -414,14 +404,12 @@ async fn report_loop(
         if let Some(first) = &taken.first_unexpected {
             println!("       unexpected: {first}");
         }
-        // Carry the unexpected count into the summary.
-        tally.lock().expect("tally lock").unexpected += taken.unexpected;
-        samples.push(Sample { at_min, rss_mb, p99_ms: p99 });
+        samples.push(Sample { at_min, rss_mb, p99_ms: p99, unexpected: taken.unexpected });
     }
     Ok(samples)
 }
 
-fn summarise(samples: &[Sample], jobs: &JobCounts, unexpected: u64, server: &ServerProcess) -> Result<()> {
+fn summarise(samples: &[Sample], jobs: &JobCounts, server: &ServerProcess) -> Result<()> {
     let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
         bail!("the soak ended before its first interval");
     };
@@ -446,6 +434,7 @@ fn summarise(samples: &[Sample], jobs: &JobCounts, unexpected: u64, server: &Ser
         println!("  {failure}");
     }
     println!("server log: {} bytes of warnings and errors", server.log().len());
+    let unexpected: u64 = samples.iter().map(|s| s.unexpected).sum();
     ensure!(unexpected == 0, "{unexpected} calls ended unexpectedly");
     ensure!(jobs.other.is_empty(), "{} fine-tune jobs did not succeed", jobs.other.len());
     Ok(())

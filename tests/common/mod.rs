@@ -95,9 +95,7 @@ pub struct Server {
 impl Server {
     /// A server of a copy of the shipped model, with `args` added to the command line.
     pub fn start(args: &[&str]) -> Self {
-        let dirs = Dirs::empty();
-        copy_tree(&shipped_version_dir(), &dirs.models.join(MODEL).join("1"));
-        Self::start_with(dirs, args)
+        Self::start_with(Dirs::with_models(), args)
     }
 
     /// A server of an empty model repository.
