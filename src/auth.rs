@@ -46,23 +46,35 @@ impl ApiKeys {
 
     /// A tonic interceptor body: UNAUTHENTICATED unless the request carries an accepted key.
     pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(digests) = &self.digests else { return Ok(request) };
-        let key = bearer(&request)
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.check_authorization(header)?;
+        Ok(request)
+    }
+
+    /// The check behind every front door (gRPC metadata, HTTP header): UNAUTHENTICATED unless
+    /// `authorization` holds `Bearer <accepted key>`.
+    pub fn check_authorization(&self, header: Option<&str>) -> Result<(), Status> {
+        let Some(digests) = &self.digests else { return Ok(()) };
+        let key = header
+            .and_then(bearer_key)
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>`"))?;
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         if digests.contains(&digest) {
-            Ok(request)
+            Ok(())
         } else {
             Err(Status::unauthenticated("the API key is not valid"))
         }
     }
 }
 
-/// The key of an `authorization: Bearer <key>` header; the scheme's case does not matter
-/// (RFC 7235, section 2.1).
 fn bearer<T>(request: &Request<T>) -> Option<String> {
-    let value = request.metadata().get("authorization")?.to_str().ok()?.trim_start();
-    let (scheme, key) = value.split_once(' ')?;
+    bearer_key(request.metadata().get("authorization")?.to_str().ok()?)
+}
+
+/// The key of an `authorization: Bearer <key>` value; the scheme's case does not matter
+/// (RFC 7235, section 2.1).
+fn bearer_key(value: &str) -> Option<String> {
+    let (scheme, key) = value.trim_start().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_string()).filter(|key| !key.is_empty())
 }
 

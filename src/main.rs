@@ -312,9 +312,13 @@ fn async_runtime() -> Result<tokio::runtime::Runtime> {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let settings = ServeSettings::resolve(&args)?;
-    async_runtime()?.block_on(contrastive::server::run(settings, |addr| {
-        // One machine-readable line, so scripts and tests learn the port when it was 0.
-        println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+    async_runtime()?.block_on(contrastive::server::run(settings, |listening| {
+        // One machine-readable line, so scripts and tests learn the ports when they were 0.
+        let mut line = serde_json::json!({ "listening": listening.grpc.to_string() });
+        if let Some(http) = listening.http {
+            line["http"] = http.to_string().into();
+        }
+        println!("{line}");
     }))
 }
 

@@ -651,41 +651,57 @@ async fn metrics_count_requests_batches_and_models() {
 // ---------------------------------------------------------------------------------------------
 // 9. Reflection
 
+/// Lists the services and describes EmbeddingService through one reflection version (`v1` and
+/// `v1alpha` have the same messages in different packages).
+macro_rules! reflect {
+    ($version:ident, $url:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+
+        let mut reflection = ServerReflectionClient::new(contrastive::client::connect($url).await.unwrap());
+        let ask = |request| ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+        let questions = vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol("contrastive.v1.EmbeddingService".into())),
+        ];
+        let mut answers = reflection.server_reflection_info(tokio_stream::iter(questions)).await.unwrap().into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("the first answer is not a service list");
+        };
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            answers.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("the second answer is not a file descriptor");
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        (names, files.file_descriptor_proto)
+    }};
+}
+
+/// grpcurl 1.8 and Python's grpcio-reflection ask `v1alpha`; newer clients `v1`.
 #[tokio::test(flavor = "multi_thread")]
-async fn reflection_lists_the_services() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-
+async fn reflection_lists_the_services_in_both_versions() {
     let server = Server::start(&[]);
-    let mut reflection = ServerReflectionClient::new(contrastive::client::connect(&server.url).await.unwrap());
-    let ask = |request| ServerReflectionRequest { host: String::new(), message_request: Some(request) };
-    let questions = vec![
-        ask(MessageRequest::ListServices(String::new())),
-        ask(MessageRequest::FileContainingSymbol("contrastive.v1.EmbeddingService".into())),
-    ];
-    let mut answers = reflection.server_reflection_info(tokio_stream::iter(questions)).await.unwrap().into_inner();
-
-    let Some(MessageResponse::ListServicesResponse(list)) = answers.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("the first answer is not a service list");
-    };
-    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for expected in ["contrastive.v1.EmbeddingService", "grpc.health.v1.Health"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    let v1 = reflect!(v1, &server.url);
+    let v1alpha = reflect!(v1alpha, &server.url);
+    assert_eq!(v1, v1alpha, "both versions describe the same services");
+    let (names, files) = v1;
+    for expected in [
+        "contrastive.v1.EmbeddingService",
+        "contrastive.v1.FineTuneService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
-
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        answers.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("the second answer is not a file descriptor");
-    };
-    let described = files
-        .file_descriptor_proto
+    let service = files
         .iter()
-        .map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).unwrap());
-    let service = described
+        .map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(bytes.as_slice()).unwrap())
         .flat_map(|file| file.service)
         .find(|s| s.name() == "EmbeddingService")
         .expect("EmbeddingService in the described file");
@@ -747,6 +763,160 @@ async fn cli_embed_and_health_talk_to_the_server() {
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "health of an empty server: {output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "NOT_SERVING");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. The OpenAI-compatible HTTP endpoint
+
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `POST /v1/embeddings` with `body`, optionally with an API key.
+async fn post_embeddings(server: &Server, key: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let addr = server.http.clone().expect("the server was started with --http-addr");
+    let authorization = key.map(|key| format!("Bearer {key}"));
+    tokio::task::spawn_blocking(move || {
+        let headers: Vec<(&str, &str)> = authorization.iter().map(|a| ("Authorization", a.as_str())).collect();
+        common::http_json(&addr, "POST", "/v1/embeddings", &headers, &body.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+fn data_rows(answer: &serde_json::Value) -> Vec<Vec<f32>> {
+    let data = answer["data"].as_array().unwrap_or_else(|| panic!("no data in {answer}"));
+    data.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            assert_eq!(item["index"], i, "{item}");
+            assert_eq!(item["object"], "embedding", "{item}");
+            match &item["embedding"] {
+                serde_json::Value::String(text) => {
+                    use base64::Engine as _;
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+                    bytes.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+                }
+                values => values.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_embeddings_equal_the_grpc_ones() {
+    let (server, mut client) = serving(&["--http-addr", "127.0.0.1:0"]).await;
+    let (a, b) = (png(image(8)), png(image(9)));
+    let grpc = embed(
+        &mut client,
+        EmbedRequest { inputs: vec![image_input(a.clone()), image_input(b.clone())], ..Default::default() },
+    )
+    .await;
+    let expected = rows(&grpc);
+    // Independent of the gRPC path too: ONNX Runtime in this process, then unit length.
+    let ort: Vec<Vec<f32>> =
+        ort_embeddings(&[preprocessed(&a), preprocessed(&b)].concat()).iter().map(|r| unit(r)).collect();
+    assert!(max_abs_diff(&expected, &ort) <= 1e-5);
+
+    let inputs = serde_json::json!([base64(&a), format!("data:image/png;base64,{}", base64(&b))]);
+    let (status, answer) = post_embeddings(&server, None, serde_json::json!({ "model": MODEL, "input": inputs })).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["object"], "list");
+    assert_eq!(answer["model"], format!("{MODEL}:1"));
+    assert!(answer["usage"]["prompt_tokens"].is_u64(), "{answer}");
+    let floats = data_rows(&answer);
+    assert!(max_abs_diff(&floats, &expected) <= 1e-5, "float answers equal gRPC's");
+
+    let body = serde_json::json!({ "model": format!("{MODEL}:1"), "input": inputs, "encoding_format": "base64" });
+    let (status, answer) = post_embeddings(&server, None, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["data"][0]["embedding"].is_string(), "base64 answers are strings");
+    assert_eq!(data_rows(&answer), expected, "base64 carries the exact f32 values");
+
+    // `dimensions` truncates and re-normalises, as gRPC's does.
+    let truncated =
+        embed(&mut client, EmbedRequest { inputs: vec![image_input(a.clone())], dimensions: 16, ..Default::default() })
+            .await;
+    let body = serde_json::json!({ "model": "", "input": base64(&a), "dimensions": 16 });
+    let (status, answer) = post_embeddings(&server, None, body).await;
+    assert_eq!(status, 200, "{answer}");
+    let rows16 = data_rows(&answer);
+    assert_eq!(rows16[0].len(), 16);
+    assert!(max_abs_diff(&rows16, &rows(&truncated)) <= 1e-5);
+    assert!((norm(&rows16[0]) - 1.0).abs() < 1e-5);
+
+    let addr = server.http.clone().unwrap();
+    let (status, models) =
+        tokio::task::spawn_blocking(move || common::http_json(&addr, "GET", "/v1/models", &[], "")).await.unwrap();
+    assert_eq!(status, 200, "{models}");
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL.to_string(), format!("{MODEL}:1")]);
+    assert!(models["data"][0]["created"].as_u64().unwrap() > 1_700_000_000, "from the manifest: {models}");
+    let addr = server.http.clone().unwrap();
+    let (status, health) =
+        tokio::task::spawn_blocking(move || common::http_json(&addr, "GET", "/health", &[], "")).await.unwrap();
+    assert_eq!((status, health), (200, serde_json::json!({ "status": "ok" })));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_errors_name_the_input_with_http_codes() {
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), "the-right-key\n").unwrap();
+    let key_file = keys.path().to_str().unwrap();
+    let server = Server::start(&[
+        "--http-addr",
+        "127.0.0.1:0",
+        "--api-key-file",
+        key_file,
+        "--auth-embeddings",
+        "true",
+        "--max-client-batch",
+        "4",
+        "--max-message-bytes",
+        "20000",
+    ]);
+    server.wait_serving().await;
+    let good = base64(&png(image(3)));
+    let key = Some("the-right-key");
+
+    let cases = [
+        (None, serde_json::json!({ "model": MODEL, "input": good }), 401, "Bearer"),
+        (Some("wrong"), serde_json::json!({ "model": MODEL, "input": good }), 401, "not valid"),
+        (key, serde_json::json!({ "model": MODEL, "input": [good, "%%%"] }), 400, "input[1]: not base64"),
+        (key, serde_json::json!({ "model": MODEL, "input": [good, base64(b"not an image")] }), 400, "input 1"),
+        (key, serde_json::json!({ "model": MODEL, "input": [[101, 102]] }), 400, "input[0] is not a string"),
+        (key, serde_json::json!({ "model": MODEL }), 400, "input is required"),
+        (key, serde_json::json!({ "model": MODEL, "input": [] }), 400, "no inputs"),
+        (key, serde_json::json!({ "model": MODEL, "input": vec![good.clone(); 5] }), 400, "at most 4"),
+        (key, serde_json::json!({ "model": "nope", "input": good }), 404, "nope"),
+        (key, serde_json::json!({ "model": format!("{MODEL}:7"), "input": good }), 404, "7"),
+        (key, serde_json::json!({ "model": MODEL, "input": good, "dimensions": 4096 }), 400, "dimensions"),
+        (key, serde_json::json!({ "model": MODEL, "input": "A".repeat(30_000) }), 413, "limit"),
+    ];
+    for (key, body, expected_status, expected_message) in cases {
+        let (status, answer) = post_embeddings(&server, key, body.clone()).await;
+        let message = answer["error"]["message"].as_str().unwrap_or_else(|| panic!("no error message in {answer}"));
+        assert_eq!(status, expected_status, "{body} -> {answer}");
+        assert!(message.contains(expected_message), "{body}: {message:?} should contain {expected_message:?}");
+        assert!(answer["error"]["type"].is_string(), "{answer}");
+    }
+    let (status, answer) = post_embeddings(&server, key, serde_json::json!({ "model": MODEL, "input": good })).await;
+    assert_eq!(status, 200, "the right key passes: {answer}");
+
+    let addr = server.http.clone().unwrap();
+    let (status, answer) =
+        tokio::task::spawn_blocking(move || common::http_json(&addr, "GET", "/v2/anything", &[], "")).await.unwrap();
+    assert_eq!(status, 404);
+    assert!(answer["error"]["message"].as_str().unwrap().contains("/v1/embeddings"), "{answer}");
+    let addr = server.http.clone().unwrap();
+    let (status, answer) = tokio::task::spawn_blocking(move || {
+        common::http_json(&addr, "POST", "/v1/embeddings", &[("Authorization", "Bearer the-right-key")], "{not json")
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 400);
+    assert!(answer["error"]["message"].as_str().unwrap().contains("not JSON"), "{answer}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ pub struct ServerProcess {
     child: Mutex<Child>,
     pid: u32,
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     log: PathBuf,
 }
 
@@ -96,6 +97,7 @@ impl ServerProcess {
             child: Mutex::new(child),
             pid,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
             log: command.log.clone(),
         };
         let line = match line_rx.recv_timeout(command.start_timeout) {
@@ -111,7 +113,7 @@ impl ServerProcess {
                 )
             }
         };
-        server.addr = parse_listening(&line)
+        (server.addr, server.http_addr) = parse_listening(&line)
             .with_context(|| format!("the server's first line {line:?} is not {{\"listening\":\"ADDR\"}}"))?;
         Ok(server)
     }
@@ -119,6 +121,11 @@ impl ServerProcess {
     /// `127.0.0.1:PORT`
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The OpenAI-compatible HTTP endpoint's address, when the server was started with one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// `http://127.0.0.1:PORT`
@@ -198,10 +205,16 @@ impl Drop for ServerProcess {
     }
 }
 
-/// The address in the server's `{"listening":"127.0.0.1:PORT"}` line.
-pub fn parse_listening(line: &str) -> Option<SocketAddr> {
+/// The addresses in the server's `{"listening":"127.0.0.1:PORT"}` line: gRPC, and HTTP when the
+/// line has `"http"`.
+pub fn parse_listening(line: &str) -> Option<(SocketAddr, Option<SocketAddr>)> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    value.get("listening")?.as_str()?.parse().ok()
+    let grpc = value.get("listening")?.as_str()?.parse().ok()?;
+    let http = match value.get("http") {
+        None => None,
+        Some(http) => Some(http.as_str()?.parse().ok()?),
+    };
+    Some((grpc, http))
 }
 
 /// The last `bytes` bytes of a file (from a character boundary), or "" when it cannot be read.
@@ -221,7 +234,13 @@ mod tests {
 
     #[test]
     fn reads_the_listening_line() {
-        assert_eq!(parse_listening(r#"{"listening":"127.0.0.1:5051"}"#), Some("127.0.0.1:5051".parse().unwrap()));
+        let grpc: SocketAddr = "127.0.0.1:5051".parse().unwrap();
+        assert_eq!(parse_listening(r#"{"listening":"127.0.0.1:5051"}"#), Some((grpc, None)));
+        assert_eq!(
+            parse_listening(r#"{"listening":"127.0.0.1:5051","http":"127.0.0.1:8080"}"#),
+            Some((grpc, Some("127.0.0.1:8080".parse().unwrap())))
+        );
+        assert_eq!(parse_listening(r#"{"listening":"127.0.0.1:5051","http":"x"}"#), None);
         assert_eq!(parse_listening(r#"{"listening":"nowhere"}"#), None);
         assert_eq!(parse_listening("serving"), None);
     }

@@ -101,6 +101,20 @@ impl EmbeddingApi {
         Self { store, limits, shutdown, decode_slots }
     }
 
+    /// One request as a front door (gRPC `Embed`, the HTTP `/v1/embeddings`) answers it,
+    /// counted in the request metrics under `call`.
+    pub async fn embed_call(&self, call: &'static str, request: EmbedRequest) -> Result<EmbedResponse, Status> {
+        let metric = CallMetric::start(call);
+        let result = self.embed_request(request).await;
+        metric.finish(&result);
+        result
+    }
+
+    /// Whether the default model is ready (what health checks report).
+    pub fn is_serving(&self) -> bool {
+        self.store.default_ready()
+    }
+
     async fn embed_request(&self, request: EmbedRequest) -> Result<EmbedResponse, Status> {
         let received = Instant::now();
         if request.inputs.is_empty() {
@@ -217,10 +231,7 @@ type EmbedStreamOutput = Pin<Box<dyn Stream<Item = Result<EmbedStreamResponse, S
 #[tonic::async_trait]
 impl EmbeddingService for EmbeddingApi {
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
-        let metric = CallMetric::start("Embed");
-        let result = self.embed_request(request.into_inner()).await;
-        metric.finish(&result);
-        result.map(Response::new)
+        self.embed_call("Embed", request.into_inner()).await.map(Response::new)
     }
 
     type EmbedStreamStream = EmbedStreamOutput;

@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// gRPC listen address [default: 127.0.0.1:50051]
     #[arg(long, env = "CONTRASTIVE_ADDR")]
     pub addr: Option<SocketAddr>,
+    /// OpenAI-compatible HTTP endpoint (POST /v1/embeddings, GET /v1/models, GET /health), or "off"
+    /// [default: off]
+    #[arg(long, env = "CONTRASTIVE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
     /// The model repository [default: models]
     #[arg(long, env = "CONTRASTIVE_MODELS")]
     pub models: Option<PathBuf>,
@@ -109,6 +113,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileSettings {
     addr: Option<SocketAddr>,
+    http_addr: Option<String>,
     models: Option<PathBuf>,
     default_model: Option<String>,
     device: Option<String>,
@@ -141,6 +146,7 @@ struct FileSettings {
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
     pub addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
     pub models: PathBuf,
     pub default_model: Option<String>,
     pub session: SessionOptions,
@@ -180,6 +186,10 @@ impl ServeSettings {
                 Some(text.parse().with_context(|| format!("--metrics-addr {text:?} is not an address (or \"off\")"))?)
             }
         };
+        let http_addr = match pick!(http_addr, "off".to_string()).as_str() {
+            "off" | "" => None,
+            text => Some(text.parse().with_context(|| format!("--http-addr {text:?} is not an address (or \"off\")"))?),
+        };
         let tls = match (args.tls_cert.clone().or(file.tls_cert.clone()), args.tls_key.clone().or(file.tls_key.clone()))
         {
             (Some(cert), Some(key)) => Some((cert, key)),
@@ -188,6 +198,7 @@ impl ServeSettings {
         };
         let settings = Self {
             addr: pick!(addr, "127.0.0.1:50051".parse().expect("a valid address")),
+            http_addr,
             models: pick!(models, PathBuf::from("models")),
             default_model: args.default_model.clone().or(file.default_model.clone()),
             session: SessionOptions { device, intra_threads: pick!(intra_threads, 0), spin: false },
@@ -245,6 +256,10 @@ impl ServeSettings {
                 bail!("--{name} must be at least 1");
             }
         }
+        if self.tls.is_some() && self.http_addr.is_some() {
+            // API keys and images must not cross the network in the clear beside a TLS port.
+            bail!("--http-addr serves plain HTTP and cannot be combined with --tls-cert: put the HTTP endpoint behind a TLS-terminating proxy, or serve gRPC only");
+        }
         if self.poll_interval.is_zero() {
             bail!("--poll-interval-ms must be at least 1");
         }
@@ -284,6 +299,21 @@ mod tests {
         assert!(format!("{err:#}").contains("adr"), "{err:#}");
         let err = ServeSettings::resolve(&ServeArgs { max_batch: Some(0), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("--max-batch"), "{err}");
+        assert_eq!(defaults.http_addr, None, "the HTTP endpoint is off by default");
+        let http =
+            ServeSettings::resolve(&ServeArgs { http_addr: Some("127.0.0.1:8080".into()), ..Default::default() });
+        assert_eq!(http.unwrap().http_addr, Some("127.0.0.1:8080".parse().unwrap()));
+        let err =
+            ServeSettings::resolve(&ServeArgs { http_addr: Some("port 80".into()), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("--http-addr"), "{err}");
+        let err = ServeSettings::resolve(&ServeArgs {
+            http_addr: Some("127.0.0.1:8080".into()),
+            tls_cert: Some("cert.pem".into()),
+            tls_key: Some("key.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("plain HTTP"), "{err}");
         let err = ServeSettings::resolve(&ServeArgs { device: Some("tpu".into()), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("tpu"), "{err}");
     }

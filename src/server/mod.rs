@@ -1,6 +1,6 @@
 //! `contrastive serve`: the one place that wires the server together: the embedding service
-//! ([`crate::serve`]), the fine-tune service ([`crate::finetune`]), `grpc.health.v1`, server
-//! reflection, Prometheus metrics ([`crate::metrics`]), TLS, API keys ([`crate::auth`]) and a
+//! ([`crate::serve`]) and its OpenAI-compatible HTTP endpoint, the fine-tune service
+//! ([`crate::finetune`]), `grpc.health.v1`, server reflection (v1 and v1alpha), Prometheus metrics ([`crate::metrics`]), TLS, API keys ([`crate::auth`]) and a
 //! graceful shutdown. Neither service knows the other: a fine-tune publishes into the model
 //! repository, and the repository tells the serving side.
 
@@ -27,21 +27,43 @@ use crate::serve::embedding::EmbeddingApi;
 use crate::serve::models::{LoadOptions, ModelStore};
 use crate::serve::poller::Poller;
 
+/// The addresses the server listens on, once bound (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub grpc: SocketAddr,
+    /// The OpenAI-compatible HTTP endpoint, when on.
+    pub http: Option<SocketAddr>,
+}
+
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish, drains
-/// the batch queues and returns. `on_listening` receives the bound address (useful with port 0).
-pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+/// the batch queues and returns. `on_listening` receives the bound addresses.
+pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) -> Result<()> {
     metrics::install(settings.metrics_addr)?;
     let listener =
         TcpListener::bind(settings.addr).await.with_context(|| format!("cannot listen on {}", settings.addr))?;
     let local_addr = listener.local_addr()?;
+    let http_listener = match settings.http_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (HTTP)"))?),
+        None => None,
+    };
+    let listening =
+        Listening { grpc: local_addr, http: http_listener.as_ref().map(TcpListener::local_addr).transpose()? };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<EmbeddingServiceServer<EmbeddingApi>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // v1 and v1alpha (grpcurl 1.8 and Python's grpcio-reflection still ask v1alpha), each
+    // listing every service the server has, both reflection versions included.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let repository = ModelRepository::new(&settings.models);
     match repository.remove_abandoned_staging() {
@@ -72,7 +94,24 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
     };
     let embedding_keys = if settings.auth_embeddings { api_keys.clone() } else { ApiKeys::open() };
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let embedding = EmbeddingServiceServer::new(EmbeddingApi::new(store.clone(), settings.limits, stopping))
+    let embedding_api = EmbeddingApi::new(store.clone(), settings.limits, stopping.clone());
+    let http = http_listener.map(|listener| {
+        let app =
+            crate::serve::openai::router(embedding_api.clone(), embedding_keys.clone(), settings.max_message_bytes);
+        let mut stopping = stopping.clone();
+        // Small responses must not wait for Nagle's algorithm (see the gRPC listener below).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopping.wait_for(|stopping| *stopping).await;
+                })
+                .await
+        })
+    });
+    let embedding = EmbeddingServiceServer::new(embedding_api)
         .max_decoding_message_size(settings.max_message_bytes)
         .max_encoding_message_size(settings.max_message_bytes);
     let embedding = tonic::service::interceptor::InterceptedService::new(embedding, move |r| embedding_keys.check(r));
@@ -117,8 +156,8 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
             .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
             .context("invalid TLS certificate or key")?;
     }
-    tracing::info!(addr = %local_addr, models = %settings.models.display(), tls = settings.tls.is_some(), "serving");
-    on_listening(local_addr);
+    tracing::info!(addr = %local_addr, http = ?listening.http, models = %settings.models.display(), tls = settings.tls.is_some(), "serving");
+    on_listening(listening);
     let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let health = health.clone();
@@ -138,6 +177,7 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(embedding)
         .add_service(finetune)
         .serve_with_incoming_shutdown(incoming, shutdown);
@@ -155,6 +195,14 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(SocketAddr))
         _ = drain_limit => tracing::warn!(seconds = DRAIN_LIMIT.as_secs(), "connections still open after the drain limit; closing them"),
     }
 
+    if let Some(http) = http {
+        match tokio::time::timeout(DRAIN_LIMIT, http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the HTTP endpoint failed"),
+            Ok(Err(error)) => tracing::warn!(%error, "the HTTP endpoint panicked"),
+            Err(_) => tracing::warn!("HTTP connections still open after the drain limit; closing them"),
+        }
+    }
     tracing::info!("stopped accepting; draining queues");
     runner.shutdown();
     poller.stop();

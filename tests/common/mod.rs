@@ -84,6 +84,8 @@ pub struct Server {
     pub url: String,
     /// `127.0.0.1:PORT`
     pub addr: String,
+    /// `127.0.0.1:PORT` of the OpenAI-compatible HTTP endpoint, when started with `--http-addr`.
+    pub http: Option<String>,
     /// The server's model repository.
     pub models: PathBuf,
     process: ServerProcess,
@@ -126,6 +128,7 @@ impl Server {
         Self {
             url: process.url(),
             addr: process.addr().to_string(),
+            http: process.http_addr().map(|addr| addr.to_string()),
             models: dirs.models.clone(),
             process,
             own_dirs: None,
@@ -171,4 +174,31 @@ impl Drop for Server {
             eprintln!("--- log of the server at {} ---\n{}", self.addr, self.log());
         }
     }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection (blocking): the status code and the body as
+/// JSON (`Null` when the body is not JSON).
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8(answer).expect("a UTF-8 answer");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end in {answer:?}"));
+    let status =
+        head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line of {head:?}"));
+    (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
 }
