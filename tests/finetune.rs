@@ -512,13 +512,7 @@ async fn bad_datasets_fail_the_job_with_precise_messages() {
     let undecodable = run_to_end(&mut client, "bad-image", inline(broken), 1).await;
     assert_failed_with(&undecodable, Code::InvalidArgument, &["image 30", "cannot decode"]);
 
-    let mut request = job_request("bad-base", inline([of_class("tshirt", 10), of_class("shirt", 10)].concat()), 1);
-    request.base_model = "nope".into();
-    let job = create(&mut client, request).await;
-    let unknown = Watcher::open(&mut client, &job.job_id).await.finish().await;
-    assert_failed_with(&unknown, Code::NotFound, &["nope"]);
-
-    for model in ["bad-one", "bad-few", "bad-image", "bad-base"] {
+    for model in ["bad-one", "bad-few", "bad-image"] {
         assert!(numbered_versions(&dirs.models, model).is_empty(), "{model} published nothing");
     }
     let failed = client
@@ -526,7 +520,7 @@ async fn bad_datasets_fail_the_job_with_precise_messages() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(failed.jobs.len(), 4);
+    assert_eq!(failed.jobs.len(), 3);
 }
 
 /// CreateJob and UploadDataset refuse malformed requests before anything is queued.
@@ -552,6 +546,19 @@ async fn malformed_requests_are_refused() {
         Code::InvalidArgument,
         &["output_model", "Bad/Name"],
     );
+    // A base that could never load is refused at the door, not as a job that fails later.
+    let mut request = job_request("out", data(), 1);
+    request.base_model = "nope".into();
+    assert_status(client.create_job(request).await, Code::NotFound, &["\"nope\" is not in the repository", BASE]);
+    let mut request = job_request("out", data(), 1);
+    request.base_version = 99;
+    assert_status(client.create_job(request).await, Code::NotFound, &["no version 99", "versions: 1"]);
+    let mut request = job_request("out", data(), 1);
+    request.hyper_parameters.as_mut().unwrap().trainable_stages = Some(9);
+    assert_status(client.create_job(request).await, Code::InvalidArgument, &["trainable_stages 9", "3 stages"]);
+    let mut request = job_request("out", inline_of(&small), 1);
+    request.base_model = "nope".into();
+    assert_status(client.create_job(request).await, Code::NotFound, &["nope"]);
     let mut request = job_request("out", data(), 1);
     request.data = None;
     assert_status(client.create_job(request).await, Code::InvalidArgument, &["dataset"]);

@@ -134,6 +134,10 @@ impl JobRunner {
         &self.datasets
     }
 
+    pub fn repository(&self) -> &ModelRepository {
+        &self.repository
+    }
+
     /// Live events of every job (watchers filter by id).
     pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
         self.events.subscribe()

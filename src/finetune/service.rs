@@ -32,6 +32,36 @@ impl FineTuneApi {
         Self { runner, keys, data_root, max_jobs_per_client }
     }
 
+    /// A job whose base could never load is refused before it exists: NOT_FOUND for a model or
+    /// version the repository lacks, FAILED_PRECONDITION for one whose files fail their checks,
+    /// INVALID_ARGUMENT for more trainable stages than the base encoder has.
+    fn check_base(&self, name: &str, version: u64, parameters: &JobParameters) -> Result<(), Status> {
+        let repository = self.runner.repository();
+        let versions = repository.versions(name).map_err(internal)?;
+        if versions.is_empty() {
+            let available = repository.model_names().map_err(internal)?.join(", ");
+            return Err(Status::not_found(format!(
+                "base_model {name:?} is not in the repository (available: {available})"
+            )));
+        }
+        if version != 0 && !versions.contains(&version) {
+            let listed = versions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            return Err(Status::not_found(format!(
+                "base_model {name:?} has no version {version} (versions: {listed})"
+            )));
+        }
+        let (_, manifest) = repository
+            .resolve(name, version)
+            .map_err(|e| Status::failed_precondition(format!("base_model {name:?} cannot be fine-tuned: {e:#}")))?;
+        let stages = manifest.training.config.encoder.widths.len();
+        if let Some(trainable) = parameters.trainable_stages.filter(|&t| t > stages) {
+            return Err(Status::invalid_argument(format!(
+                "hyper_parameters: trainable_stages {trainable} exceeds the {stages} stages of {name}'s encoder"
+            )));
+        }
+        Ok(())
+    }
+
     fn save_dataset(&self, name: &str, images: &[LabeledImage]) -> Result<DatasetRecord, Status> {
         let record = self.runner.datasets().save(name, images).map_err(dataset_status)?;
         self.runner.store().insert_dataset(&record).map_err(internal)?;
@@ -97,6 +127,7 @@ impl FineTuneService for FineTuneApi {
             .map_err(|e| Status::invalid_argument(format!("output_model: {e}")))?;
         let parameters = JobParameters::from_proto(request.hyper_parameters.as_ref())
             .map_err(|e| Status::invalid_argument(format!("hyper_parameters: {e}")))?;
+        tokio::task::block_in_place(|| self.check_base(&request.base_model, request.base_version, &parameters))?;
         let active = self.runner.store().active_jobs_of_client(&client).map_err(internal)?;
         if active >= self.max_jobs_per_client {
             return Err(Status::resource_exhausted(format!(
