@@ -339,6 +339,28 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     assert_eq!(job.epochs.len(), 10);
     let (before, after) = (job.before.unwrap(), job.after.unwrap());
     assert!(after.knn_accuracy >= before.knn_accuracy, "before {before:?}, after {after:?}");
+    // The figures carry their uncertainty: Wilson intervals around each accuracy, and the paired
+    // change (exactly after − before, since both are measured on the same images).
+    assert_eq!(before.images, after.images);
+    assert!(before.images >= 50, "20 % of each class is held out: {before:?}");
+    for evaluation in [&before, &after] {
+        let interval = evaluation.knn_accuracy_interval.unwrap();
+        assert!(interval.low <= evaluation.knn_accuracy && evaluation.knn_accuracy <= interval.high, "{evaluation:?}");
+        assert!(
+            interval.high - interval.low > 0.05,
+            "{} images leave a wide interval: {interval:?}",
+            evaluation.images
+        );
+    }
+    assert!(before.knn_change.is_none());
+    let change = after.knn_change.unwrap();
+    assert!((change.value - (after.knn_accuracy - before.knn_accuracy)).abs() < 1e-9, "{change:?}");
+    let interval = change.interval.unwrap();
+    assert!(interval.low <= change.value && change.value <= interval.high, "{change:?}");
+    for expected in ["published fmnist-shirts version 1", "held-out k-NN accuracy", "95 % interval", "paired bootstrap"]
+    {
+        assert!(job.message.contains(expected), "{expected:?} in {:?}", job.message);
+    }
     assert!(
         (0.0..=1.0).contains(&before.knn_accuracy) && before.knn_accuracy > 0.34,
         "better than chance on 3 classes: {before:?}"

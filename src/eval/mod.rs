@@ -2,8 +2,9 @@
 //!
 //! The field's protocol (see `docs/taxonomy.md`):
 //! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), the
-//! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]), and
-//! retrieval of training images by test images ([`retrieval`]).
+//! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]),
+//! retrieval of training images by test images ([`retrieval`]), and the uncertainty of a
+//! held-out figure and of a paired change ([`uncertainty`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
 //! them itself, so callers pass the backbone's raw features.
 
@@ -12,6 +13,7 @@ pub mod features;
 pub mod knn;
 pub mod linear_probe;
 pub mod retrieval;
+pub mod uncertainty;
 
 pub use alignment::{alignment, uniformity};
 pub use features::encode;

@@ -229,14 +229,8 @@ async fn watch_job(client: &mut FineTuneServiceClient<AuthChannel>, job_id: &str
         bar.set_position((job.progress * 1000.0) as u64);
         match event.event {
             Some(job_event::Event::Epoch(e)) => bar.println(format!("epoch {}: loss {:.4}", e.epoch, e.train_loss)),
-            Some(job_event::Event::Before(e)) => bar.println(format!(
-                "before: held-out k-NN {:.4}, linear probe {:.4}",
-                e.knn_accuracy, e.linear_probe_accuracy
-            )),
-            Some(job_event::Event::After(e)) => bar.println(format!(
-                "after:  held-out k-NN {:.4}, linear probe {:.4}",
-                e.knn_accuracy, e.linear_probe_accuracy
-            )),
+            Some(job_event::Event::Before(e)) => bar.println(format!("before: {}", evaluation_line(&e))),
+            Some(job_event::Event::After(e)) => bar.println(format!("after:  {}", evaluation_line(&e))),
             Some(job_event::Event::Message(m)) => bar.set_message(m),
             _ => {}
         }
@@ -251,6 +245,20 @@ async fn watch_job(client: &mut FineTuneServiceClient<AuthChannel>, job_id: &str
     Ok(())
 }
 
+/// "held-out k-NN 0.7333 [0.6094, 0.8289] on 60 images, linear probe 0.7500; change +0.0167 [-0.0500, +0.0833]"
+fn evaluation_line(e: &crate::proto::v1::Evaluation) -> String {
+    let interval = e.knn_accuracy_interval.unwrap_or_default();
+    let mut line = format!(
+        "held-out k-NN {:.4} [{:.4}, {:.4}] on {} images, linear probe {:.4}",
+        e.knn_accuracy, interval.low, interval.high, e.images, e.linear_probe_accuracy
+    );
+    if let Some(change) = &e.knn_change {
+        let i = change.interval.unwrap_or_default();
+        line.push_str(&format!("; change {:+.4} [{:+.4}, {:+.4}]", change.value, i.low, i.high));
+    }
+    line
+}
+
 fn dataset_json(info: &DatasetInfo) -> Value {
     json!({ "dataset_id": info.dataset_id, "name": info.name, "size": info.size, "class_counts": info.class_counts, "sha256": info.sha256, "created_at": info.created_at })
 }
@@ -259,7 +267,16 @@ fn dataset_json(info: &DatasetInfo) -> Value {
 pub fn job_json(job: &Job) -> Value {
     let h = job.hyper_parameters.unwrap_or_default();
     let evaluation = |e: &Option<crate::proto::v1::Evaluation>| {
-        e.as_ref().map(|e| json!({ "knn_accuracy": e.knn_accuracy, "linear_probe_accuracy": e.linear_probe_accuracy }))
+        e.as_ref().map(|e| {
+            let interval = |i: Option<crate::proto::v1::Interval>| i.map(|i| json!([i.low, i.high]));
+            json!({
+                "knn_accuracy": e.knn_accuracy,
+                "knn_accuracy_interval": interval(e.knn_accuracy_interval),
+                "images": e.images,
+                "linear_probe_accuracy": e.linear_probe_accuracy,
+                "knn_change": e.knn_change.as_ref().map(|c| json!({ "value": c.value, "interval": interval(c.interval) })),
+            })
+        })
     };
     json!({
         "job_id": job.job_id,

@@ -15,11 +15,14 @@ use anyhow::{anyhow, Result};
 use tokio::sync::broadcast;
 
 use super::datasets::DatasetStore;
-use super::job::{self, FailureKind, JobSpec, JobStop, JobUpdate};
+use super::job::{self, FailureKind, HeldOut, JobSpec, JobStop, JobUpdate};
 use super::parameters::JobParameters;
 use super::store::JobStore;
-use crate::eval::EvalReport;
-use crate::proto::v1::{job_event::Event, EpochMetrics, Evaluation, Job, JobError, JobEvent, JobState};
+use crate::eval::uncertainty::Interval;
+use crate::proto::v1::{
+    job_event::Event, EpochMetrics, Estimate as ProtoEstimate, Evaluation, Interval as ProtoInterval, Job, JobError,
+    JobEvent, JobState,
+};
 use crate::registry::ModelRepository;
 
 /// Limits and resources of the job runner.
@@ -299,16 +302,23 @@ impl JobRunner {
         let published =
             pool.install(|| job::train_and_publish(&self.repository, &spec, prepared, cancel, &mut report))?;
         self.store.set_output_version(id, published.version)?;
-        self.record(id, Event::Message(format!("published {} version {}", published.name, published.version)))?;
+        let message = format!("published {} version {}; {}", published.name, published.version, published.verdict);
+        self.record(id, Event::Message(message))?;
         Ok(())
     }
 }
 
 /// A job update as the event the store keeps.
 fn update_event(update: JobUpdate) -> Event {
-    let evaluation = |report: EvalReport| Evaluation {
-        knn_accuracy: report.knn_accuracy,
-        linear_probe_accuracy: report.linear_probe_accuracy.unwrap_or_default(),
+    let interval = |i: Interval| ProtoInterval { low: i.low, high: i.high };
+    let evaluation = |held: HeldOut| Evaluation {
+        knn_accuracy: held.report.knn_accuracy,
+        linear_probe_accuracy: held.report.linear_probe_accuracy.unwrap_or_default(),
+        knn_accuracy_interval: Some(interval(held.knn_interval)),
+        images: held.images as u32,
+        knn_change: held
+            .knn_change
+            .map(|change| ProtoEstimate { value: change.value, interval: Some(interval(change.interval)) }),
     };
     match update {
         JobUpdate::Message(message) => Event::Message(message),

@@ -532,8 +532,18 @@ mod tests {
             store.record("j1", Event::Epoch(EpochMetrics { epoch: 1, train_loss: 2.5 })).unwrap();
             store.record("j1", Event::Progress(0.5)).unwrap();
             store.record("j1", Event::Epoch(EpochMetrics { epoch: 2, train_loss: 1.25 })).unwrap();
-            store.record("j1", Event::Before(Evaluation { knn_accuracy: 0.5, linear_probe_accuracy: 0.25 })).unwrap();
-            store.record("j1", Event::After(Evaluation { knn_accuracy: 0.75, linear_probe_accuracy: 0.5 })).unwrap();
+            store
+                .record(
+                    "j1",
+                    Event::Before(Evaluation { knn_accuracy: 0.5, linear_probe_accuracy: 0.25, ..Default::default() }),
+                )
+                .unwrap();
+            store
+                .record(
+                    "j1",
+                    Event::After(Evaluation { knn_accuracy: 0.75, linear_probe_accuracy: 0.5, ..Default::default() }),
+                )
+                .unwrap();
             store.record("j1", Event::Message("better".to_owned())).unwrap();
             let job = store.set_output_version("j1", 7).unwrap();
             assert_eq!(job.output_version, 7);
@@ -554,8 +564,14 @@ mod tests {
             job.epochs,
             vec![EpochMetrics { epoch: 1, train_loss: 2.5 }, EpochMetrics { epoch: 2, train_loss: 1.25 }]
         );
-        assert_eq!(job.before, Some(Evaluation { knn_accuracy: 0.5, linear_probe_accuracy: 0.25 }));
-        assert_eq!(job.after, Some(Evaluation { knn_accuracy: 0.75, linear_probe_accuracy: 0.5 }));
+        assert_eq!(
+            job.before,
+            Some(Evaluation { knn_accuracy: 0.5, linear_probe_accuracy: 0.25, ..Default::default() })
+        );
+        assert_eq!(
+            job.after,
+            Some(Evaluation { knn_accuracy: 0.75, linear_probe_accuracy: 0.5, ..Default::default() })
+        );
         assert_eq!(job.message, "better");
         assert_eq!(job.output_version, 7);
 

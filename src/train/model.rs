@@ -97,6 +97,20 @@ impl Model {
         Ok(eval::encode(dataset, &self.device, ENCODE_BATCH, |x| encoder.forward_t(x, false))?)
     }
 
+    /// Whether the weighted k-NN of [`Self::evaluate`] classifies each `test` image right: the
+    /// per-image outcomes behind its accuracy, for paired comparisons of two models.
+    pub fn knn_outcomes(&self, train: &Dataset, test: &Dataset) -> Result<Vec<bool>> {
+        let (train_features, test_features) = (self.encode(train)?, self.encode(test)?);
+        let predictions = eval::knn_predict(
+            &train_features,
+            &train.labels,
+            &test_features,
+            train.num_classes(),
+            &eval::KnnConfig::default(),
+        )?;
+        Ok(predictions.iter().zip(&test.labels).map(|(p, y)| p == y).collect())
+    }
+
     /// The field's protocol on frozen encoder features: weighted k-NN (k = 200, T = 0.1) of the
     /// `test` images against the `train` images, plus what `scope` asks for: a linear probe, and
     /// alignment/uniformity (Wang & Isola 2020) of two augmented views of the test images.
