@@ -219,6 +219,8 @@ enum BenchCommand {
     Serve(Box<contrastive::bench::serve::ServeBenchOptions>),
     /// The server under a long mixed load with fine-tunes: RSS and p99 latency every interval.
     Soak(Box<contrastive::bench::soak::SoakOptions>),
+    /// Fine-tune jobs on confusable classes: k-NN of never-uploaded images before and after, over several draws.
+    Finetune(Box<contrastive::bench::finetune::FinetuneBenchOptions>),
 }
 
 // glibc's allocator returns each large freed tensor to the kernel and page-faults it back in on
@@ -260,6 +262,7 @@ fn main() -> Result<()> {
         Command::Bench(BenchCommand::Train(options)) => bench::train::run(&options, &parse_device(&options.device)?),
         Command::Bench(BenchCommand::Serve(options)) => bench::serve::run(&options),
         Command::Bench(BenchCommand::Soak(options)) => bench::soak::run(&options),
+        Command::Bench(BenchCommand::Finetune(options)) => bench::finetune::run(&options),
     }
 }
 
@@ -391,7 +394,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             MethodConfig::Simclr { temperature }
             | MethodConfig::MocoV2 { temperature, .. }
             | MethodConfig::Swav { temperature, .. }
-            | MethodConfig::Supcon { temperature } => *temperature = t,
+            | MethodConfig::Supcon { temperature, .. } => *temperature = t,
             _ => bail!("--temperature does not apply to {}", args.method),
         }
     }

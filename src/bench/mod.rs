@@ -3,6 +3,7 @@
 //! harness is shared with the end-to-end tests.
 
 pub mod cpu;
+pub mod finetune;
 pub mod serve;
 pub mod server_process;
 pub mod soak;

@@ -76,13 +76,13 @@ pub struct CreateArgs {
     /// A folder under the server's --finetune-data-root
     #[arg(long, group = "source")]
     pub server_folder: Option<String>,
-    /// [default: 10]
+    /// [default: 30]
     #[arg(long, default_value_t = 0)]
     pub epochs: u32,
     /// [default: 64]
     #[arg(long, default_value_t = 0)]
     pub batch_size: u32,
-    /// [default: 0.05]
+    /// [default: 0.1]
     #[arg(long, default_value_t = 0.0)]
     pub lr: f64,
     /// [default: 0.1]
