@@ -87,11 +87,29 @@ pub fn knn_accuracy(
     num_classes: usize,
     config: &KnnConfig,
 ) -> Result<f64> {
+    let outcomes = knn_outcomes(train, train_labels, test, test_labels, num_classes, config)?;
+    Ok(accuracy_of(&outcomes))
+}
+
+/// Whether [`knn_predict`] classifies each `test` row right: the per-row outcomes behind
+/// [`knn_accuracy`], for paired comparisons of two encoders on the same rows.
+pub fn knn_outcomes(
+    train: &Tensor,
+    train_labels: &[u32],
+    test: &Tensor,
+    test_labels: &[u32],
+    num_classes: usize,
+    config: &KnnConfig,
+) -> Result<Vec<bool>> {
     check_labels("k-NN test", test, test_labels, num_classes)?;
     ensure!(!test_labels.is_empty(), "k-NN accuracy needs at least one test row");
     let predictions = knn_predict(train, train_labels, test, num_classes, config)?;
-    let correct = predictions.iter().zip(test_labels).filter(|(p, y)| p == y).count();
-    Ok(correct as f64 / test_labels.len() as f64)
+    Ok(predictions.iter().zip(test_labels).map(|(p, y)| p == y).collect())
+}
+
+/// The fraction of `true` outcomes.
+pub fn accuracy_of(outcomes: &[bool]) -> f64 {
+    outcomes.iter().filter(|&&right| right).count() as f64 / outcomes.len() as f64
 }
 
 /// The class with the largest `Σ e^{s/T}` over the `k` most similar train rows.

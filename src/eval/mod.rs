@@ -17,7 +17,7 @@ pub mod uncertainty;
 
 pub use alignment::{alignment, uniformity};
 pub use features::encode;
-pub use knn::{knn_accuracy, knn_predict, KnnConfig};
+pub use knn::{accuracy_of, knn_accuracy, knn_outcomes, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
 pub use retrieval::{retrieval, RetrievalReport};
 

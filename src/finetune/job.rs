@@ -133,8 +133,8 @@ const BOOTSTRAP_RESAMPLES: usize = 4000;
 
 /// The held-out figures of `model` and whether its k-NN classifies each held-out image right.
 fn judge(model: &Model, train: &Dataset, heldout: &Dataset) -> Result<(HeldOut, Vec<bool>)> {
-    let report = model.evaluate(train, heldout, EvalScope { linear_probe: true, ..EvalScope::KNN })?;
-    let correct = model.knn_outcomes(train, heldout)?;
+    let scope = EvalScope { linear_probe: true, ..EvalScope::KNN };
+    let (report, correct) = model.evaluate_with_outcomes(train, heldout, scope)?;
     let right = correct.iter().filter(|&&c| c).count();
     let knn_interval = wilson_interval(right, correct.len(), Z_95);
     Ok((HeldOut { report, knn_interval, images: correct.len(), knn_change: None }, correct))

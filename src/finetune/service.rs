@@ -19,6 +19,7 @@ use crate::proto::v1::{
     ListJobsRequest, ListJobsResponse, UploadDatasetChunk, WatchJobRequest,
 };
 use crate::registry::manifest::now_rfc3339;
+use crate::registry::NotInRepository;
 
 pub struct FineTuneApi {
     runner: Arc<JobRunner>,
@@ -36,23 +37,13 @@ impl FineTuneApi {
     /// version the repository lacks, FAILED_PRECONDITION for one whose files fail their checks,
     /// INVALID_ARGUMENT for more trainable stages than the base encoder has.
     fn check_base(&self, name: &str, version: u64, parameters: &JobParameters) -> Result<(), Status> {
-        let repository = self.runner.repository();
-        let versions = repository.versions(name).map_err(internal)?;
-        if versions.is_empty() {
-            let available = repository.model_names().map_err(internal)?.join(", ");
-            return Err(Status::not_found(format!(
-                "base_model {name:?} is not in the repository (available: {available})"
-            )));
-        }
-        if version != 0 && !versions.contains(&version) {
-            let listed = versions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-            return Err(Status::not_found(format!(
-                "base_model {name:?} has no version {version} (versions: {listed})"
-            )));
-        }
-        let (_, manifest) = repository
-            .resolve(name, version)
-            .map_err(|e| Status::failed_precondition(format!("base_model {name:?} cannot be fine-tuned: {e:#}")))?;
+        let (_, manifest) = self.runner.repository().resolve(name, version).map_err(|e| {
+            if e.is::<NotInRepository>() {
+                Status::not_found(format!("base_model: {e}"))
+            } else {
+                Status::failed_precondition(format!("base_model {name:?} cannot be fine-tuned: {e:#}"))
+            }
+        })?;
         let stages = manifest.training.config.encoder.widths.len();
         if let Some(trainable) = parameters.trainable_stages.filter(|&t| t > stages) {
             return Err(Status::invalid_argument(format!(

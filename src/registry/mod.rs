@@ -16,6 +16,11 @@ pub use manifest::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 /// A file in the repository's root naming the model that requests without a model name get.
 pub const DEFAULT_MODEL_FILE: &str = ".default-model";
 
+/// [`ModelRepository::resolve`]'s error for a model or version the repository does not have.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotInRepository(pub String);
+
 /// Prefix of in-progress publications; hidden from listings.
 const STAGING_PREFIX: &str = ".staging-";
 
@@ -145,22 +150,24 @@ impl ModelRepository {
 
     /// The version a request names (0: the newest) with its manifest, once the manifest loads,
     /// describes that version and every file matches its recorded digest. With 0, versions that
-    /// fail these checks are skipped for older ones.
+    /// fail these checks are skipped for older ones. A model or version the repository lacks is a
+    /// [`NotInRepository`] error (callers answer NOT_FOUND); one it has but cannot use is another.
     pub fn resolve(&self, name: &str, version: u64) -> Result<(u64, Manifest)> {
         let versions = self.versions(name)?;
         if versions.is_empty() {
             let names = self.model_names()?;
             if names.iter().any(|n| n == name) {
-                bail!("model {name:?} has no version");
+                return Err(NotInRepository(format!("model {name:?} has no version")).into());
             }
-            bail!("model {name:?} is not in the repository (available: {})", names.join(", "));
+            let message = format!("model {name:?} is not in the repository (available: {})", names.join(", "));
+            return Err(NotInRepository(message).into());
         }
         if version != 0 {
-            ensure!(
-                versions.contains(&version),
-                "model {name:?} has no version {version} (versions: {})",
-                versions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
-            );
+            if !versions.contains(&version) {
+                let listed = versions.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+                let message = format!("model {name:?} has no version {version} (versions: {listed})");
+                return Err(NotInRepository(message).into());
+            }
             return Ok((version, self.verified_manifest(name, version)?));
         }
         let mut refused = Vec::new();

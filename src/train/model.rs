@@ -97,27 +97,24 @@ impl Model {
         Ok(eval::encode(dataset, &self.device, ENCODE_BATCH, |x| encoder.forward_t(x, false))?)
     }
 
-    /// Whether the weighted k-NN of [`Self::evaluate`] classifies each `test` image right: the
-    /// per-image outcomes behind its accuracy, for paired comparisons of two models.
-    pub fn knn_outcomes(&self, train: &Dataset, test: &Dataset) -> Result<Vec<bool>> {
-        let (train_features, test_features) = (self.encode(train)?, self.encode(test)?);
-        let predictions = eval::knn_predict(
-            &train_features,
-            &train.labels,
-            &test_features,
-            train.num_classes(),
-            &eval::KnnConfig::default(),
-        )?;
-        Ok(predictions.iter().zip(&test.labels).map(|(p, y)| p == y).collect())
-    }
-
     /// The field's protocol on frozen encoder features: weighted k-NN (k = 200, T = 0.1) of the
     /// `test` images against the `train` images, plus what `scope` asks for: a linear probe, and
     /// alignment/uniformity (Wang & Isola 2020) of two augmented views of the test images.
     pub fn evaluate(&self, train: &Dataset, test: &Dataset, scope: EvalScope) -> Result<EvalReport> {
+        Ok(self.evaluate_with_outcomes(train, test, scope)?.0)
+    }
+
+    /// [`Self::evaluate`], and whether the k-NN classifies each `test` image right: the
+    /// per-image outcomes behind its accuracy, for paired comparisons of two models.
+    pub fn evaluate_with_outcomes(
+        &self,
+        train: &Dataset,
+        test: &Dataset,
+        scope: EvalScope,
+    ) -> Result<(EvalReport, Vec<bool>)> {
         let (train_features, test_features) = (self.encode(train)?, self.encode(test)?);
         let classes = train.num_classes();
-        let knn_accuracy = eval::knn_accuracy(
+        let knn_outcomes = eval::knn_outcomes(
             &train_features,
             &train.labels,
             &test_features,
@@ -126,7 +123,7 @@ impl Model {
             &eval::KnnConfig::default(),
         )?;
         let mut report = EvalReport {
-            knn_accuracy,
+            knn_accuracy: eval::accuracy_of(&knn_outcomes),
             linear_probe_accuracy: None,
             alignment: None,
             uniformity: None,
@@ -152,7 +149,7 @@ impl Model {
             report.alignment = Some(eval::alignment(&a, &b, 2.0)?);
             report.uniformity = Some(eval::uniformity(&a, 2.0)?);
         }
-        Ok(report)
+        Ok((report, knn_outcomes))
     }
 
     /// Features of two augmented views of (up to 2,048 of) the images, for alignment.
