@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Dirs, Server, MODEL};
+use common::{max_abs_diff, Dirs, Server, MODEL};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::proto::v1::{input, EmbedRequest, Input};
 
@@ -69,11 +69,6 @@ async fn grpc_embeddings(server: &Server, key: Option<&str>, paths: &[PathBuf]) 
 fn rows(value: &serde_json::Value) -> Vec<Vec<f32>> {
     let rows = value.as_array().unwrap_or_else(|| panic!("not a list of rows: {value}"));
     rows.iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()).collect()
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "row counts differ");
-    a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f32::max)
 }
 
 /// `openai.OpenAI(base_url=..., api_key=...).embeddings.create(model=..., input=[data_uri])`

@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::{publish_copy, shipped_version_dir, Server, MODEL};
+use common::{max_abs_diff, publish_copy, shipped_version_dir, Server, MODEL};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::data::Dataset;
 use contrastive::proto::v1::embedding_service_client::EmbeddingServiceClient;
@@ -93,17 +93,6 @@ fn unit(values: &[f32]) -> Vec<f32> {
 
 fn norm(values: &[f32]) -> f32 {
     values.iter().map(|v| v * v).sum::<f32>().sqrt()
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len(), "row counts differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            assert_eq!(x.len(), y.len(), "row widths differ");
-            x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max)
-        })
-        .fold(0.0, f32::max)
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {

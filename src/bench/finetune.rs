@@ -15,11 +15,12 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::serve::{png_bytes, ScratchDir};
 use crate::data::idx::{load_mnist_format_dir, Split, FASHION_MNIST_DIR};
 use crate::data::Dataset;
 use crate::eval::{knn_accuracy, KnnConfig};
@@ -191,15 +192,14 @@ fn run_draw(
     let images: Vec<LabeledImage> = uploaded
         .iter()
         .map(|&i| {
-            Ok(LabeledImage { bytes: png(train.image(i))?, label: train.class_names[train.labels[i] as usize].clone() })
+            Ok(LabeledImage { bytes: png_bytes(train, i)?, label: train.class_names[train.labels[i] as usize].clone() })
         })
         .collect::<Result<_>>()?;
 
     // The job as the server runs it: the base from the repository, the new version published
     // into a scratch repository (removed after the draw).
-    let scratch = std::env::temp_dir().join(format!("contrastive-bench-finetune-{}-{seed}", std::process::id()));
-    let _remove = RemoveOnDrop(scratch.clone());
-    let scratch_repository = ModelRepository::new(&scratch);
+    let scratch = ScratchDir::create()?;
+    let scratch_repository = ModelRepository::new(&scratch.0);
     let (base_version, _) = repository.resolve(base_model, 0)?;
     let spec = JobSpec {
         job_id: format!("bench-{seed}"),
@@ -247,26 +247,9 @@ fn run_draw(
     Ok(DrawResult { before, after, published: outcome.is_some(), seconds })
 }
 
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn stop_error(stop: JobStop) -> anyhow::Error {
     match stop {
         JobStop::Cancelled => anyhow::anyhow!("the job was cancelled"),
         JobStop::Failed { message, .. } => anyhow::anyhow!("the job failed: {message}"),
     }
-}
-
-/// The image as the PNG a client would upload.
-fn png(pixels: &[f32]) -> Result<Vec<u8>> {
-    let bytes: Vec<u8> = pixels.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-    let Some(image) = image::GrayImage::from_raw(28, 28, bytes) else { bail!("not a 28×28 image") };
-    let mut encoded = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut encoded), image::ImageFormat::Png)?;
-    Ok(encoded)
 }

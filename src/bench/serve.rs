@@ -307,25 +307,30 @@ impl Workload {
 
 /// Image `i` of `dataset` as a request input: its float tensor, or (`png`) PNG bytes of its pixels.
 pub(super) fn image_input(dataset: &Dataset, i: usize, png: bool) -> Result<Input> {
-    let [c, h, w] = dataset.shape.dims();
-    let values = dataset.image(i).to_vec();
     let data = if png {
-        ensure!(c == 1, "--png sends grayscale PNGs; the dataset has {c} channels");
-        let pixels: Vec<u8> = values.iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
-        let mut bytes = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut bytes),
-            &pixels,
-            w as u32,
-            h as u32,
-            image::ExtendedColorType::L8,
-        )
-        .with_context(|| format!("cannot encode test image {i} as PNG"))?;
-        input::Data::Image(bytes)
+        input::Data::Image(png_bytes(dataset, i)?)
     } else {
-        input::Data::Tensor(Tensor { shape: vec![c as u32, h as u32, w as u32], values })
+        let [c, h, w] = dataset.shape.dims();
+        input::Data::Tensor(Tensor { shape: vec![c as u32, h as u32, w as u32], values: dataset.image(i).to_vec() })
     };
     Ok(Input { data: Some(data) })
+}
+
+/// Image `i` of a grayscale `dataset` as the PNG file a client would send or upload.
+pub(super) fn png_bytes(dataset: &Dataset, i: usize) -> Result<Vec<u8>> {
+    let [c, h, w] = dataset.shape.dims();
+    ensure!(c == 1, "PNGs are sent as grayscale; the dataset has {c} channels");
+    let pixels: Vec<u8> = dataset.image(i).iter().map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+    let mut bytes = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut bytes),
+        &pixels,
+        w as u32,
+        h as u32,
+        image::ExtendedColorType::L8,
+    )
+    .with_context(|| format!("cannot encode image {i} as PNG"))?;
+    Ok(bytes)
 }
 
 /// What one row measured.
@@ -867,12 +872,13 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(program)).find(|path| path.is_file())
 }
 
-/// A folder for the server's log and h2load's files, removed afterwards.
+/// A benchmark's scratch folder (server logs, h2load's files, published versions), removed
+/// afterwards.
 pub(super) struct ScratchDir(pub(super) PathBuf);
 
 impl ScratchDir {
     pub(super) fn create() -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("contrastive-bench-serve-{}", uuid::Uuid::new_v4()));
+        let path = std::env::temp_dir().join(format!("contrastive-bench-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         Ok(Self(path))
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tonic::Code;
 
-use super::serve::{image_input, BenchTarget, ScratchDir};
+use super::serve::{image_input, png_bytes, BenchTarget, ScratchDir};
 use super::server_process::ServerProcess;
 use crate::data::idx::{load_mnist_format_dir, Split};
 use crate::proto::v1::{
@@ -114,12 +114,7 @@ pub fn run(options: &SoakOptions) -> Result<()> {
     let pngs = (0..16).map(|i| image_input(&dataset, i, true)).collect::<Result<Vec<_>>>()?;
     let tensors = (0..8).map(|i| image_input(&dataset, i, false)).collect::<Result<Vec<_>>>()?;
     let labelled: Vec<LabeledImage> = (0..options.job_images.min(dataset.len()))
-        .map(|i| match image_input(&dataset, i, true)?.data {
-            Some(input::Data::Image(image)) => {
-                Ok(LabeledImage { image, label: format!("class-{}", dataset.labels[i]) })
-            }
-            _ => bail!("image {i} was not encoded as PNG"),
-        })
+        .map(|i| Ok(LabeledImage { image: png_bytes(&dataset, i)?, label: format!("class-{}", dataset.labels[i]) }))
         .collect::<Result<_>>()?;
     let requests = Arc::new(Requests::new(&options.model, pngs, tensors));
 

@@ -24,7 +24,7 @@ use tonic::{Code, Request, Status};
 use super::embedding::EmbeddingApi;
 use crate::auth::ApiKeys;
 use crate::proto::v1::embedding_service_server::EmbeddingService as _;
-use crate::proto::v1::{input, EmbedRequest, Input, ListModelsRequest, VersionState};
+use crate::proto::v1::{input, EmbedRequest, Input, ListModelsRequest, VersionInfo, VersionState};
 
 struct Endpoint {
     api: EmbeddingApi,
@@ -93,27 +93,25 @@ async fn models(State(endpoint): State<Arc<Endpoint>>, headers: HeaderMap) -> Re
         Ok(listed) => listed.into_inner(),
         Err(status) => return status_response(&status),
     };
+    let entry = |id: String, version: &VersionInfo| json!({ "id": id, "object": "model", "created": created_unix_seconds(version), "owned_by": "contrastive" });
     let mut data = Vec::new();
     for model in listed.models {
         let ready: Vec<_> = model.versions.iter().filter(|v| v.state() == VersionState::Ready).collect();
-        let created = |version: &crate::proto::v1::VersionInfo| {
-            let created_at = version.manifest.as_ref().map_or("", |m| m.created_at.as_str());
-            humantime::parse_rfc3339_weak(created_at)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs())
-        };
         if let Some(latest) = ready.last() {
-            data.push(
-                json!({ "id": model.name, "object": "model", "created": created(latest), "owned_by": "contrastive" }),
-            );
+            data.push(entry(model.name.clone(), latest));
         }
-        for version in &ready {
-            let id = format!("{}:{}", model.name, version.version);
-            data.push(json!({ "id": id, "object": "model", "created": created(version), "owned_by": "contrastive" }));
-        }
+        data.extend(ready.iter().map(|version| entry(format!("{}:{}", model.name, version.version), version)));
     }
     Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+/// The manifest's creation time in Unix seconds (0 when it has none).
+fn created_unix_seconds(version: &VersionInfo) -> u64 {
+    let created_at = version.manifest.as_ref().map_or("", |m| m.created_at.as_str());
+    humantime::parse_rfc3339_weak(created_at)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 /// 200 when the default model serves, 503 before.

@@ -1,8 +1,9 @@
 //! `contrastive serve`: the one place that wires the server together: the embedding service
 //! ([`crate::serve`]) and its OpenAI-compatible HTTP endpoint, the fine-tune service
-//! ([`crate::finetune`]), `grpc.health.v1`, server reflection (v1 and v1alpha), Prometheus metrics ([`crate::metrics`]), TLS, API keys ([`crate::auth`]) and a
-//! graceful shutdown. Neither service knows the other: a fine-tune publishes into the model
-//! repository, and the repository tells the serving side.
+//! ([`crate::finetune`]), `grpc.health.v1`, server reflection (v1 and v1alpha), Prometheus
+//! metrics ([`crate::metrics`]), TLS, API keys ([`crate::auth`]) and a graceful shutdown.
+//! Neither service knows the other: a fine-tune publishes into the model repository, and the
+//! repository tells the serving side.
 
 pub mod config;
 

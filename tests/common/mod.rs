@@ -202,3 +202,15 @@ pub fn http_json(
         head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line of {head:?}"));
     (status, serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
 }
+
+/// The largest |a − b| over two tables of rows of the same shape.
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row widths differ");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
