@@ -4,9 +4,10 @@
 //! 1. [`prepare`]: the base version from the model repository (manifest and weights, digests
 //!    checked), every image decoded as the model's input, each class split into training and
 //!    held-out images.
-//! 2. [`train_and_publish`]: the base encoder and projection head trained with SupCon (Khosla et
-//!    al. 2020) by the trainer's own loop ([`crate::train::fit`]) on the training images, the
-//!    top `trainable_stages` backbone stages and the head learning, k-NN and a linear probe on
+//! 2. [`train_and_publish`]: the base encoder trained with SupCon (Khosla et al. 2020) on its
+//!    own output, the served embedding, by the trainer's own loop ([`crate::train::fit`]) on
+//!    the training images, the top `trainable_stages` backbone stages learning and the stages
+//!    below running as served (running statistics, no gradient), k-NN and a linear probe on
 //!    the held-out images before and after, the quality guard (a paired-bootstrap interval of
 //!    the k-NN change: refused only when worse beyond it), then export with the parity check
 //!    and an atomic publish of the next version of the output model.
@@ -206,13 +207,14 @@ pub fn train_and_publish(
     let (before, before_correct) = judge(&model, &train, &heldout)?;
     report(JobUpdate::Before(before.clone()))?;
 
-    let trainable = trainable_variables(&model, h.trainable_stages, config.encoder.widths.len());
-    let frozen = frozen_running_statistics(&model, &trainable);
+    let stages = config.encoder.widths.len();
+    let trainable = trainable_variables(&model, h.trainable_stages, stages);
+    model.method.encoder_mut().freeze_stages(h.trainable_stages.map(|trained| stages.saturating_sub(trained)));
     let mut optimizer = model.optimizer_over(trainable);
     let train = Arc::new(train);
     let mut progress = Progress::default();
     let mut hooks = JobHooks { cancel, report: &mut *report, epochs: config.epochs };
-    if fit(&mut model, &mut optimizer, &train, &mut progress, &frozen, &mut hooks)? == FitEnd::Stopped {
+    if fit(&mut model, &mut optimizer, &train, &mut progress, &mut hooks)? == FitEnd::Stopped {
         return Err(JobStop::Cancelled);
     }
 
@@ -366,19 +368,6 @@ fn trainable_variables(model: &Model, stages: Option<usize>, total_stages: usize
                 .and_then(|s| s.split('.').next())
                 .and_then(|n| n.parse::<usize>().ok())
                 .is_some_and(|n| n >= first_trained)
-        })
-        .collect()
-}
-
-/// The running statistics of every batch norm whose scale is not trained: they must keep the
-/// base model's values.
-fn frozen_running_statistics(model: &Model, trainable: &[(String, Var)]) -> Vec<Var> {
-    let trained: std::collections::HashSet<&str> = trainable.iter().map(|(n, _)| n.as_str()).collect();
-    let vars = model.varmap.data().lock().expect("varmap lock");
-    vars.iter()
-        .filter_map(|(name, var)| {
-            let layer = name.strip_suffix(".running_mean").or_else(|| name.strip_suffix(".running_var"))?;
-            (!trained.contains(format!("{layer}.weight").as_str())).then(|| var.clone())
         })
         .collect()
 }

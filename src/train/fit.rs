@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 
 use super::loader::{batches_per_epoch, view_pipelines, Batch, BatchLoader, LoaderConfig};
 use super::model::Model;
@@ -77,28 +77,9 @@ pub struct NonFiniteLoss {
 }
 
 /// Trains `model` on `data` from `progress` to the end of `model.config.epochs`, or until a
-/// hook stops it. `optimizer` holds the variables that train; `frozen_statistics` are running
-/// statistics that must end as they began (a batch norm updates them in every training forward
-/// pass, even in a stage whose parameters do not train). The learning rate follows the config's
-/// warm-up and cosine schedule over all steps.
+/// hook stops it. `optimizer` holds the variables that train. The learning rate follows the
+/// config's warm-up and cosine schedule over all steps.
 pub fn fit(
-    model: &mut Model,
-    optimizer: &mut Optimizer,
-    data: &Arc<Dataset>,
-    progress: &mut Progress,
-    frozen_statistics: &[Var],
-    hooks: &mut dyn FitHooks,
-) -> Result<FitEnd> {
-    let frozen: Vec<(Var, Tensor)> =
-        frozen_statistics.iter().map(|v| Ok((v.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
-    let end = fit_epochs(model, optimizer, data, progress, hooks);
-    for (var, saved) in &frozen {
-        var.set(saved)?;
-    }
-    end
-}
-
-fn fit_epochs(
     model: &mut Model,
     optimizer: &mut Optimizer,
     data: &Arc<Dataset>,

@@ -92,7 +92,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         window: (Instant::now(), 0),
     };
     hooks.bar.set_prefix(format!("epoch {}/{}", progress.epoch + 1, config.epochs));
-    let end = fit(&mut model, &mut optimizer, &train_set, &mut progress, &[], &mut hooks)?;
+    let end = fit(&mut model, &mut optimizer, &train_set, &mut progress, &mut hooks)?;
     let RunHooks { bar, mut metrics, .. } = hooks;
     state.progress = progress;
     if end == FitEnd::Stopped {

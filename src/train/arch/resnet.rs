@@ -123,6 +123,8 @@ pub struct ResNet {
     pub config: ResNetConfig,
     pub stem: ConvBn,
     pub blocks: Vec<BasicBlock>,
+    /// In training, the stem and this many blocks are frozen (see [`ResNet::freeze_stages`]).
+    frozen_blocks: Option<usize>,
 }
 
 impl ResNet {
@@ -145,7 +147,15 @@ impl ResNet {
                 in_channels = width;
             }
         }
-        Ok(Self { config: config.clone(), stem, blocks })
+        Ok(Self { config: config.clone(), stem, blocks, frozen_blocks: None })
+    }
+
+    /// Freezes the stem and the first `stages` stages for training (`None`: nothing frozen).
+    /// Frozen layers then run as served, on their running statistics, whose values the
+    /// training batches (a few classes of a fine-tune) would not match, and the backward
+    /// pass stops where they end instead of computing gradients nothing reads.
+    pub fn freeze_stages(&mut self, stages: Option<usize>) {
+        self.frozen_blocks = stages.map(|s| self.config.blocks.iter().take(s).sum());
     }
 
     pub fn feature_dim(&self) -> usize {
@@ -153,9 +163,16 @@ impl ResNet {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = self.stem.forward_t(x, train, true)?;
-        for block in &self.blocks {
-            h = block.forward_t(&h, train)?;
+        let frozen = if train { self.frozen_blocks } else { None };
+        let mut h = self.stem.forward_t(x, train && frozen.is_none(), true)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            if frozen == Some(i) {
+                h = h.detach();
+            }
+            h = block.forward_t(&h, train && frozen.is_none_or(|f| i >= f))?;
+        }
+        if frozen == Some(self.blocks.len()) {
+            h = h.detach();
         }
         // Global mean pooling: pooling ops' backward only works when kernel == stride.
         h.flatten_from(2)?.mean(D::Minus1)
@@ -210,6 +227,39 @@ mod tests {
         let x = Tensor::rand(0f32, 1f32, (2, 3, 28, 28), &Device::Cpu)?;
         assert_eq!(net.forward_t(&x, true)?.dims(), &[2, 128]);
         assert_eq!(net.forward_t(&x, false)?.dims(), &[2, 128]);
+        Ok(())
+    }
+
+    /// Training with the stem and stages 1–2 frozen: those layers give what evaluation gives
+    /// (running statistics, left unchanged), no gradient reaches them, and stage 3 trains.
+    #[test]
+    fn frozen_stages_run_as_served_and_get_no_gradient() -> anyhow::Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let mut net = ResNet::new(vb, &ResNetConfig::canonical(1), Backend::Fused)?;
+        let x = Tensor::rand(0f32, 1f32, (4, 1, 28, 28), &Device::Cpu)?;
+        let stat = |name: &str| -> anyhow::Result<Vec<f32>> {
+            Ok(varmap.data().lock().unwrap()[name].as_tensor().to_vec1::<f32>()?)
+        };
+        let before = stat("stage2.block1.bn1.running_mean")?;
+
+        net.freeze_stages(Some(3));
+        let all_frozen = net.forward_t(&x, true)?;
+        let served = net.forward_t(&x, false)?;
+        let diff = (all_frozen - &served)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "every stage frozen: training forward equals evaluation, max diff {diff}");
+
+        net.freeze_stages(Some(2));
+        let loss = net.forward_t(&x, true)?.sqr()?.sum_all()?;
+        let grads = loss.backward()?;
+        let vars = varmap.data().lock().unwrap();
+        for (name, var) in vars.iter().filter(|(n, _)| n.ends_with(".weight")) {
+            let reached = grads.get(var.as_tensor()).is_some();
+            assert_eq!(reached, name.starts_with("stage3."), "gradient of {name}");
+        }
+        drop(vars);
+        assert_eq!(stat("stage2.block1.bn1.running_mean")?, before, "a frozen batch norm keeps its statistics");
+        assert_ne!(stat("stage3.block1.bn1.running_mean")?, vec![0.0; 128], "a trained one updates them");
         Ok(())
     }
 

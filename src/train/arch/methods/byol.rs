@@ -55,4 +55,8 @@ impl Method for Byol {
     fn encoder(&self) -> &ResNet {
         &self.online.encoder
     }
+
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.online.encoder
+    }
 }

@@ -84,6 +84,10 @@ impl Method for MocoV2 {
         &self.query.encoder
     }
 
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.query.encoder
+    }
+
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![("queue".to_string(), self.queue.to_tensor()?)])
     }

@@ -169,6 +169,9 @@ pub trait Method {
     /// The online encoder, whose pooled features are the embedding.
     fn encoder(&self) -> &ResNet;
 
+    /// The online encoder, to freeze its lower stages (see [`ResNet::freeze_stages`]).
+    fn encoder_mut(&mut self) -> &mut ResNet;
+
     /// State that is neither a parameter nor a running statistic (MoCo's queue), for checkpoints.
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(Vec::new())

@@ -38,4 +38,8 @@ impl Method for SimClr {
     fn encoder(&self) -> &ResNet {
         &self.branch.encoder
     }
+
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.branch.encoder
+    }
 }

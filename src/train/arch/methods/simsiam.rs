@@ -45,4 +45,8 @@ impl Method for SimSiam {
     fn encoder(&self) -> &ResNet {
         &self.branch.encoder
     }
+
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.branch.encoder
+    }
 }

@@ -45,6 +45,10 @@ impl Method for SupCon {
     fn encoder(&self) -> &ResNet {
         &self.branch.encoder
     }
+
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.branch.encoder
+    }
 }
 
 #[cfg(test)]

@@ -63,4 +63,8 @@ impl Method for Swav {
     fn encoder(&self) -> &ResNet {
         &self.branch.encoder
     }
+
+    fn encoder_mut(&mut self) -> &mut ResNet {
+        &mut self.branch.encoder
+    }
 }
