@@ -289,7 +289,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     assert!(info.sha256.len() == 64 && info.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     assert_eq!(info.dataset_id.len(), 32);
 
-    // Default hyper-parameters: 30 epochs.
+    // Default hyper-parameters: 90 epochs.
     let request = CreateJobRequest {
         base_model: BASE.into(),
         output_model: "fmnist-shirts".into(),
@@ -299,7 +299,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     let created = create(&mut client, request).await;
     assert_eq!(created.dataset_id, info.dataset_id);
     let h = created.hyper_parameters.expect("the defaulted hyper-parameters");
-    assert_eq!((h.epochs, h.batch_size, h.trainable_stages), (30, 64, Some(1)));
+    assert_eq!((h.epochs, h.batch_size, h.trainable_stages), (90, 64, Some(1)));
 
     let mut watcher = Watcher::open(&mut client, &created.job_id).await;
     let job = watcher.finish().await;
@@ -317,7 +317,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
             _ => None,
         })
         .collect();
-    assert_eq!(epochs.iter().map(|e| e.1).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    assert_eq!(epochs.iter().map(|e| e.1).collect::<Vec<_>>(), (1..=90).collect::<Vec<_>>());
     assert!(epochs.iter().all(|e| e.2.is_finite() && e.2 > 0.0), "SupCon losses are positive and finite: {epochs:?}");
     let before_at = position(&|e| matches!(e.event, Some(job_event::Event::Before(_))));
     let after_at = position(&|e| matches!(e.event, Some(job_event::Event::After(_))));
@@ -336,7 +336,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     assert_eq!(job.output_model, "fmnist-shirts");
     assert_eq!(job.base_version, 0, "0 asked for the latest ready version");
     assert_eq!(job.progress, 1.0);
-    assert_eq!(job.epochs.len(), 30);
+    assert_eq!(job.epochs.len(), 90);
     let (before, after) = (job.before.unwrap(), job.after.unwrap());
     assert!(after.knn_accuracy >= before.knn_accuracy, "before {before:?}, after {after:?}");
     // The figures carry their uncertainty: Wilson intervals around each accuracy, and the paired
@@ -387,7 +387,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     assert_eq!(version.state(), VersionState::Ready);
     let manifest = version.manifest.as_ref().expect("a manifest summary");
     assert_eq!(manifest.method, "supcon");
-    assert_eq!(manifest.epochs, 30);
+    assert_eq!(manifest.epochs, 90);
     assert!(
         (manifest.knn_accuracy - after.knn_accuracy).abs() < 1e-9,
         "the manifest records the held-out figure: {manifest:?}"

@@ -698,6 +698,53 @@ async fn reflection_lists_the_services_in_both_versions() {
     assert_eq!(methods, ["Embed", "EmbedStream", "ListModels", "GetModel"]);
 }
 
+/// grpcurl itself (1.8 asks `v1alpha`, 1.9 `v1` first), where one is installed: the binaries
+/// named by `CONTRASTIVE_GRPCURL` (a PATH-style list), else `grpcurl` on PATH; skipped without.
+#[test]
+fn grpcurl_lists_and_describes_the_services() {
+    let binaries: Vec<std::path::PathBuf> = match std::env::var_os("CONTRASTIVE_GRPCURL") {
+        Some(list) => std::env::split_paths(&list).collect(),
+        None => std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .map(|dir| dir.join("grpcurl"))
+            .filter(|path| path.is_file())
+            .take(1)
+            .collect(),
+    };
+    if binaries.is_empty() {
+        eprintln!("skipped: no grpcurl (set CONTRASTIVE_GRPCURL=/path/to/grpcurl[:another] or put one on PATH)");
+        return;
+    }
+    let server = Server::start(&[]);
+    for grpcurl in &binaries {
+        let run = |args: &[&str]| {
+            let output = std::process::Command::new(grpcurl)
+                .arg("-plaintext")
+                .arg(&server.addr)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", grpcurl.display()));
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "{} {args:?}: {}",
+                grpcurl.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            text
+        };
+        let services = run(&["list"]);
+        for expected in ["contrastive.v1.EmbeddingService", "contrastive.v1.FineTuneService", "grpc.health.v1.Health"] {
+            assert!(
+                services.lines().any(|l| l == expected),
+                "{}: {expected} missing from {services}",
+                grpcurl.display()
+            );
+        }
+        let described = run(&["describe", "contrastive.v1.EmbeddingService"]);
+        assert!(described.contains("rpc Embed ( .contrastive.v1.EmbedRequest )"), "{described}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Command line clients
 

@@ -76,7 +76,7 @@ pub struct CreateArgs {
     /// A folder under the server's --finetune-data-root
     #[arg(long, group = "source")]
     pub server_folder: Option<String>,
-    /// [default: 30]
+    /// [default: 90]
     #[arg(long, default_value_t = 0)]
     pub epochs: u32,
     /// [default: 64]
@@ -88,7 +88,7 @@ pub struct CreateArgs {
     /// [default: 0.1]
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Backbone stages that train, from the top (0 = projection head only) [default: 1]
+    /// Backbone stages that train, from the top; the rest run as served [default: 1]
     #[arg(long)]
     pub trainable_stages: Option<u32>,
     #[arg(long, default_value_t = 0)]
