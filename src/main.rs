@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Train an encoder with a contrastive method (or resume a run).
     Train(TrainArgs),
-    /// Evaluate a run's encoder: k-NN, linear probe, alignment, uniformity, retrieval; and raw pixels' k-NN and retrieval.
+    /// Evaluate a run's encoder: k-NN, linear probe, alignment, uniformity, retrieval, clustering; and raw pixels' k-NN, retrieval and clustering.
     Eval(EvalArgs),
     /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
     Export(ExportArgs),
@@ -204,7 +204,7 @@ struct EvalArgs {
     /// Evaluate on other data than the run's
     #[command(flatten)]
     data: DataArgs,
-    /// k-NN only (no linear probe, alignment, uniformity, retrieval, raw-pixel reference)
+    /// k-NN only (no linear probe, alignment, uniformity, retrieval, clustering, raw-pixel reference)
     #[arg(long)]
     knn_only: bool,
     #[arg(long, default_value = "cpu")]

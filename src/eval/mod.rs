@@ -3,19 +3,23 @@
 //! The field's protocol (see `docs/taxonomy.md`):
 //! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), the
 //! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]),
-//! retrieval of training images by test images ([`retrieval`]), and the uncertainty of a
-//! held-out figure and of a paired change ([`uncertainty`]).
+//! retrieval of training images by test images ([`retrieval`]), k-means clustering of the
+//! features scored against the labels ([`clustering`], on [`kmeans`]), and the uncertainty of
+//! a held-out figure and of a paired change ([`uncertainty`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
 //! them itself, so callers pass the backbone's raw features.
 
 pub mod alignment;
+pub mod clustering;
 pub mod features;
+pub mod kmeans;
 pub mod knn;
 pub mod linear_probe;
 pub mod retrieval;
 pub mod uncertainty;
 
 pub use alignment::{alignment, uniformity};
+pub use clustering::{clustering, ClusteringReport};
 pub use features::encode;
 pub use knn::{accuracy_of, knn_accuracy, knn_outcomes, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
@@ -39,10 +43,13 @@ pub struct EvalReport {
     /// Test images as queries against the training images ([`retrieval`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retrieval: Option<RetrievalReport>,
+    /// k-means of the test images' features, scored against their labels ([`clustering`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clustering: Option<ClusteringReport>,
 }
 
-/// The reference an encoder should beat: k-NN and retrieval on the raw pixels (each image
-/// flattened to one vector), under the same protocol as the encoder's features.
+/// The reference an encoder should beat: k-NN, retrieval and clustering on the raw pixels (each
+/// image flattened to one vector), under the same protocol as the encoder's features.
 pub fn raw_pixel_report(train: &crate::data::Dataset, test: &crate::data::Dataset) -> Result<EvalReport> {
     let pixels =
         |d: &crate::data::Dataset| Tensor::from_slice(&d.images, (d.len(), d.shape.numel()), &candle_core::Device::Cpu);
@@ -51,12 +58,14 @@ pub fn raw_pixel_report(train: &crate::data::Dataset, test: &crate::data::Datase
     let knn_accuracy =
         knn_accuracy(&train_pixels, &train.labels, &test_pixels, &test.labels, classes, &KnnConfig::default())?;
     let retrieval = retrieval(&train_pixels, &train.labels, &test_pixels, &test.labels, classes)?;
+    let clustering = clustering(&test_pixels, &test.labels, classes, 0)?;
     Ok(EvalReport {
         knn_accuracy,
         linear_probe_accuracy: None,
         alignment: None,
         uniformity: None,
         retrieval: Some(retrieval),
+        clustering: Some(clustering),
     })
 }
 

@@ -36,11 +36,13 @@ pub struct EvalScope {
     pub alignment: bool,
     /// Test images as queries against the training images.
     pub retrieval: bool,
+    /// k-means of the test images' features against their labels.
+    pub clustering: bool,
 }
 
 impl EvalScope {
-    pub const KNN: Self = Self { linear_probe: false, alignment: false, retrieval: false };
-    pub const FULL: Self = Self { linear_probe: true, alignment: true, retrieval: true };
+    pub const KNN: Self = Self { linear_probe: false, alignment: false, retrieval: false, clustering: false };
+    pub const FULL: Self = Self { linear_probe: true, alignment: true, retrieval: true, clustering: true };
 }
 
 impl Model {
@@ -128,6 +130,7 @@ impl Model {
             alignment: None,
             uniformity: None,
             retrieval: None,
+            clustering: None,
         };
         if scope.linear_probe {
             let probe = eval::linear_probe(
@@ -143,6 +146,9 @@ impl Model {
         if scope.retrieval {
             let report_of = eval::retrieval(&train_features, &train.labels, &test_features, &test.labels, classes)?;
             report.retrieval = Some(report_of);
+        }
+        if scope.clustering {
+            report.clustering = Some(eval::clustering(&test_features, &test.labels, classes, self.config.seed)?);
         }
         if scope.alignment {
             let (a, b) = self.augmented_pair_features(test)?;
