@@ -7,7 +7,11 @@
 //! recall@k    = mean over queries of [any of the top k is relevant]
 //! AP@k        = (1 / min(k, R)) Σ_{i ≤ k} precision@i · rel(i)      (R: relevant images in the database)
 //! mAP@k       = mean over queries of AP@k
+//! mAP@R       = mean over queries of AP@R, each query ranked to its own R (Musgrave et al. 2020)
 //! ```
+//!
+//! precision@1 is also recall@1 (whether the top image is relevant). mAP@R rewards ranking the
+//! whole class first, not just a few neighbours.
 //!
 //! Ties in similarity rank the lower database index first, so the figures are deterministic.
 
@@ -27,6 +31,9 @@ pub struct RetrievalReport {
     pub recall_at_5: f64,
     pub recall_at_10: f64,
     pub map_at_100: f64,
+    /// Absent from manifests written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_at_r: Option<f64>,
 }
 
 /// Retrieval of `queries` (`[M, D]`, labels `query_labels`) against `database` (`[N, D]`).
@@ -51,16 +58,19 @@ pub fn retrieval(
     }
     let database_t = l2_normalize_rows(database)?.t()?.contiguous()?;
     let queries = l2_normalize_rows(queries)?;
-    let (mut precision_at_1, mut recall_at_5, mut recall_at_10, mut map_at_100) = (0.0, 0.0, 0.0, 0.0);
+    let (mut precision_at_1, mut recall_at_5, mut recall_at_10, mut map_at_100, mut map_at_r) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
     for start in (0..query_labels.len()).step_by(QUERY_CHUNK) {
         let len = QUERY_CHUNK.min(query_labels.len() - start);
         let similarities = queries.narrow(0, start, len)?.matmul(&database_t)?.to_vec2::<f32>()?;
         for (row, &label) in similarities.iter().zip(&query_labels[start..start + len]) {
-            let relevant: Vec<bool> = top_k(row, 100).iter().map(|&i| database_labels[i] == label).collect();
+            let r = relevant_in_database[label as usize];
+            let relevant: Vec<bool> = top_k(row, r.max(100)).iter().map(|&i| database_labels[i] == label).collect();
             precision_at_1 += relevant[0] as u8 as f64;
             recall_at_5 += relevant[..5].iter().any(|&r| r) as u8 as f64;
             recall_at_10 += relevant[..10].iter().any(|&r| r) as u8 as f64;
-            map_at_100 += average_precision(&relevant, relevant_in_database[label as usize]);
+            map_at_100 += average_precision(&relevant[..100], r);
+            map_at_r += average_precision(&relevant[..r], r);
         }
     }
     let m = query_labels.len() as f64;
@@ -70,6 +80,7 @@ pub fn retrieval(
         recall_at_5: recall_at_5 / m,
         recall_at_10: recall_at_10 / m,
         map_at_100: map_at_100 / m,
+        map_at_r: Some(map_at_r / m),
     })
 }
 
@@ -148,5 +159,8 @@ mod tests {
         assert_eq!(report.recall_at_10, 0.5);
         let second: f64 = (1..=40).map(|h| h as f64 / (60 + h) as f64).sum::<f64>() / 60.0;
         assert!((report.map_at_100 - (1.0 + second) / 2.0).abs() < 1e-9, "{report:?}");
+        // Each query's R is its class's 60 images: query 1 ranks them first (AP@R 1), query 2
+        // ranks the 60 class-1 images first (AP@R 0).
+        assert_eq!(report.map_at_r, Some(0.5));
     }
 }
