@@ -180,6 +180,9 @@ struct TrainArgs {
     /// Train on the first N images only
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Train on a long-tailed split: class c keeps n_max * RATIO^(-c/(C-1)) images (e.g. 100)
+    #[arg(long, value_name = "RATIO")]
+    long_tail: Option<f64>,
     /// Evaluate k-NN every N epochs (0: only at the end)
     #[arg(long, default_value_t = 1)]
     knn_every: usize,
@@ -428,6 +431,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.warmup_epochs = args.warmup_epochs;
     config.seed = args.seed;
     config.train_limit = args.train_limit;
+    config.long_tail = args.long_tail;
     config.monitor.knn_every_epochs = args.knn_every;
     config.validate()?;
     Ok(config)
@@ -438,9 +442,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     let model = Model::load(&args.checkpoint, &device)?;
     let source = args.data.source()?.unwrap_or_else(|| model.config.data.clone());
     let (train_set, test_set) = source.load()?;
+    let train_set = model.config.long_tail_split(train_set)?;
     let test_set = test_set
         .context("evaluation needs a test split: use an IDX folder or an image folder with train/ and test/")?;
-    let scope = if args.knn_only { EvalScope::KNN } else { EvalScope::FULL };
+    let shots = model.config.long_tail.is_some();
+    let scope =
+        if args.knn_only { EvalScope { shots, ..EvalScope::KNN } } else { EvalScope { shots, ..EvalScope::FULL } };
     let report = model.evaluate(&train_set, &test_set, scope)?;
     let mut out = serde_json::json!({ "model": report });
     if !args.knn_only {

@@ -2,6 +2,7 @@
 
 pub mod idx;
 pub mod image_folder;
+pub mod long_tail;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};

@@ -4,7 +4,8 @@
 //! a weighted k-NN classifier ([`knn_accuracy`]), a linear probe ([`linear_probe`]), the
 //! alignment / uniformity pair of Wang & Isola 2020 ([`alignment`], [`uniformity`]),
 //! retrieval of training images by test images ([`retrieval`]), k-means clustering of the
-//! features scored against the labels ([`clustering`], on [`kmeans`]), and the uncertainty of
+//! features scored against the labels ([`clustering`], on [`kmeans`]), many/medium/few-shot
+//! accuracy after a long-tailed training split ([`shots`]), and the uncertainty of
 //! a held-out figure and of a paired change ([`uncertainty`]).
 //! Every function takes features as `[N, D]` candle tensors on any device and L2-normalises
 //! them itself, so callers pass the backbone's raw features.
@@ -16,6 +17,7 @@ pub mod kmeans;
 pub mod knn;
 pub mod linear_probe;
 pub mod retrieval;
+pub mod shots;
 pub mod uncertainty;
 
 pub use alignment::{alignment, uniformity};
@@ -24,6 +26,7 @@ pub use features::encode;
 pub use knn::{accuracy_of, knn_accuracy, knn_outcomes, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
 pub use retrieval::{retrieval, RetrievalReport};
+pub use shots::{shot_accuracy, ShotAccuracy};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -46,6 +49,9 @@ pub struct EvalReport {
     /// k-means of the test images' features, scored against their labels ([`clustering`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clustering: Option<ClusteringReport>,
+    /// k-NN accuracy by training frequency, for long-tailed training splits ([`shot_accuracy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shots: Option<ShotAccuracy>,
 }
 
 /// The reference an encoder should beat: k-NN, retrieval and clustering on the raw pixels (each
@@ -66,6 +72,7 @@ pub fn raw_pixel_report(train: &crate::data::Dataset, test: &crate::data::Datase
         uniformity: None,
         retrieval: Some(retrieval),
         clustering: Some(clustering),
+        shots: None,
     })
 }
 

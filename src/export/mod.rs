@@ -188,7 +188,8 @@ fn encoder_parameters(model: &Model) -> usize {
 
 fn describe_data(config: &crate::train::config::TrainConfig) -> String {
     use crate::train::config::DataSource;
-    let limit = config.train_limit.map(|n| format!(", first {n} training images")).unwrap_or_default();
+    let tail = config.long_tail.map(|ratio| format!(", long-tailed at imbalance {ratio}")).unwrap_or_default();
+    let limit = tail + &config.train_limit.map(|n| format!(", first {n} training images")).unwrap_or_default();
     match &config.data {
         DataSource::MnistIdx { dir } => format!("MNIST-format IDX files in {}{limit}", dir.display()),
         DataSource::ImageFolder { root, .. } => format!("image folder {}{limit}", root.display()),

@@ -100,6 +100,10 @@ pub struct TrainConfig {
     pub data: DataSource,
     /// Use only the first this many training images (quick runs and tests).
     pub train_limit: Option<usize>,
+    /// Train on a long-tailed split at this imbalance ratio (see [`data::long_tail`]); the
+    /// evaluation then reports many/medium/few-shot accuracy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_tail: Option<f64>,
     pub monitor: MonitorConfig,
 }
 
@@ -122,6 +126,7 @@ impl TrainConfig {
             seed: 0,
             data: DataSource::fashion_mnist(),
             train_limit: None,
+            long_tail: None,
             monitor: MonitorConfig::default(),
         }
     }
@@ -152,12 +157,24 @@ impl TrainConfig {
             self.learning_rate
         );
         ensure!(!self.projector_dims.is_empty(), "the projector needs at least one layer size");
+        if let Some(ratio) = self.long_tail {
+            ensure!(ratio >= 1.0 && ratio.is_finite(), "the long-tail imbalance ratio must be at least 1, got {ratio}");
+        }
         ensure!(
             self.augment.len() == 2,
             "methods here train on two views; got {} augmentation pipelines",
             self.augment.len()
         );
         Ok(())
+    }
+
+    /// The training images the run learns from: the long-tailed split when asked for (drawn
+    /// from the seed, so evaluation sees the same one), else all of them.
+    pub fn long_tail_split(&self, train: Dataset) -> Result<Dataset> {
+        match self.long_tail {
+            Some(ratio) => train.long_tailed(ratio, self.seed),
+            None => Ok(train),
+        }
     }
 
     pub fn save(&self, path: &std::path::Path) -> Result<()> {

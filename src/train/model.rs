@@ -38,11 +38,15 @@ pub struct EvalScope {
     pub retrieval: bool,
     /// k-means of the test images' features against their labels.
     pub clustering: bool,
+    /// k-NN accuracy of many-, medium- and few-shot classes (long-tailed training splits).
+    pub shots: bool,
 }
 
 impl EvalScope {
-    pub const KNN: Self = Self { linear_probe: false, alignment: false, retrieval: false, clustering: false };
-    pub const FULL: Self = Self { linear_probe: true, alignment: true, retrieval: true, clustering: true };
+    pub const KNN: Self =
+        Self { linear_probe: false, alignment: false, retrieval: false, clustering: false, shots: false };
+    pub const FULL: Self =
+        Self { linear_probe: true, alignment: true, retrieval: true, clustering: true, shots: false };
 }
 
 impl Model {
@@ -131,6 +135,7 @@ impl Model {
             uniformity: None,
             retrieval: None,
             clustering: None,
+            shots: None,
         };
         if scope.linear_probe {
             let probe = eval::linear_probe(
@@ -146,6 +151,9 @@ impl Model {
         if scope.retrieval {
             let report_of = eval::retrieval(&train_features, &train.labels, &test_features, &test.labels, classes)?;
             report.retrieval = Some(report_of);
+        }
+        if scope.shots {
+            report.shots = Some(eval::shot_accuracy(&knn_outcomes, &test.labels, &train.labels, classes)?);
         }
         if scope.clustering {
             report.clustering = Some(eval::clustering(&test_features, &test.labels, classes, self.config.seed)?);

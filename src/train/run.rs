@@ -44,6 +44,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         bail!("{} already holds a run: pass --resume to continue it, or choose another --out", dir.display());
     }
     let (train_set, test_set) = config.data.load()?;
+    let train_set = config.long_tail_split(train_set)?;
     let train_set = match config.train_limit {
         Some(n) => train_set.head(n),
         None => train_set,
@@ -104,7 +105,8 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
 
     if options.final_eval {
         if let Some(test_set) = &test_set {
-            let report = model.evaluate(&train_set, test_set, EvalScope::FULL)?;
+            let scope = EvalScope { shots: config.long_tail.is_some(), ..EvalScope::FULL };
+            let report = model.evaluate(&train_set, test_set, scope)?;
             writeln!(metrics, "{}", json!({"epoch": state.progress.epoch, "final_eval": report}))?;
             state.final_eval = Some(report);
         }
