@@ -13,7 +13,7 @@ use contrastive::data::ImageShape;
 use contrastive::export::ExportOptions;
 use contrastive::registry::ModelRepository;
 use contrastive::server::config::{ServeArgs, ServeSettings};
-use contrastive::train::arch::MethodConfig;
+use contrastive::train::arch::{MethodConfig, SupervisedLoss};
 use contrastive::train::checkpoint;
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::optim::OptimizerConfig;
@@ -146,10 +146,16 @@ enum OptimizerName {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// simclr, moco-v2, byol, simsiam, swav or supcon
+    /// simclr, moco-v2, byol, simsiam, swav, cc (contrastive clustering), supcon or paco
     #[arg(long, default_value = "simclr")]
     method: String,
-    /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD]
+    /// The loss of --method supcon: supcon, or a long-tail variant: kcl (k positives per anchor),
+    /// tsc (class targets spread on the sphere), bcl (class-averaged, with class centres) or
+    /// hybrid (SupCon moving to a classifier's cross-entropy)
+    #[arg(long, value_name = "NAME")]
+    loss: Option<String>,
+    /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD,
+    /// or runs/METHOD-LOSS with --loss]
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint
@@ -172,7 +178,7 @@ struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     warmup_epochs: f64,
-    /// Softmax temperature of the method's loss, where it has one
+    /// Softmax temperature of the method's loss, where it has one (cc: the instance-level one)
     #[arg(long)]
     temperature: Option<f64>,
     #[arg(long, default_value_t = 0)]
@@ -271,7 +277,11 @@ fn main() -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&args.method));
+    let default_dir = match &args.loss {
+        Some(loss) => format!("{}-{loss}", args.method),
+        None => args.method.clone(),
+    };
+    let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(default_dir));
     let config =
         if args.resume { TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))? } else { build_config(&args)? };
     let stop = Arc::new(AtomicBool::new(false));
@@ -397,8 +407,16 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             MethodConfig::Simclr { temperature }
             | MethodConfig::MocoV2 { temperature, .. }
             | MethodConfig::Swav { temperature, .. }
-            | MethodConfig::Supcon { temperature, .. } => *temperature = t,
+            | MethodConfig::Supcon { temperature, .. }
+            | MethodConfig::Paco { temperature, .. }
+            | MethodConfig::Cc { instance_temperature: temperature, .. } => *temperature = t,
             _ => bail!("--temperature does not apply to {}", args.method),
+        }
+    }
+    if let Some(name) = &args.loss {
+        match &mut method {
+            MethodConfig::Supcon { loss, .. } => *loss = SupervisedLoss::default_for(name)?,
+            _ => bail!("--loss applies to --method supcon (its long-tail variants), not to {}", args.method),
         }
     }
     let data = args.data.source()?.unwrap_or_else(DataSource::fashion_mnist);

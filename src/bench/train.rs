@@ -82,10 +82,11 @@ pub fn step_seconds(
         .map(|_| Tensor::rand(0f32, 1f32, (batch_size, 1, 28, 28), device))
         .collect::<candle_core::Result<_>>()?;
     let labels = Tensor::from_vec((0..batch_size as u32).map(|i| i % 10).collect(), batch_size, device)?;
+    let indices: Vec<usize> = (0..batch_size).collect();
     let mut times = Vec::new();
     for step in 0..=steps {
         let started = Instant::now();
-        let loss = model.method.loss(&views, &labels, 1_000_000)?;
+        let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
         optimizer.step(&loss.backward()?, 0.01)?;
         model.method.after_step(0.5)?;
         device.synchronize()?;

@@ -21,7 +21,7 @@ pub mod shots;
 pub mod uncertainty;
 
 pub use alignment::{alignment, uniformity};
-pub use clustering::{clustering, ClusteringReport};
+pub use clustering::{clustering, partition_scores, ClusteringReport};
 pub use features::encode;
 pub use knn::{accuracy_of, knn_accuracy, knn_outcomes, knn_predict, KnnConfig};
 pub use linear_probe::{linear_probe, ProbeConfig, ProbeResult};
@@ -49,6 +49,10 @@ pub struct EvalReport {
     /// k-means of the test images' features, scored against their labels ([`clustering`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clustering: Option<ClusteringReport>,
+    /// The method's own cluster head's assignments of the test images, scored the same way
+    /// (methods with a cluster head: Contrastive Clustering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_head: Option<ClusteringReport>,
     /// k-NN accuracy by training frequency, for long-tailed training splits ([`shot_accuracy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shots: Option<ShotAccuracy>,
@@ -72,6 +76,7 @@ pub fn raw_pixel_report(train: &crate::data::Dataset, test: &crate::data::Datase
         uniformity: None,
         retrieval: Some(retrieval),
         clustering: Some(clustering),
+        cluster_head: None,
         shots: None,
     })
 }

@@ -193,7 +193,7 @@ pub fn train_and_publish(
     // The loss on the served embedding, and mild views (crop 0.5–1 and flip): measured by `bench
     // finetune`, each about doubles the gain on never-uploaded images over SupCon's head and the
     // SimCLR views, whose crops and jitter erase what tells a shirt from a T-shirt.
-    config.method = MethodConfig::Supcon { temperature: h.temperature, on_embedding: true };
+    config.method = MethodConfig::Supcon { temperature: h.temperature, on_embedding: true, loss: Default::default() };
     config.augment = vec![AugmentConfig::weak(); 2];
     config.optimizer = TrainConfig::default_optimizer(&config.method);
     config.epochs = h.epochs;

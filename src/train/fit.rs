@@ -99,6 +99,7 @@ pub fn fit(
         final_fraction: 0.0,
     };
     for epoch in progress.epoch..config.epochs {
+        model.method.before_epoch(data, epoch)?;
         let mut loss_sum = 0.0;
         let batches = BatchLoader::spawn(data.clone(), pipelines.clone(), loader.clone(), epoch);
         for batch in batches.skip(progress.batch_in_epoch) {
@@ -146,7 +147,7 @@ pub fn train_step(
 ) -> Result<f64> {
     let views = batch.view_tensors(&model.device)?;
     let labels = Tensor::from_slice(&batch.labels, batch.len(), &model.device)?;
-    let loss = model.method.loss(&views, &labels, step)?;
+    let loss = model.method.loss(&views, &labels, &batch.indices, step)?;
     let value = loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
     if !value.is_finite() {
         return Ok(value);

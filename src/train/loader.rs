@@ -208,7 +208,7 @@ const SHUFFLE_STREAM: u64 = 0x5348_5546; // "SHUF"
 const VIEW_STREAM: u64 = 0x5649_4557; // "VIEW"
 
 /// Folds `parts` into one well-mixed seed with SplitMix64 (Steele, Lea & Flood 2014).
-fn mix_seed(parts: &[u64]) -> u64 {
+pub(crate) fn mix_seed(parts: &[u64]) -> u64 {
     parts.iter().fold(0x243F_6A88_85A3_08D3, |hash, &part| splitmix64(hash ^ part))
 }
 

@@ -135,6 +135,7 @@ impl Model {
             uniformity: None,
             retrieval: None,
             clustering: None,
+            cluster_head: None,
             shots: None,
         };
         if scope.linear_probe {
@@ -157,6 +158,9 @@ impl Model {
         }
         if scope.clustering {
             report.clustering = Some(eval::clustering(&test_features, &test.labels, classes, self.config.seed)?);
+            if let Some(clusters) = self.method.cluster_assignments(&test_features)? {
+                report.cluster_head = Some(eval::partition_scores(&test.labels, &clusters.to_vec1::<u32>()?)?);
+            }
         }
         if scope.alignment {
             let (a, b) = self.augmented_pair_features(test)?;

@@ -44,6 +44,10 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         bail!("{} already holds a run: pass --resume to continue it, or choose another --out", dir.display());
     }
     let (train_set, test_set) = config.data.load()?;
+    // Losses with one centre or target per class are built for the data's classes.
+    let mut config = config.clone();
+    config.method.set_classes(train_set.num_classes());
+    let config = &config;
     let train_set = config.long_tail_split(train_set)?;
     let train_set = match config.train_limit {
         Some(n) => train_set.head(n),

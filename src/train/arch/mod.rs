@@ -12,5 +12,5 @@ pub mod resnet;
 
 pub use ema::EmaPairs;
 pub use heads::{Mlp, MlpConfig, Prototypes};
-pub use methods::{Method, MethodConfig};
+pub use methods::{Method, MethodConfig, SupervisedLoss};
 pub use resnet::{ResNet, ResNetConfig};

@@ -30,6 +30,78 @@ pub fn diagonal_logit_mask(n: usize, dtype: DType, device: &candle_core::Device)
     Tensor::eye(n, dtype, device)?.affine(MASKED_LOGIT, 0.0)
 }
 
+/// The form every label-positive loss here shares (SupCon, KCL, TSC, BCL, PaCo): for each anchor
+/// row `i` of `logits` `[M, K]`, with positive weights `P` and denominator weights `W` (both
+/// `[M, K]`, constants, `W_ij = 0` leaves column j out of row i's denominator),
+///
+/// ```text
+/// ℓ_i = −Σ_k P_ik ( l_ik − log Σ_j W_ij e^{l_ij} ) / Σ_k P_ik
+/// L   = mean of ℓ_i over the anchors with Σ_k P_ik > 0   (0 when there is none)
+/// ```
+///
+/// SupCon is `P` = same label off the diagonal, `W` = 1 off the diagonal; the others change the
+/// columns (class centres, targets) or the weights.
+pub fn weighted_positive_log_likelihood(
+    logits: &Tensor,
+    positive_weights: &Tensor,
+    denominator_weights: &Tensor,
+) -> Result<Tensor> {
+    let (rows, cols) = expect_float_matrix("logits", logits)?;
+    for (name, weights) in [("positive weights", positive_weights), ("denominator weights", denominator_weights)] {
+        if weights.dims() != [rows, cols] {
+            bail!("{name} must have the logits' shape [{rows}, {cols}], got {:?}", weights.dims())
+        }
+    }
+    // Above zero in F32 as in F64, so that 0 / TINY = 0 for anchors without positives.
+    const TINY: f64 = 1e-30;
+    let dtype = logits.dtype();
+    let positives = positive_weights.to_dtype(dtype)?.detach();
+    let weights = denominator_weights.to_dtype(dtype)?.detach();
+    // log W where W > 0; MASKED_LOGIT removes the column from the row's sum.
+    let log_weights = weights
+        .gt(0.0)?
+        .where_cond(&weights.maximum(TINY)?.log()?, &weights.ones_like()?.affine(0.0, MASKED_LOGIT)?)?;
+    let log_denominator = log_sum_exp_rows(&(logits + log_weights)?)?;
+    let log_prob = logits.broadcast_sub(&log_denominator.unsqueeze(1)?)?;
+    let positive_total = positives.sum(D::Minus1)?;
+    let has_positive = positive_total.gt(0.0)?.to_dtype(dtype)?;
+    let per_anchor = ((&log_prob * &positives)?.sum(D::Minus1)? / positive_total.maximum(TINY)?)?;
+    let anchors = has_positive.sum_all()?.maximum(1.0)?;
+    (per_anchor * has_positive)?.sum_all()?.neg()?.div(&anchors)
+}
+
+/// `[rows, classes]` one-hot rows of `labels` (`[rows]`, any integer dtype), in `dtype`; fails
+/// on a label outside `0..classes`.
+pub fn one_hot(labels: &Tensor, classes: usize, dtype: DType) -> Result<Tensor> {
+    let values = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    if let Some(bad) = values.iter().find(|&&l| l < 0 || l as usize >= classes) {
+        bail!("label {bad} is outside the {classes} classes the loss was built for")
+    }
+    let mut data = vec![0f32; values.len() * classes];
+    for (row, &label) in values.iter().enumerate() {
+        data[row * classes + label as usize] = 1.0;
+    }
+    Tensor::from_vec(data, (values.len(), classes), labels.device())?.to_dtype(dtype)
+}
+
+/// Mean cross-entropy of `logits` `[N, C]` against `labels` `[N]`: `mean(log Σ_c e^{l_c} − l_y)`.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let rows = logits.dim(0)?;
+    weighted_cross_entropy(logits, labels, &Tensor::ones(rows, logits.dtype(), logits.device())?)
+}
+
+/// Cross-entropy with a weight per row: `Σ_i w_i (log Σ_c e^{l_ic} − l_{i,y_i}) / Σ_i w_i`.
+pub fn weighted_cross_entropy(logits: &Tensor, labels: &Tensor, row_weights: &Tensor) -> Result<Tensor> {
+    let (rows, classes) = expect_float_matrix("logits", logits)?;
+    if labels.dims() != [rows] || row_weights.dims() != [rows] {
+        bail!("logits have {rows} rows but labels {:?} and weights {:?}", labels.dims(), row_weights.dims())
+    }
+    let target = one_hot(labels, classes, logits.dtype())?;
+    let per_row = (log_sum_exp_rows(logits)? - (logits * target)?.sum(D::Minus1)?)?;
+    let weights = row_weights.to_dtype(logits.dtype())?.detach();
+    (per_row * &weights)?.sum_all()?.div(&weights.sum_all()?)
+}
+
 /// Checks that `t` is a floating-point `[rows, cols]` matrix and returns its dimensions.
 pub fn expect_float_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {
     if !t.dtype().is_float() {

@@ -1,25 +1,34 @@
 //! 4. Losses, one file per loss, its formula and paper in the doc comment.
 
+pub mod bcl;
 pub mod byol;
+pub mod cluster_contrast;
 pub mod common;
 pub mod dcl;
 pub mod debiased;
 pub mod dino;
+pub mod hybrid;
 pub mod info_nce;
 pub mod nt_xent;
+pub mod paco;
 pub mod simsiam;
 pub mod supcon;
 pub mod swav;
+pub mod tsc;
 
+pub use bcl::bcl;
 pub use byol::byol;
-pub use common::l2_normalize;
+pub use cluster_contrast::cluster_contrast;
+pub use common::{cross_entropy, l2_normalize};
 pub use dcl::{dcl, dclw};
 pub use debiased::debiased_nt_xent;
 pub use dino::{dino, DinoCenter};
+pub use hybrid::hybrid;
 pub use info_nce::{info_nce_in_batch, info_nce_with_queue};
 pub use nt_xent::nt_xent;
+pub use paco::paco;
 pub use simsiam::simsiam;
-pub use supcon::supcon;
+pub use supcon::{supcon, supcon_with_positives};
 pub use swav::{sinkhorn_knopp, swapped_prediction};
 
 /// Test helpers shared by every loss's tests: central finite differences and plain-`f64`

@@ -12,9 +12,9 @@
 //! Anchors without a positive are skipped. With instance labels ([`crate::train::pairs::view_labels`])
 //! the only positive is the other view and SupCon equals NT-Xent.
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor};
 
-use super::common::{diagonal_logit_mask, expect_float_matrix, expect_positive, l2_normalize, log_sum_exp_rows};
+use super::common::{expect_float_matrix, expect_positive, l2_normalize, weighted_positive_log_likelihood};
 use crate::train::pairs::label_positive_mask;
 
 /// SupCon's `L_out` of `features` `[M, D]` (normalised here) with `labels` `[M]` (any integer dtype;
@@ -25,17 +25,22 @@ pub fn supcon(features: &Tensor, labels: &Tensor, temperature: f64) -> Result<Te
         bail!("labels must have shape [{views}] (one per feature row), got {:?}", labels.dims())
     }
     expect_positive("temperature", temperature)?;
+    supcon_with_positives(features, &label_positive_mask(labels)?, temperature)
+}
+
+/// SupCon's `L_out` with the positives given as a `[M, M]` mask (KCL samples them); every other
+/// view is in the denominator.
+pub fn supcon_with_positives(features: &Tensor, positives: &Tensor, temperature: f64) -> Result<Tensor> {
+    let (views, _) = expect_float_matrix("features", features)?;
+    expect_positive("temperature", temperature)?;
     let z = l2_normalize(features)?;
     let logits = (z.matmul(&z.t()?)? / temperature)?;
-    let without_self = logits.broadcast_add(&diagonal_logit_mask(views, z.dtype(), z.device())?)?;
-    let log_prob = logits.broadcast_sub(&log_sum_exp_rows(&without_self)?.unsqueeze(1)?)?;
-    let positives = label_positive_mask(labels)?.to_dtype(z.dtype())?;
-    let positive_count = positives.sum(D::Minus1)?;
-    let has_positive = positive_count.gt(0.0)?.to_dtype(z.dtype())?;
-    // Anchors without positives get 0/1 = 0 here and are left out of the mean below.
-    let mean_positive_log_prob = ((&log_prob * &positives)?.sum(D::Minus1)? / positive_count.maximum(1.0)?)?;
-    let anchors = has_positive.sum_all()?.maximum(1.0)?;
-    (mean_positive_log_prob * has_positive)?.sum_all()?.neg()?.div(&anchors)
+    weighted_positive_log_likelihood(&logits, positives, &off_diagonal(views, z.device())?)
+}
+
+/// `[n, n]` F32: 1 off the diagonal, 0 on it (every view but the anchor itself).
+pub fn off_diagonal(n: usize, device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::ones((n, n), DType::F32, device)? - Tensor::eye(n, DType::F32, device)?
 }
 
 #[cfg(test)]
@@ -44,7 +49,7 @@ mod tests {
     use crate::train::loss::nt_xent;
     use crate::train::loss::testing::*;
     use crate::train::pairs::view_labels;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
 
     fn reference(features: &[Vec<f64>], labels: &[u32], temperature: f64) -> f64 {
         let m = features.len();

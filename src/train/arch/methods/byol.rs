@@ -41,7 +41,7 @@ impl Method for Byol {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _step: usize) -> Result<Tensor> {
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
         let z = self.online.project_views(views, true)?;
         let p = self.predictor.forward_t(&Tensor::cat(&z, 0)?, true)?.chunk(2, 0)?;
         let t = self.target.project_views(views, true)?;

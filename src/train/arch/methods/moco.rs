@@ -58,7 +58,7 @@ impl Method for MocoV2 {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _step: usize) -> Result<Tensor> {
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
         let n = views[0].dim(0)?;
         let groups = BN_GROUPS.min(n);
         let q = self.query.project_views_grouped(views, groups, None)?;

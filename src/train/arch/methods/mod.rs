@@ -7,17 +7,29 @@
 //! |---------|---------------------------|--------------------------|--------------------|-------------------|
 //! | SimCLR  | synchronous symmetric     | shared weights           | in-batch negatives | NT-Xent           |
 //! | SupCon  | synchronous symmetric     | shared weights           | label positives    | SupCon (L_out)    |
+//! |  … KCL  | synchronous symmetric     | shared weights           | k label positives  | SupCon            |
+//! |  … TSC  | synchronous symmetric     | shared weights           | k label positives  | SupCon + targets  |
+//! |  … BCL  | synchronous symmetric     | shared weights           | labels + centres   | class-averaged    |
+//! |  hybrid | synchronous symmetric     | shared weights + classifier | label positives | SupCon → CE       |
+//! | PaCo    | synchronous symmetric     | shared weights + centres | labels + centres   | PaCo              |
 //! | MoCo v2 | asynchronous symmetric    | momentum encoder         | memory queue       | InfoNCE (queue)   |
 //! | BYOL    | asynchronous asymmetric   | EMA target + predictor   | positives only     | normalised MSE    |
 //! | SimSiam | asynchronous asymmetric   | stop-gradient + predictor| positives only     | negative cosine   |
 //! | SwAV    | clustering                | shared weights           | swapped codes      | swapped prediction|
+//! | DeepCluster | clustering            | none (pseudo-labels)     | k-means clusters   | cross-entropy     |
+//! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |
 
 pub mod byol;
+pub mod cc;
+pub mod deepcluster;
 pub mod moco;
+pub mod paco;
 pub mod simclr;
 pub mod simsiam;
 pub mod supcon;
 pub mod swav;
+
+pub use supcon::SupervisedLoss;
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -25,6 +37,7 @@ use contrastive_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
+use crate::data::Dataset;
 use crate::train::augment::AugmentConfig;
 
 /// Name prefix of the parameters that are not trained by gradient (momentum targets).
@@ -69,11 +82,39 @@ pub enum MethodConfig {
         /// the embedding gain twice as much without one (measured in the README).
         #[serde(default)]
         on_embedding: bool,
+        /// SupCon or one of its long-tail variants.
+        #[serde(default)]
+        loss: SupervisedLoss,
+    },
+    /// DeepCluster (Caron et al. 2018): k-means pseudo-labels each epoch, a classifier on them.
+    Deepcluster {
+        /// k-means clusters; the paper over-clusters (10× the classes).
+        clusters: usize,
+        /// Cluster again (and re-initialise the classifier) every this many epochs; the paper
+        /// does it every epoch, which on a small set leaves the new classifier too few steps.
+        #[serde(default = "one_epoch")]
+        recluster_every_epochs: usize,
+    },
+    /// Contrastive Clustering (Li et al. 2021): instance- and cluster-level contrast.
+    Cc {
+        /// One cluster per class, as in the paper (set from the data when a run starts).
+        clusters: usize,
+        instance_temperature: f64,
+        cluster_temperature: f64,
+    },
+    /// Parametric contrastive learning (Cui et al. 2021): SupCon plus learnable class centres.
+    Paco {
+        temperature: f64,
+        /// Weight of the sample positives; the class centre weighs `beta`.
+        alpha: f64,
+        beta: f64,
+        classes: usize,
     },
 }
 
 impl MethodConfig {
-    pub const NAMES: [&'static str; 6] = ["simclr", "moco-v2", "byol", "simsiam", "swav", "supcon"];
+    pub const NAMES: [&'static str; 9] =
+        ["simclr", "moco-v2", "byol", "simsiam", "swav", "deepcluster", "cc", "supcon", "paco"];
 
     /// The defaults for `name` (one of [`MethodConfig::NAMES`]), tuned for small images.
     pub fn default_for(name: &str) -> anyhow::Result<Self> {
@@ -89,7 +130,12 @@ impl MethodConfig {
                 sinkhorn_iterations: 3,
                 freeze_prototypes_steps: 100,
             },
-            "supcon" => Self::Supcon { temperature: 0.1, on_embedding: false },
+            "deepcluster" => Self::Deepcluster { clusters: 100, recluster_every_epochs: 1 },
+            // The paper's temperatures (τ_I = 0.5, τ_C = 1).
+            "cc" => Self::Cc { clusters: 10, instance_temperature: 0.5, cluster_temperature: 1.0 },
+            "supcon" => Self::Supcon { temperature: 0.1, on_embedding: false, loss: SupervisedLoss::Supcon },
+            // The paper's α and β; τ as SupCon's here, so the two compare on one footing.
+            "paco" => Self::Paco { temperature: 0.1, alpha: 0.05, beta: 1.0, classes: 10 },
             other => anyhow::bail!("unknown method '{other}': expected one of {}", Self::NAMES.join(", ")),
         })
     }
@@ -101,7 +147,10 @@ impl MethodConfig {
             Self::Byol { .. } => "byol",
             Self::Simsiam { .. } => "simsiam",
             Self::Swav { .. } => "swav",
+            Self::Deepcluster { .. } => "deepcluster",
+            Self::Cc { .. } => "cc",
             Self::Supcon { .. } => "supcon",
+            Self::Paco { .. } => "paco",
         }
     }
 
@@ -113,7 +162,24 @@ impl MethodConfig {
             Self::Byol { .. } => "byol-normalized-mse",
             Self::Simsiam { .. } => "simsiam-negative-cosine",
             Self::Swav { .. } => "swav-swapped-prediction",
-            Self::Supcon { .. } => "supcon",
+            Self::Deepcluster { .. } => "pseudo-label-cross-entropy",
+            Self::Cc { .. } => "nt-xent+cluster-contrast",
+            Self::Supcon { loss, .. } => loss.name(),
+            Self::Paco { .. } => "paco",
+        }
+    }
+
+    /// Sets the number of classes of the methods and losses that learn one centre, target or
+    /// logit per class; the run calls it with its data's class count.
+    pub fn set_classes(&mut self, count: usize) {
+        match self {
+            Self::Paco { classes, .. } | Self::Cc { clusters: classes, .. } => *classes = count,
+            Self::Supcon { loss, .. } => {
+                if let Some(classes) = loss.classes_mut() {
+                    *classes = count;
+                }
+            }
+            _ => {}
         }
     }
 
@@ -134,7 +200,7 @@ impl MethodConfig {
 
     /// Whether the method reads labels.
     pub fn is_supervised(&self) -> bool {
-        matches!(self, Self::Supcon { .. })
+        matches!(self, Self::Supcon { .. } | Self::Paco { .. })
     }
 
     /// The augmentation of each view. BYOL's second view adds solarisation (Grill et al. 2020);
@@ -153,17 +219,35 @@ fn unit_scale() -> f64 {
     1.0
 }
 
+fn one_epoch() -> usize {
+    1
+}
+
 /// What the trainer needs from a method.
 pub trait Method {
     fn config(&self) -> &MethodConfig;
 
     /// The loss of one batch. `views[v]` holds view `v` of every sample, `[N, C, H, W]`;
-    /// `labels` is `[N]` (u32). `step` counts optimiser steps from 0.
-    fn loss(&mut self, views: &[Tensor], labels: &Tensor, step: usize) -> Result<Tensor>;
+    /// `labels` is `[N]` (u32); `indices` are the samples' positions in the training set (for
+    /// per-image state such as pseudo-labels). `step` counts optimiser steps from 0.
+    fn loss(&mut self, views: &[Tensor], labels: &Tensor, indices: &[usize], step: usize) -> Result<Tensor>;
+
+    /// Work before each epoch with the whole training set (DeepCluster's k-means). Called again
+    /// when a run resumes within the epoch, so a method whose work depends on the weights keeps
+    /// what it computed in its buffers.
+    fn before_epoch(&mut self, _train: &Dataset, _epoch: usize) -> Result<()> {
+        Ok(())
+    }
 
     /// Work after each optimiser step; `progress` is the fraction of training done.
     fn after_step(&mut self, _progress: f64) -> Result<()> {
         Ok(())
+    }
+
+    /// The method's own clustering of encoder `features` (`[N, feature_dim]`, evaluation mode):
+    /// the cluster index of each row, where the method has a cluster head.
+    fn cluster_assignments(&self, _features: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// The online encoder, whose pooled features are the embedding.
@@ -231,6 +315,9 @@ pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Metho
         MethodConfig::Simsiam { .. } => Box::new(simsiam::SimSiam::new(config.clone(), parts)?),
         MethodConfig::Swav { .. } => Box::new(swav::Swav::new(config.clone(), parts)?),
         MethodConfig::Supcon { .. } => Box::new(supcon::SupCon::new(config.clone(), parts)?),
+        MethodConfig::Paco { .. } => Box::new(paco::Paco::new(config.clone(), parts)?),
+        MethodConfig::Deepcluster { .. } => Box::new(deepcluster::DeepCluster::new(config.clone(), parts)?),
+        MethodConfig::Cc { .. } => Box::new(cc::ContrastiveClustering::new(config.clone(), parts)?),
     })
 }
 

@@ -30,7 +30,7 @@ impl Method for SimClr {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _step: usize) -> Result<Tensor> {
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
         let z = self.branch.project_views(views, true)?;
         loss::nt_xent(&z[0], &z[1], self.temperature)
     }

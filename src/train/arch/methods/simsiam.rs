@@ -35,7 +35,7 @@ impl Method for SimSiam {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _step: usize) -> Result<Tensor> {
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
         let z = self.branch.project_views(views, true)?;
         let p = self.predictor.forward_t(&Tensor::cat(&z, 0)?, true)?.chunk(2, 0)?;
         // The stop-gradient on z is inside the loss.

@@ -34,7 +34,7 @@ impl Method for Swav {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, step: usize) -> Result<Tensor> {
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], step: usize) -> Result<Tensor> {
         let MethodConfig::Swav { temperature, epsilon, sinkhorn_iterations, freeze_prototypes_steps, .. } = self.config
         else {
             unreachable!("built from a SwAV config")
