@@ -146,7 +146,8 @@ enum OptimizerName {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// simclr, moco-v2, byol, simsiam, swav, cc (contrastive clustering), supcon or paco
+    /// simclr, moco-v2, byol, simsiam, swav, deepcluster, pcl, cc (contrastive clustering), supcon
+    /// or paco
     #[arg(long, default_value = "simclr")]
     method: String,
     /// The loss of --method supcon: supcon, or a long-tail variant: kcl (k positives per anchor),
@@ -186,6 +187,14 @@ struct TrainArgs {
     /// Train on the first N images only
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Crop each view around the object the encoder finds, centres away from its middle
+    /// (ContrastiveCrop; boxes refreshed every epoch after the first)
+    #[arg(long)]
+    contrastive_crop: bool,
+    /// Paste each view's foreground onto another training image with probability P first
+    /// (image synthesis; the foreground is the pixels above 0.1)
+    #[arg(long, value_name = "P")]
+    image_synthesis: Option<f32>,
     /// Train on a long-tailed split: class c keeps n_max * RATIO^(-c/(C-1)) images (e.g. 100)
     #[arg(long, value_name = "RATIO")]
     long_tail: Option<f64>,
@@ -406,6 +415,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
         match &mut method {
             MethodConfig::Simclr { temperature }
             | MethodConfig::MocoV2 { temperature, .. }
+            | MethodConfig::Pcl { temperature, .. }
             | MethodConfig::Swav { temperature, .. }
             | MethodConfig::Supcon { temperature, .. }
             | MethodConfig::Paco { temperature, .. }
@@ -450,6 +460,17 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.seed = args.seed;
     config.train_limit = args.train_limit;
     config.long_tail = args.long_tail;
+    if let Some(p) = args.image_synthesis {
+        anyhow::ensure!((0.0..=1.0).contains(&p), "--image-synthesis is a probability in [0, 1], got {p}");
+    }
+    for view in &mut config.augment {
+        if args.contrastive_crop {
+            view.contrastive_crop = Some(Default::default());
+        }
+        if let Some(p) = args.image_synthesis {
+            view.synthesis_p = p;
+        }
+    }
     config.monitor.knn_every_epochs = args.knn_every;
     config.validate()?;
     Ok(config)

@@ -87,8 +87,15 @@ pub fn fit(
     hooks: &mut dyn FitHooks,
 ) -> Result<FitEnd> {
     let config = model.config.clone();
-    let loader =
-        LoaderConfig { batch_size: config.batch_size, seed: config.seed, shuffle: true, drop_last: true, prefetch: 2 };
+    let mut loader = LoaderConfig {
+        batch_size: config.batch_size,
+        seed: config.seed,
+        shuffle: true,
+        drop_last: true,
+        prefetch: 2,
+        object_boxes: None,
+    };
+    let object_crop = config.augment.iter().find_map(|a| a.contrastive_crop.clone());
     let pipelines = view_pipelines(&config.augment);
     let steps_per_epoch = steps_per_epoch(data.len(), config.batch_size)?;
     let total_steps = steps_per_epoch * config.epochs;
@@ -100,6 +107,16 @@ pub fn fit(
     };
     for epoch in progress.epoch..config.epochs {
         model.method.before_epoch(data, epoch)?;
+        if let Some(crop) = &object_crop {
+            // ContrastiveCrop's boxes from the encoder as it is now: at each refresh epoch, and
+            // when a run (re)starts past the warm-up (the boxes are not checkpointed).
+            let refresh = epoch >= crop.warmup_epochs
+                && ((epoch - crop.warmup_epochs).is_multiple_of(crop.refresh_every_epochs.max(1))
+                    || loader.object_boxes.is_none());
+            if refresh {
+                loader.object_boxes = Some(Arc::new(model.object_boxes(data, crop.heatmap_threshold)?));
+            }
+        }
         let mut loss_sum = 0.0;
         let batches = BatchLoader::spawn(data.clone(), pipelines.clone(), loader.clone(), epoch);
         for batch in batches.skip(progress.batch_in_epoch) {

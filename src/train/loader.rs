@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use candle_core::{Device, Tensor};
 
+use super::augment::crop::CropBox;
 use super::augment::{AugmentConfig, Pipeline};
 use crate::data::{Dataset, ImageShape};
 
@@ -29,6 +30,8 @@ pub struct LoaderConfig {
     pub drop_last: bool,
     /// How many finished batches may wait for the consumer (at least 1 is used).
     pub prefetch: usize,
+    /// Each training image's object box, for ContrastiveCrop (the whole image when `None`).
+    pub object_boxes: Option<Arc<Vec<CropBox>>>,
 }
 
 /// One batch: every pipeline's view of the same images.
@@ -92,9 +95,16 @@ pub fn view_seed(seed: u64, epoch: usize, index: usize, view: usize) -> u64 {
 ///
 /// Images are augmented in parallel on rayon's pool when the batch is big enough to be
 /// worth it; the result is the same either way.
-pub fn make_batch(dataset: &Dataset, pipelines: &[Arc<Pipeline>], indices: &[usize], seed: u64, epoch: usize) -> Batch {
+pub fn make_batch(
+    dataset: &Dataset,
+    pipelines: &[Arc<Pipeline>],
+    indices: &[usize],
+    seed: u64,
+    epoch: usize,
+    object_boxes: Option<&[CropBox]>,
+) -> Batch {
     let parallel = indices.len() * dataset.shape.numel() >= PARALLEL_MIN_VALUES;
-    make_batch_with(dataset, pipelines, indices, seed, epoch, parallel)
+    make_batch_with(dataset, pipelines, indices, seed, epoch, object_boxes, parallel)
 }
 
 fn make_batch_with(
@@ -103,6 +113,7 @@ fn make_batch_with(
     indices: &[usize],
     seed: u64,
     epoch: usize,
+    object_boxes: Option<&[CropBox]>,
     parallel: bool,
 ) -> Batch {
     let shape = dataset.shape;
@@ -111,7 +122,8 @@ fn make_batch_with(
         .map(|v| {
             let view_into = |dst: &mut [f32], &index: &usize| {
                 let mut rng = SmallRng::seed_from_u64(view_seed(seed, epoch, index, v));
-                dst.copy_from_slice(&pipelines[v].apply(dataset.image(index), shape, &mut rng));
+                let object = object_boxes.map(|boxes| boxes[index]);
+                dst.copy_from_slice(&pipelines[v].apply_in(dataset, index, object, &mut rng));
             };
             let mut out = vec![0.0; indices.len() * numel];
             if parallel {
@@ -146,7 +158,8 @@ impl BatchLoader {
             .spawn(move || {
                 let order = epoch_order(dataset.len(), config.seed, epoch, config.shuffle);
                 for indices in order.chunks(config.batch_size).take(total) {
-                    let batch = make_batch(&dataset, &pipelines, indices, config.seed, epoch);
+                    let boxes = config.object_boxes.as_deref().map(Vec::as_slice);
+                    let batch = make_batch(&dataset, &pipelines, indices, config.seed, epoch, boxes);
                     if sender.send(batch).is_err() {
                         return; // the loader was dropped
                     }
@@ -234,7 +247,7 @@ mod tests {
     }
 
     fn config(batch_size: usize, seed: u64) -> LoaderConfig {
-        LoaderConfig { batch_size, seed, shuffle: true, drop_last: false, prefetch: 2 }
+        LoaderConfig { batch_size, seed, shuffle: true, drop_last: false, prefetch: 2, object_boxes: None }
     }
 
     fn simclr_pair() -> Vec<Arc<Pipeline>> {
@@ -369,7 +382,7 @@ mod tests {
             for parallel in [false, true] {
                 let start = Instant::now();
                 for epoch in 0..10 {
-                    make_batch_with(data, &pipelines, &indices, 0, epoch, parallel);
+                    make_batch_with(data, &pipelines, &indices, 0, epoch, None, parallel);
                 }
                 let per_batch = start.elapsed() / 10;
                 eprintln!("{name}, 256 images x 2 views, parallel={parallel}: {per_batch:?} per batch");

@@ -5,12 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use contrastive_kernels::Backend;
 
 use super::arch::init::seeded_var_builder;
 use super::arch::methods::{self, Method, MethodParts};
+use super::augment::contrastive_crop::object_box;
+use super::augment::crop::CropBox;
 use super::checkpoint;
 use super::config::TrainConfig;
 use super::loader::{BatchLoader, LoaderConfig};
@@ -170,6 +172,33 @@ impl Model {
         Ok((report, knn_outcomes))
     }
 
+    /// Each image's object box for ContrastiveCrop: the bounding box of the encoder's last feature
+    /// map, summed over channels, where it reaches `threshold` of its range (evaluation mode).
+    pub fn object_boxes(&self, dataset: &Dataset, threshold: f32) -> Result<Vec<CropBox>> {
+        let encoder = self.method.encoder();
+        let heatmaps = eval::encode(dataset, &self.device, ENCODE_BATCH, |x| {
+            encoder.feature_map_t(x, false)?.sum(1)?.flatten_from(1)
+        })?;
+        let (_, rows, columns) = encoder
+            .feature_map_t(
+                &Tensor::zeros(
+                    (1, dataset.shape.channels, dataset.shape.height, dataset.shape.width),
+                    DType::F32,
+                    &self.device,
+                )?,
+                false,
+            )?
+            .sum(1)?
+            .dims3()?;
+        let (height, width) = (dataset.shape.height, dataset.shape.width);
+        Ok(heatmaps
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|map| object_box(map, rows, columns, threshold, height, width))
+            .collect())
+    }
+
     /// Features of two augmented views of (up to 2,048 of) the images, for alignment.
     fn augmented_pair_features(&self, dataset: &Dataset) -> Result<(Tensor, Tensor)> {
         let subset = Arc::new(dataset.head(2048));
@@ -179,6 +208,7 @@ impl Model {
             shuffle: false,
             drop_last: false,
             prefetch: 1,
+            object_boxes: None,
         };
         let pipelines = super::loader::view_pipelines(&self.config.augment);
         let batch =
@@ -189,5 +219,36 @@ impl Model {
             features.push(contrastive_kernels::l2_normalize(&self.encode(&images)?)?);
         }
         Ok((features[0].clone(), features[1].clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ImageShape;
+    use crate::train::arch::MethodConfig;
+
+    #[test]
+    fn object_boxes_lie_in_the_image_and_follow_the_object() {
+        let shape = ImageShape::new(1, 28, 28);
+        let mut config = TrainConfig::for_method(MethodConfig::default_for("simclr").unwrap(), shape);
+        config.encoder.widths = vec![8, 16, 16];
+        let model = Model::new(&config, &Device::Cpu).unwrap();
+        // A bright square in the top-left corner of a black image, and a plain image.
+        let mut images = vec![0f32; 2 * 784];
+        for y in 2..10 {
+            for x in 2..10 {
+                images[y * 28 + x] = 1.0;
+            }
+        }
+        images[784..].fill(0.5);
+        let data = Dataset::new(images, vec![0, 0], shape, vec!["x".into()]).unwrap();
+        let boxes = model.object_boxes(&data, 0.1).unwrap();
+        for b in &boxes {
+            assert!(b.height > 0 && b.width > 0 && b.top + b.height <= 28 && b.left + b.width <= 28, "{b:?}");
+        }
+        // The square's box starts at the top left; the plain image's heatmap is flat except at the
+        // borders (zero padding), so its box is large.
+        assert!(boxes[0].top < 10 && boxes[0].left < 10, "{:?}", boxes[0]);
     }
 }

@@ -163,6 +163,12 @@ impl ResNet {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Global mean pooling: pooling ops' backward only works when kernel == stride.
+        self.feature_map_t(x, train)?.flatten_from(2)?.mean(D::Minus1)
+    }
+
+    /// The last stage's output before pooling, `[N, C, h, w]` (ContrastiveCrop's heatmaps).
+    pub fn feature_map_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let frozen = if train { self.frozen_blocks } else { None };
         let mut h = self.stem.forward_t(x, train && frozen.is_none(), true)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -174,8 +180,7 @@ impl ResNet {
         if frozen == Some(self.blocks.len()) {
             h = h.detach();
         }
-        // Global mean pooling: pooling ops' backward only works when kernel == stride.
-        h.flatten_from(2)?.mean(D::Minus1)
+        Ok(h)
     }
 
     /// The encoder in evaluation mode as ONNX nodes reading `input` (`[N, C, H, W]`); returns the

@@ -8,17 +8,20 @@
 
 pub mod blur;
 pub mod color;
+pub mod contrastive_crop;
 pub mod crop;
+pub mod synthesis;
 
 use std::fmt;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
 
-use crate::data::ImageShape;
+use crate::data::{Dataset, ImageShape};
 
 pub use blur::GaussianBlur;
 pub use color::{ColorJitter, Grayscale, Solarize};
+pub use contrastive_crop::ContrastiveCrop;
 pub use crop::{CropBox, HorizontalFlip, RandomResizedCrop};
 
 /// One image, CHW `f32`.
@@ -92,6 +95,38 @@ pub struct AugmentConfig {
     pub blur_p: f32,
     pub blur_sigma: (f32, f32),
     pub solarize_p: f32,
+    /// Centre-suppressed crops on the object's box instead of random resized crops
+    /// ([`contrastive_crop`]), with the crop's scale and ratio above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contrastive_crop: Option<ContrastiveCropConfig>,
+    /// Probability of pasting the image's foreground onto another training image first
+    /// ([`synthesis`]); the foreground is the pixels above `synthesis_threshold`.
+    #[serde(default)]
+    pub synthesis_p: f32,
+    #[serde(default = "default_synthesis_threshold")]
+    pub synthesis_threshold: f32,
+}
+
+/// ContrastiveCrop's settings (Peng et al. 2022 defaults: α 0.6, k 0.1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContrastiveCropConfig {
+    /// `Beta(α, α)` law of the crop centre in the box; below 1 it avoids the middle.
+    pub alpha: f32,
+    /// Heatmap cells at or above this fraction of its range are the object.
+    pub heatmap_threshold: f32,
+    /// Recompute the boxes from the encoder every this many epochs, from epoch `warmup_epochs`.
+    pub refresh_every_epochs: usize,
+    pub warmup_epochs: usize,
+}
+
+impl Default for ContrastiveCropConfig {
+    fn default() -> Self {
+        Self { alpha: 0.6, heatmap_threshold: 0.1, refresh_every_epochs: 1, warmup_epochs: 1 }
+    }
+}
+
+fn default_synthesis_threshold() -> f32 {
+    0.1
 }
 
 impl AugmentConfig {
@@ -113,6 +148,9 @@ impl AugmentConfig {
             blur_p: 0.0,
             blur_sigma: (0.1, 2.0),
             solarize_p: 0.0,
+            contrastive_crop: None,
+            synthesis_p: 0.0,
+            synthesis_threshold: default_synthesis_threshold(),
         }
     }
 
@@ -143,6 +181,9 @@ impl AugmentConfig {
             blur_p: 0.0,
             blur_sigma: (0.1, 2.0),
             solarize_p: 0.0,
+            contrastive_crop: None,
+            synthesis_p: 0.0,
+            synthesis_threshold: default_synthesis_threshold(),
         }
     }
 
@@ -152,23 +193,30 @@ impl AugmentConfig {
     }
 }
 
-/// A view pipeline: transforms applied in order.
+/// A view pipeline: transforms applied in order, after the steps that need more than the image
+/// (pasting onto another training image, a crop on the image's object box).
 #[derive(Debug, Default)]
 pub struct Pipeline {
+    synthesis: Option<(f32, f32)>,
+    object_crop: Option<ContrastiveCrop>,
     transforms: Vec<Box<dyn Transform>>,
 }
 
 impl Pipeline {
     /// A custom pipeline.
     pub fn new(transforms: Vec<Box<dyn Transform>>) -> Self {
-        Self { transforms }
+        Self { synthesis: None, object_crop: None, transforms }
     }
 
     /// The pipeline [`AugmentConfig`] describes; steps whose probability or strength is 0 are
     /// left out.
     pub fn from_config(config: &AugmentConfig) -> Self {
         let mut steps: Vec<Box<dyn Transform>> = Vec::new();
-        if config.crop_scale != (1.0, 1.0) {
+        let object_crop = config
+            .contrastive_crop
+            .as_ref()
+            .map(|c| ContrastiveCrop::new(config.crop_scale, config.crop_ratio, c.alpha));
+        if config.crop_scale != (1.0, 1.0) && object_crop.is_none() {
             steps.push(Box::new(RandomResizedCrop::new(config.crop_scale, config.crop_ratio)));
         }
         if config.flip_p > 0.0 {
@@ -194,7 +242,8 @@ impl Pipeline {
         if config.solarize_p > 0.0 {
             steps.push(Box::new(RandomApply::new(config.solarize_p, Solarize { threshold: SOLARIZE_THRESHOLD })));
         }
-        Self::new(steps)
+        let synthesis = (config.synthesis_p > 0.0).then_some((config.synthesis_p, config.synthesis_threshold));
+        Self { synthesis, object_crop, transforms: steps }
     }
 
     /// Appends a step.
@@ -220,9 +269,36 @@ impl Pipeline {
         }
     }
 
-    /// A new view of `pixels` (CHW, `shape`): same shape, values in `[0, 1]`.
+    /// A new view of `pixels` (CHW, `shape`): same shape, values in `[0, 1]`. Without a
+    /// training set, image synthesis is skipped and ContrastiveCrop takes the whole image.
     pub fn apply(&self, pixels: &[f32], shape: ImageShape, rng: &mut dyn RngCore) -> Vec<f32> {
         let mut image = Image::new(shape, pixels.to_vec());
+        if let Some(crop) = &self.object_crop {
+            crop.with_object(None).apply(&mut image, rng);
+        }
+        self.apply_image(&mut image, rng);
+        image.data
+    }
+
+    /// A new view of training image `index`: pasted onto another of `dataset`'s images (image
+    /// synthesis), cropped on its `object` box (ContrastiveCrop) when the pipeline has those steps.
+    pub fn apply_in(
+        &self,
+        dataset: &Dataset,
+        index: usize,
+        object: Option<CropBox>,
+        rng: &mut dyn RngCore,
+    ) -> Vec<f32> {
+        let mut image = Image::new(dataset.shape, dataset.image(index).to_vec());
+        if let Some((p, threshold)) = self.synthesis {
+            if dataset.len() > 1 && rng.random::<f32>() < p {
+                let other = (index + rng.random_range(1..dataset.len())) % dataset.len();
+                image = synthesis::paste_foreground(&image, dataset.image(other), threshold);
+            }
+        }
+        if let Some(crop) = &self.object_crop {
+            crop.with_object(object).apply(&mut image, rng);
+        }
         self.apply_image(&mut image, rng);
         image.data
     }
@@ -326,6 +402,49 @@ mod tests {
             })
             .count();
         assert!((7_700..8_300).contains(&fired), "{fired}");
+    }
+
+    fn tiny_dataset() -> Dataset {
+        // Three 1×2×2 images: a bright pixel on black, and two plain backgrounds.
+        let images = vec![0.9, 0.0, 0.0, 0.0, 0.4, 0.4, 0.4, 0.4, 0.7, 0.7, 0.7, 0.7];
+        Dataset::new(images, vec![0, 1, 2], ImageShape::new(1, 2, 2), vec!["a".into(), "b".into(), "c".into()]).unwrap()
+    }
+
+    #[test]
+    fn synthesis_pastes_the_foreground_onto_another_training_image() {
+        let data = tiny_dataset();
+        let pipeline = Pipeline::from_config(&AugmentConfig { synthesis_p: 1.0, ..AugmentConfig::none() });
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..50 {
+            let view = pipeline.apply_in(&data, 0, None, &mut SmallRng::seed_from_u64(seed));
+            assert_eq!(view[0], 0.9, "the object stays");
+            assert!(view[1..] == [0.4; 3] || view[1..] == [0.7; 3], "another image's background: {view:?}");
+            seen.insert(view[1].to_bits());
+        }
+        assert_eq!(seen.len(), 2, "both other images serve as backgrounds");
+    }
+
+    #[test]
+    fn without_context_steps_a_view_in_the_dataset_is_the_plain_view() {
+        let data = tiny_dataset();
+        let pipeline = Pipeline::from_config(&AugmentConfig::simclr());
+        for index in 0..3 {
+            let plain = pipeline.apply(data.image(index), data.shape, &mut SmallRng::seed_from_u64(4));
+            assert_eq!(pipeline.apply_in(&data, index, None, &mut SmallRng::seed_from_u64(4)), plain);
+        }
+    }
+
+    #[test]
+    fn contrastive_crop_replaces_the_random_resized_crop() {
+        let config =
+            AugmentConfig { contrastive_crop: Some(ContrastiveCropConfig::default()), ..AugmentConfig::simclr() };
+        let pipeline = Pipeline::from_config(&config);
+        assert_eq!(pipeline.len(), 3, "flip, jitter, grayscale; the crop is the object crop");
+        let shape = ImageShape::new(1, 28, 28);
+        let view = pipeline.apply(&test_image(shape), shape, &mut SmallRng::seed_from_u64(2));
+        assert_eq!(view.len(), shape.numel());
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<AugmentConfig>(&json).unwrap(), config);
     }
 
     #[test]

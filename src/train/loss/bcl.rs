@@ -88,14 +88,7 @@ mod tests {
 
     #[test]
     fn matches_the_paper_and_its_gradient() -> Result<()> {
-        let features = vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-            vec![0.2, -0.2, 1.5],
-        ];
+        let features = six_features();
         // Class 0 has three views, 1 two, 2 one, 3 none (only its centre).
         let labels = [0u32, 1, 0, 2, 1, 0];
         let centres = vec![vec![0.5, 0.5, 0.1], vec![-1.0, 0.3, 0.2], vec![0.1, -0.9, 0.4], vec![0.3, 0.3, -1.0]];

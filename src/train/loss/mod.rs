@@ -11,6 +11,7 @@ pub mod hybrid;
 pub mod info_nce;
 pub mod nt_xent;
 pub mod paco;
+pub mod proto_nce;
 pub mod simsiam;
 pub mod supcon;
 pub mod swav;
@@ -52,6 +53,12 @@ pub(crate) mod testing {
         let z1 = vec![vec![1.0, 0.2, -0.5], vec![-0.3, 0.8, 0.1], vec![0.4, -0.6, 0.9]];
         let z2 = vec![vec![0.9, 0.1, -0.2], vec![-0.5, 1.1, 0.3], vec![0.2, -0.2, 1.5]];
         (z1, z2)
+    }
+
+    /// The six rows of [`two_view_example`] as one batch of features.
+    pub fn six_features() -> Rows {
+        let (z1, z2) = two_view_example();
+        z1.into_iter().chain(z2).collect()
     }
 
     pub fn dot(a: &[f64], b: &[f64]) -> f64 {

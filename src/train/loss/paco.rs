@@ -86,13 +86,7 @@ mod tests {
     }
 
     fn example() -> (Vec<Vec<f64>>, Vec<Vec<f64>>, [u32; 5]) {
-        let features = vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-        ];
+        let features = six_features()[..5].to_vec();
         let logits = vec![vec![0.3, -1.2], vec![2.0, 0.1], vec![-0.4, 0.5], vec![1.1, 1.0], vec![0.0, -0.7]];
         (features, logits, [0, 1, 0, 0, 1])
     }

@@ -69,14 +69,7 @@ mod tests {
     }
 
     fn features() -> Vec<Vec<f64>> {
-        vec![
-            vec![1.0, 0.2, -0.5],
-            vec![-0.3, 0.8, 0.1],
-            vec![0.4, -0.6, 0.9],
-            vec![0.9, 0.1, -0.2],
-            vec![-0.5, 1.1, 0.3],
-            vec![0.2, -0.2, 1.5],
-        ]
+        six_features()
     }
 
     // Label 7 has three views, 2 has two, 5 only one (an anchor without positives).

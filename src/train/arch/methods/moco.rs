@@ -42,6 +42,17 @@ impl MocoV2 {
         let MethodConfig::MocoV2 { temperature, queue_size, momentum } = config else {
             candle_core::bail!("not a MoCo v2 config")
         };
+        Self::with(config, temperature, queue_size, momentum, parts)
+    }
+
+    /// MoCo v2 with these settings, reporting `config` as its own (PCL builds on it).
+    pub(super) fn with(
+        config: MethodConfig,
+        temperature: f64,
+        queue_size: usize,
+        momentum: f64,
+        parts: &MethodParts,
+    ) -> Result<Self> {
         // MoCo v2's projector has no batch norm.
         let projector = MlpConfig { hidden_batch_norm: false, ..parts.projector_config() };
         let query = parts.branch(&projector)?;
@@ -59,17 +70,7 @@ impl Method for MocoV2 {
     }
 
     fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
-        let n = views[0].dim(0)?;
-        let groups = BN_GROUPS.min(n);
-        let q = self.query.project_views_grouped(views, groups, None)?;
-        let shuffle = interleave_groups(n, groups, views[0].device())?;
-        let k: Vec<Tensor> =
-            self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
-        let queue = self.queue.keys();
-        let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
-        let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
-        self.pending_keys = Some(Tensor::cat(&k, 0)?);
-        (l1 + l2)? / 2.0
+        Ok(self.queries_and_loss(views)?.1)
     }
 
     fn after_step(&mut self, _progress: f64) -> Result<()> {
@@ -97,6 +98,28 @@ impl Method for MocoV2 {
             self.queue = MemoryQueue::from_tensor(queue)?;
         }
         Ok(())
+    }
+}
+
+impl MocoV2 {
+    /// The momentum branch (PCL clusters its projections).
+    pub(super) fn key_branch(&self) -> &Branch {
+        &self.key
+    }
+
+    /// Each view's queries `[N, D]` and the symmetrised InfoNCE against the queue.
+    pub(super) fn queries_and_loss(&mut self, views: &[Tensor]) -> Result<(Vec<Tensor>, Tensor)> {
+        let n = views[0].dim(0)?;
+        let groups = BN_GROUPS.min(n);
+        let q = self.query.project_views_grouped(views, groups, None)?;
+        let shuffle = interleave_groups(n, groups, views[0].device())?;
+        let k: Vec<Tensor> =
+            self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
+        let queue = self.queue.keys();
+        let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
+        let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
+        self.pending_keys = Some(Tensor::cat(&k, 0)?);
+        Ok((q, ((l1 + l2)? / 2.0)?))
     }
 }
 
