@@ -146,8 +146,8 @@ enum OptimizerName {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// simclr, moco-v2, byol, simsiam, swav, deepcluster, pcl, cc (contrastive clustering), supcon
-    /// or paco
+    /// simclr, moco-v2, byol, simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
+    /// supcon or paco
     #[arg(long, default_value = "simclr")]
     method: String,
     /// The loss of --method supcon: supcon, or a long-tail variant: kcl (k positives per anchor),
@@ -416,6 +416,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             MethodConfig::Simclr { temperature }
             | MethodConfig::MocoV2 { temperature, .. }
             | MethodConfig::Pcl { temperature, .. }
+            | MethodConfig::Hcsc { temperature, .. }
             | MethodConfig::Swav { temperature, .. }
             | MethodConfig::Supcon { temperature, .. }
             | MethodConfig::Paco { temperature, .. }

@@ -13,7 +13,10 @@
 
 use candle_core::{bail, Result, Tensor, D};
 
-use super::common::{expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows};
+use super::common::{
+    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
+    weighted_positive_log_likelihood,
+};
 
 /// MoCo's InfoNCE: queries `q` `[N, D]` (normalised here, gradient flows), keys `k` `[N, D]`
 /// (normalised and detached here), `queue` `[K, D]` of already-normalised negatives (detached here).
@@ -32,6 +35,38 @@ pub fn info_nce_with_queue(q: &Tensor, k: &Tensor, queue: &Tensor, temperature: 
     let negatives = q.matmul(&queue.t()?)?;
     let logits = (Tensor::cat(&[&positive, &negatives], 1)? / temperature)?;
     cross_entropy_on_first_column(&logits)
+}
+
+/// [`info_nce_with_queue`] with only the queue keys that `selected` (`[N, K]`, 1 or 0 per query
+/// and key) marks as negatives of each query: HCSC's instance selection leaves out keys that
+/// likely share the query's cluster.
+pub fn info_nce_with_selected_queue(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    selected: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let (rows, dim) = expect_float_matrix("q", q)?;
+    expect_same_shape("q", q, "k", k)?;
+    let (keys, queue_dim) = expect_float_matrix("queue", queue)?;
+    if queue_dim != dim || selected.dims() != [rows, keys] {
+        bail!(
+            "a [{keys}, {dim}] queue and a [{rows}, {keys}] selection expected, got {:?} and {:?}",
+            queue.dims(),
+            selected.dims()
+        )
+    }
+    expect_positive("temperature", temperature)?;
+    let q = l2_normalize(q)?;
+    let k = l2_normalize(&k.detach())?;
+    let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
+    let negatives = q.matmul(&queue.detach().to_dtype(q.dtype())?.t()?)?;
+    let logits = (Tensor::cat(&[&positive, &negatives], 1)? / temperature)?;
+    let first = Tensor::ones((rows, 1), q.dtype(), q.device())?;
+    let positives = Tensor::cat(&[&first, &Tensor::zeros((rows, keys), q.dtype(), q.device())?], 1)?;
+    let denominator = Tensor::cat(&[&first, &selected.to_dtype(q.dtype())?], 1)?;
+    weighted_positive_log_likelihood(&logits, &positives, &denominator)
 }
 
 /// In-batch InfoNCE (MoCo v3): query i's positive is key i, the other N − 1 keys are its
@@ -106,6 +141,24 @@ mod tests {
             0.2,
         )?;
         assert!((loss32.to_scalar::<f32>()? as f64 - reference_queue(&q, &k, &queue, 0.2)).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_selection_leaves_the_unselected_keys_out_of_the_denominator() -> Result<()> {
+        let (q, k, queue) = example();
+        let (qt, kt) = (matrix(&q), matrix(&k));
+        let all = Tensor::ones((q.len(), queue.len()), DType::F64, qt.device())?;
+        let full = info_nce_with_queue(&qt, &kt, &matrix(&queue), 0.2)?.to_scalar::<f64>()?;
+        let selected = info_nce_with_selected_queue(&qt, &kt, &matrix(&queue), &all, 0.2)?.to_scalar::<f64>()?;
+        assert!((full - selected).abs() < 1e-12, "selecting every key is MoCo's loss");
+        // Dropping the last key for every query is a queue without it.
+        let mut without_last = vec![1.0; queue.len()];
+        *without_last.last_mut().unwrap() = 0.0;
+        let mask = Tensor::new(vec![without_last; q.len()], qt.device())?;
+        let shorter = info_nce_with_queue(&qt, &kt, &matrix(&queue[..queue.len() - 1]), 0.2)?.to_scalar::<f64>()?;
+        let masked = info_nce_with_selected_queue(&qt, &kt, &matrix(&queue), &mask, 0.2)?.to_scalar::<f64>()?;
+        assert!((shorter - masked).abs() < 1e-12, "{shorter} vs {masked}");
         Ok(())
     }
 

@@ -15,7 +15,7 @@
 
 use candle_core::{bail, Result, Tensor};
 
-use super::common::{cross_entropy, expect_float_matrix, l2_normalize};
+use super::common::{cross_entropy, expect_float_matrix, l2_normalize, one_hot, weighted_positive_log_likelihood};
 
 /// The smoothing `α` of the concentration estimate.
 pub const CONCENTRATION_ALPHA: f64 = 10.0;
@@ -27,6 +27,18 @@ pub fn prototype_term(
     prototypes: &Tensor,
     concentration: &Tensor,
     assignments: &Tensor,
+) -> Result<Tensor> {
+    selected_prototype_term(queries, prototypes, concentration, assignments, None)
+}
+
+/// [`prototype_term`] with only the negative prototypes `selected` (`[N, K]`, 1 or 0) marks in
+/// each query's denominator; its own prototype always stays (HCSC's prototype selection).
+pub fn selected_prototype_term(
+    queries: &Tensor,
+    prototypes: &Tensor,
+    concentration: &Tensor,
+    assignments: &Tensor,
+    selected: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (_, dim) = expect_float_matrix("queries", queries)?;
     let (clusters, prototype_dim) = expect_float_matrix("prototypes", prototypes)?;
@@ -41,7 +53,10 @@ pub fn prototype_term(
     let logits = v
         .matmul(&prototypes.to_dtype(dtype)?.detach().t()?)?
         .broadcast_div(&concentration.to_dtype(dtype)?.detach().unsqueeze(0)?)?;
-    cross_entropy(&logits, assignments)
+    let Some(selected) = selected else { return cross_entropy(&logits, assignments) };
+    let own = one_hot(assignments, clusters, dtype)?;
+    let denominator = selected.to_dtype(dtype)?.maximum(&own)?;
+    weighted_positive_log_likelihood(&logits, &own, &denominator)
 }
 
 /// Each cluster's `φ` from the distances of its members to its centroid, clamped and scaled to
@@ -97,6 +112,24 @@ mod tests {
         let loss = prototype_term(&matrix(&queries), &c, &f, &a)?.to_scalar::<f64>()?;
         assert!((loss - expected).abs() < 1e-10, "{loss} vs {expected}");
         assert_gradients_match_finite_differences(&[matrix(&queries)], &[0], |x| prototype_term(&x[0], &c, &f, &a));
+        Ok(())
+    }
+
+    #[test]
+    fn a_selection_leaves_unselected_prototypes_out_but_keeps_the_own_one() -> Result<()> {
+        let queries = matrix(&[vec![1.0, 0.2], vec![-0.3, 0.8]]);
+        let prototypes = matrix(&[vec![1.0, 0.0], vec![0.0, 1.0], vec![-1.0, 0.0]]);
+        let phi = Tensor::new(&[0.2f64, 0.2, 0.2], &Device::Cpu)?;
+        let assignments = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+        // Query 0 drops prototype 2, query 1 drops prototype 0; query 1's own prototype (1) is
+        // marked 0 but stays.
+        let selected = Tensor::new(&[[1.0f64, 1.0, 0.0], [0.0, 0.0, 1.0]], &Device::Cpu)?;
+        let loss =
+            selected_prototype_term(&queries, &prototypes, &phi, &assignments, Some(&selected))?.to_scalar::<f64>()?;
+        let (q0, q1) = (normalize(&[1.0, 0.2]), normalize(&[-0.3, 0.8]));
+        let l0 = log_sum_exp(&[q0[0] / 0.2, q0[1] / 0.2]) - q0[0] / 0.2;
+        let l1 = log_sum_exp(&[q1[1] / 0.2, -q1[0] / 0.2]) - q1[1] / 0.2;
+        assert!((loss - (l0 + l1) / 2.0).abs() < 1e-10, "{loss}");
         Ok(())
     }
 

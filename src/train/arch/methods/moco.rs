@@ -109,17 +109,32 @@ impl MocoV2 {
 
     /// Each view's queries `[N, D]` and the symmetrised InfoNCE against the queue.
     pub(super) fn queries_and_loss(&mut self, views: &[Tensor]) -> Result<(Vec<Tensor>, Tensor)> {
+        let (q, k) = self.queries_and_keys(views)?;
+        let queue = self.queue.keys();
+        let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
+        let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
+        Ok((q, ((l1 + l2)? / 2.0)?))
+    }
+
+    /// Each view's queries and (detached) keys; the keys enter the queue after the step.
+    pub(super) fn queries_and_keys(&mut self, views: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let n = views[0].dim(0)?;
         let groups = BN_GROUPS.min(n);
         let q = self.query.project_views_grouped(views, groups, None)?;
         let shuffle = interleave_groups(n, groups, views[0].device())?;
         let k: Vec<Tensor> =
             self.key.project_views_grouped(views, groups, Some(&shuffle))?.iter().map(Tensor::detach).collect();
-        let queue = self.queue.keys();
-        let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
-        let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
         self.pending_keys = Some(Tensor::cat(&k, 0)?);
-        Ok((q, ((l1 + l2)? / 2.0)?))
+        Ok((q, k))
+    }
+
+    /// The queue's keys `[K, D]`, unit vectors.
+    pub(super) fn queue_keys(&self) -> &Tensor {
+        self.queue.keys()
+    }
+
+    pub(super) fn temperature(&self) -> f64 {
+        self.temperature
     }
 }
 

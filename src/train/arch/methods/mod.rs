@@ -18,11 +18,13 @@
 //! | SwAV    | clustering                | shared weights           | swapped codes      | swapped prediction|
 //! | DeepCluster | clustering            | none (pseudo-labels)     | k-means clusters   | cross-entropy     |
 //! | PCL     | clustering (EM on MoCo v2) | momentum encoder        | queue + k-means prototypes | ProtoNCE  |
+//! | HCSC    | clustering (on MoCo v2) | momentum encoder         | selected queue + hierarchical prototypes | selective ProtoNCE |
 //! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |
 
 pub mod byol;
 pub mod cc;
 pub mod deepcluster;
+pub mod hcsc;
 pub mod moco;
 pub mod paco;
 pub mod pcl;
@@ -99,6 +101,16 @@ pub enum MethodConfig {
         /// Epochs of InfoNCE alone before the first clustering.
         warmup_epochs: usize,
     },
+    /// Hierarchical Contrastive Selective Coding (Guo et al. 2022): MoCo v2 with hierarchical
+    /// prototypes and instance and prototype selection.
+    Hcsc {
+        temperature: f64,
+        queue_size: usize,
+        momentum: f64,
+        /// Clusters per level, finest first, decreasing.
+        clusters: Vec<usize>,
+        warmup_epochs: usize,
+    },
     /// DeepCluster (Caron et al. 2018): k-means pseudo-labels each epoch, a classifier on them.
     Deepcluster {
         /// k-means clusters; the paper over-clusters (10× the classes).
@@ -126,8 +138,8 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
-    pub const NAMES: [&'static str; 10] =
-        ["simclr", "moco-v2", "byol", "simsiam", "swav", "deepcluster", "pcl", "cc", "supcon", "paco"];
+    pub const NAMES: [&'static str; 11] =
+        ["simclr", "moco-v2", "byol", "simsiam", "swav", "deepcluster", "pcl", "hcsc", "cc", "supcon", "paco"];
 
     /// The defaults for `name` (one of [`MethodConfig::NAMES`]), tuned for small images.
     pub fn default_for(name: &str) -> anyhow::Result<Self> {
@@ -155,6 +167,15 @@ impl MethodConfig {
                 clusters: vec![20, 50, 100],
                 warmup_epochs: 0,
             },
+            // PCL's settings; a hierarchy of 100, 50 and 20 clusters (the paper: 3000-2000-1000
+            // on ImageNet).
+            "hcsc" => Self::Hcsc {
+                temperature: 0.2,
+                queue_size: 4096,
+                momentum: 0.99,
+                clusters: vec![100, 50, 20],
+                warmup_epochs: 0,
+            },
             // The paper's temperatures (τ_I = 0.5, τ_C = 1).
             "cc" => Self::Cc { clusters: 10, instance_temperature: 0.5, cluster_temperature: 1.0 },
             "supcon" => Self::Supcon { temperature: 0.1, on_embedding: false, loss: SupervisedLoss::Supcon },
@@ -173,6 +194,7 @@ impl MethodConfig {
             Self::Swav { .. } => "swav",
             Self::Deepcluster { .. } => "deepcluster",
             Self::Pcl { .. } => "pcl",
+            Self::Hcsc { .. } => "hcsc",
             Self::Cc { .. } => "cc",
             Self::Supcon { .. } => "supcon",
             Self::Paco { .. } => "paco",
@@ -189,6 +211,7 @@ impl MethodConfig {
             Self::Swav { .. } => "swav-swapped-prediction",
             Self::Deepcluster { .. } => "pseudo-label-cross-entropy",
             Self::Pcl { .. } => "proto-nce",
+            Self::Hcsc { .. } => "selective-proto-nce",
             Self::Cc { .. } => "nt-xent+cluster-contrast",
             Self::Supcon { loss, .. } => loss.name(),
             Self::Paco { .. } => "paco",
@@ -343,6 +366,7 @@ pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Metho
         MethodConfig::Supcon { .. } => Box::new(supcon::SupCon::new(config.clone(), parts)?),
         MethodConfig::Paco { .. } => Box::new(paco::Paco::new(config.clone(), parts)?),
         MethodConfig::Pcl { .. } => Box::new(pcl::Pcl::new(config.clone(), parts)?),
+        MethodConfig::Hcsc { .. } => Box::new(hcsc::Hcsc::new(config.clone(), parts)?),
         MethodConfig::Deepcluster { .. } => Box::new(deepcluster::DeepCluster::new(config.clone(), parts)?),
         MethodConfig::Cc { .. } => Box::new(cc::ContrastiveClustering::new(config.clone(), parts)?),
     })

@@ -28,13 +28,95 @@ use crate::train::loss::{self, proto_nce};
 const ENCODE_BATCH: usize = 512;
 
 /// One clustering of the training set.
-struct Clustering {
+pub(super) struct Clustering {
     /// `[K, D]` unit prototypes.
-    prototypes: Tensor,
+    pub prototypes: Tensor,
     /// `[K]` concentrations.
-    concentration: Tensor,
+    pub concentration: Tensor,
     /// The cluster of each training image.
-    assignments: Vec<u32>,
+    pub assignments: Vec<u32>,
+}
+
+impl Clustering {
+    /// The clustering of `points` (unit rows) by `assignments` to `centroids` (`[K · D]`): the
+    /// normalised centroids and each cluster's concentration from its members' distances.
+    pub fn new(
+        points: &[Vec<f32>],
+        assignments: Vec<u32>,
+        centroids: Vec<f32>,
+        temperature: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        let dim = points.first().map_or(0, Vec::len);
+        let k = centroids.len() / dim.max(1);
+        let mut distances = vec![Vec::new(); k];
+        for (row, &c) in points.iter().zip(&assignments) {
+            let centroid = &centroids[c as usize * dim..(c as usize + 1) * dim];
+            let d: f64 = row.iter().zip(centroid).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            distances[c as usize].push(d.sqrt());
+        }
+        let phi: Vec<f32> = proto_nce::concentrations(&distances, temperature).iter().map(|&p| p as f32).collect();
+        Ok(Self {
+            prototypes: loss::l2_normalize(&Tensor::from_vec(centroids, (k, dim), device)?)?,
+            concentration: Tensor::new(phi, device)?,
+            assignments,
+        })
+    }
+
+    /// The clusters of the images at `indices`, `[N]`.
+    pub fn assigned(&self, indices: &[usize], device: &Device) -> Result<Tensor> {
+        let assigned: Vec<u32> =
+            indices.iter().map(|&i| self.assignments.get(i).copied()).collect::<Option<_>>().ok_or_else(|| {
+                candle_core::Error::Msg("clusters need each image's index in the clustered training set".into())
+            })?;
+        Tensor::new(assigned, device)
+    }
+}
+
+/// The key branch's projections of every training image, unit rows (evaluation mode).
+pub(super) fn key_projections(moco: &MocoV2, train: &Dataset, device: &Device) -> Result<Vec<Vec<f32>>> {
+    let key = moco.key_branch();
+    let projections = crate::eval::encode(train, device, ENCODE_BATCH, |x| {
+        key.projector.forward_t(&key.encoder.forward_t(x, false)?, false)
+    })?;
+    loss::l2_normalize(&projections.to_dtype(DType::F32)?)?.to_vec2::<f32>()
+}
+
+/// The checkpoint buffers of `clusterings` made at `epoch`, named `{prefix}.{m}.…`.
+pub(super) fn clustering_buffers(
+    prefix: &str,
+    epoch: usize,
+    clusterings: &[Clustering],
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut buffers = vec![(format!("{prefix}.epoch"), Tensor::new(&[epoch as u32], device)?)];
+    for (m, c) in clusterings.iter().enumerate() {
+        buffers.push((format!("{prefix}.{m}.prototypes"), c.prototypes.clone()));
+        buffers.push((format!("{prefix}.{m}.concentration"), c.concentration.clone()));
+        buffers.push((format!("{prefix}.{m}.assignments"), Tensor::new(c.assignments.as_slice(), device)?));
+    }
+    Ok(buffers)
+}
+
+/// The clusterings and their epoch saved by [`clustering_buffers`], if any.
+pub(super) fn load_clusterings(
+    prefix: &str,
+    buffers: &HashMap<String, Tensor>,
+) -> Result<Option<(usize, Vec<Clustering>)>> {
+    let Some(epoch) = buffers.get(&format!("{prefix}.epoch")) else { return Ok(None) };
+    let mut clusterings = Vec::new();
+    while let (Some(p), Some(f), Some(a)) = (
+        buffers.get(&format!("{prefix}.{}.prototypes", clusterings.len())),
+        buffers.get(&format!("{prefix}.{}.concentration", clusterings.len())),
+        buffers.get(&format!("{prefix}.{}.assignments", clusterings.len())),
+    ) {
+        clusterings.push(Clustering {
+            prototypes: p.clone(),
+            concentration: f.clone(),
+            assignments: a.to_vec1::<u32>()?,
+        });
+    }
+    Ok(Some((epoch.to_vec1::<u32>()?[0] as usize, clusterings)))
 }
 
 pub struct Pcl {
@@ -68,13 +150,8 @@ impl Pcl {
     /// The E-step: k-means of the key branch's projections at each K.
     fn cluster(&self, train: &Dataset, epoch: usize) -> Result<Vec<Clustering>> {
         let MethodConfig::Pcl { temperature, ref clusters, .. } = self.config else { unreachable!("a PCL config") };
-        let key = self.moco.key_branch();
-        let projections = crate::eval::encode(train, &self.device, ENCODE_BATCH, |x| {
-            key.projector.forward_t(&key.encoder.forward_t(x, false)?, false)
-        })?;
-        let v = loss::l2_normalize(&projections.to_dtype(DType::F32)?)?;
-        let rows = v.to_vec2::<f32>()?;
-        let dim = v.dim(1)?;
+        let rows = key_projections(&self.moco, train, &self.device)?;
+        let v = Tensor::new(rows.clone(), &self.device)?;
         clusters
             .iter()
             .enumerate()
@@ -82,20 +159,7 @@ impl Pcl {
                 let config = KMeansConfig::new(k, mix_seed(&[self.seed, epoch as u64, level as u64]));
                 let result =
                     kmeans(&v, &config).map_err(|e| candle_core::Error::Msg(format!("PCL's k-means: {e:#}")))?;
-                let mut distances = vec![Vec::new(); k];
-                for (row, &c) in rows.iter().zip(&result.assignments) {
-                    let centroid = &result.centroids[c as usize * dim..(c as usize + 1) * dim];
-                    let d: f64 = row.iter().zip(centroid).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-                    distances[c as usize].push(d.sqrt());
-                }
-                let phi: Vec<f32> =
-                    proto_nce::concentrations(&distances, temperature).iter().map(|&p| p as f32).collect();
-                let centroids = Tensor::from_vec(result.centroids, (k, dim), &self.device)?;
-                Ok(Clustering {
-                    prototypes: loss::l2_normalize(&centroids)?,
-                    concentration: Tensor::new(phi, &self.device)?,
-                    assignments: result.assignments,
-                })
+                Clustering::new(&rows, result.assignments, result.centroids, temperature, &self.device)
             })
             .collect()
     }
@@ -124,11 +188,7 @@ impl Method for Pcl {
         }
         let mut prototype_terms = Vec::new();
         for clustering in &self.clusterings {
-            let assigned: Vec<u32> =
-                indices.iter().map(|&i| clustering.assignments.get(i).copied()).collect::<Option<_>>().ok_or_else(
-                    || candle_core::Error::Msg("PCL needs each image's index in the clustered training set".into()),
-                )?;
-            let assigned = Tensor::new(assigned, &self.device)?;
+            let assigned = clustering.assigned(indices, &self.device)?;
             for q in &queries {
                 prototype_terms.push(proto_nce::prototype_term(
                     q,
@@ -157,33 +217,17 @@ impl Method for Pcl {
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
         let mut buffers = self.moco.buffers()?;
         if let Some(epoch) = self.clustered_epoch {
-            buffers.push(("pcl.epoch".into(), Tensor::new(&[epoch as u32], &self.device)?));
-            for (m, c) in self.clusterings.iter().enumerate() {
-                buffers.push((format!("pcl.{m}.prototypes"), c.prototypes.clone()));
-                buffers.push((format!("pcl.{m}.concentration"), c.concentration.clone()));
-                buffers.push((format!("pcl.{m}.assignments"), Tensor::new(c.assignments.as_slice(), &self.device)?));
-            }
+            buffers.extend(clustering_buffers("pcl", epoch, &self.clusterings, &self.device)?);
         }
         Ok(buffers)
     }
 
     fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> Result<()> {
         self.moco.load_buffers(buffers)?;
-        let Some(epoch) = buffers.get("pcl.epoch") else { return Ok(()) };
-        let mut clusterings = Vec::new();
-        while let (Some(p), Some(f), Some(a)) = (
-            buffers.get(&format!("pcl.{}.prototypes", clusterings.len())),
-            buffers.get(&format!("pcl.{}.concentration", clusterings.len())),
-            buffers.get(&format!("pcl.{}.assignments", clusterings.len())),
-        ) {
-            clusterings.push(Clustering {
-                prototypes: p.clone(),
-                concentration: f.clone(),
-                assignments: a.to_vec1::<u32>()?,
-            });
+        if let Some((epoch, clusterings)) = load_clusterings("pcl", buffers)? {
+            self.clusterings = clusterings;
+            self.clustered_epoch = Some(epoch);
         }
-        self.clusterings = clusterings;
-        self.clustered_epoch = Some(epoch.to_vec1::<u32>()?[0] as usize);
         Ok(())
     }
 }
