@@ -83,6 +83,12 @@ pub fn step_seconds(
         .collect::<candle_core::Result<_>>()?;
     let labels = Tensor::from_vec((0..batch_size as u32).map(|i| i % 10).collect(), batch_size, device)?;
     let indices: Vec<usize> = (0..batch_size).collect();
+    // The per-epoch work (DeepCluster's, PCL's and HCSC's k-means) runs once, untimed, on the
+    // first view's images.
+    let images = views[0].flatten_all()?.to_vec1::<f32>()?;
+    let classes = (0..10).map(|c| c.to_string()).collect();
+    let epoch_data = crate::data::Dataset::new(images, labels.to_vec1::<u32>()?, shape, classes)?;
+    model.method.before_epoch(&epoch_data, 0)?;
     let mut times = Vec::new();
     for step in 0..=steps {
         let started = Instant::now();
@@ -160,11 +166,17 @@ pub fn step_flops(method: &MethodConfig, encoder: &ResNetConfig, batch: usize) -
     let (stem, rest) = encoder_forward_flops(encoder, 28, 28);
     let online = 2.0 * stem + 3.0 * rest;
     let target = match method {
-        MethodConfig::MocoV2 { .. } | MethodConfig::Byol { .. } => stem + rest,
+        MethodConfig::MocoV2 { .. }
+        | MethodConfig::Pcl { .. }
+        | MethodConfig::Hcsc { .. }
+        | MethodConfig::Byol { .. } => stem + rest,
         _ => 0.0,
     };
     (2 * batch) as f64 * (online + target)
 }
+
+/// The methods `bench/torch_step.py` implements; the others have no PyTorch column.
+pub const REFERENCE_METHODS: [&str; 6] = ["simclr", "moco-v2", "byol", "simsiam", "swav", "supcon"];
 
 /// Runs the benchmark and prints its table.
 pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
@@ -218,10 +230,10 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
     for (name, method) in methods.iter().zip(&configs) {
         let seconds = step_seconds(method, options.batch_size, steps, device, Backend::Fused)?;
         let theirs = match &reference {
-            Some(script) => {
+            Some(script) if REFERENCE_METHODS.contains(&name.as_str()) => {
                 Some(reference_seconds(&options.python, script, name, options.batch_size, steps, cpu.threads)?)
             }
-            None => None,
+            _ => None,
         };
         let flops = step_flops(method, &encoder, options.batch_size);
         let percent = |s: f64| 100.0 * flops / s / 1e9 / peak;
