@@ -67,11 +67,10 @@ impl Hcsc {
     /// Hierarchical k-means: images into K_1 clusters, then each level's prototypes into the next.
     fn cluster(&self, train: &Dataset, epoch: usize) -> Result<(Vec<Clustering>, Vec<Vec<u32>>)> {
         let MethodConfig::Hcsc { temperature, ref clusters, .. } = self.config else { unreachable!("an HCSC config") };
-        let rows = key_projections(&self.moco, train, &self.device)?;
+        let (v, rows) = key_projections(&self.moco, train, &self.device)?;
         let error = |e: anyhow::Error| candle_core::Error::Msg(format!("HCSC's k-means: {e:#}"));
         let seed = |level: usize| mix_seed(&[self.seed, epoch as u64, level as u64]);
-        let first = kmeans(&Tensor::new(rows.clone(), &self.device)?, &KMeansConfig::new(clusters[0], seed(0)))
-            .map_err(error)?;
+        let first = kmeans(&v, &KMeansConfig::new(clusters[0], seed(0))).map_err(error)?;
         let mut levels = vec![Clustering::new(&rows, first.assignments, first.centroids, temperature, &self.device)?];
         let mut parents = Vec::new();
         for (level, &k) in clusters.iter().enumerate().skip(1) {

@@ -73,13 +73,16 @@ impl Clustering {
     }
 }
 
-/// The key branch's projections of every training image, unit rows (evaluation mode).
-pub(super) fn key_projections(moco: &MocoV2, train: &Dataset, device: &Device) -> Result<Vec<Vec<f32>>> {
+/// The key branch's projections of every training image, unit rows (evaluation mode): the
+/// `[N, D]` tensor k-means reads, and its rows for the per-member distances.
+pub(super) fn key_projections(moco: &MocoV2, train: &Dataset, device: &Device) -> Result<(Tensor, Vec<Vec<f32>>)> {
     let key = moco.key_branch();
     let projections = crate::eval::encode(train, device, ENCODE_BATCH, |x| {
         key.projector.forward_t(&key.encoder.forward_t(x, false)?, false)
     })?;
-    loss::l2_normalize(&projections.to_dtype(DType::F32)?)?.to_vec2::<f32>()
+    let v = loss::l2_normalize(&projections.to_dtype(DType::F32)?)?;
+    let rows = v.to_vec2::<f32>()?;
+    Ok((v, rows))
 }
 
 /// The checkpoint buffers of `clusterings` made at `epoch`, named `{prefix}.{m}.…`.
@@ -150,8 +153,7 @@ impl Pcl {
     /// The E-step: k-means of the key branch's projections at each K.
     fn cluster(&self, train: &Dataset, epoch: usize) -> Result<Vec<Clustering>> {
         let MethodConfig::Pcl { temperature, ref clusters, .. } = self.config else { unreachable!("a PCL config") };
-        let rows = key_projections(&self.moco, train, &self.device)?;
-        let v = Tensor::new(rows.clone(), &self.device)?;
+        let (v, rows) = key_projections(&self.moco, train, &self.device)?;
         clusters
             .iter()
             .enumerate()
