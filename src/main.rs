@@ -15,8 +15,10 @@ use contrastive::registry::ModelRepository;
 use contrastive::server::config::{ServeArgs, ServeSettings};
 use contrastive::train::arch::{MethodConfig, SupervisedLoss};
 use contrastive::train::checkpoint;
-use contrastive::train::config::{DataSource, TrainConfig};
+use contrastive::train::config::{parse_choice, DataSource, TrainConfig};
+use contrastive::train::loss::ContrastLoss;
 use contrastive::train::optim::OptimizerConfig;
+use contrastive::train::pairs::PairStrategy;
 use contrastive::train::run::TrainOptions;
 use contrastive::train::{EvalScope, Model};
 
@@ -150,13 +152,21 @@ struct TrainArgs {
     /// supcon or paco
     #[arg(long, default_value = "simclr")]
     method: String,
-    /// The loss of --method supcon: supcon, or a long-tail variant: kcl (k positives per anchor),
-    /// tsc (class targets spread on the sphere), bcl (class-averaged, with class centres) or
-    /// hybrid (SupCon moving to a classifier's cross-entropy)
+    /// The loss, NAME[:KEY=VALUE...]. For simclr and moco-v2: info-nce (NT-Xent), dcl, dclw
+    /// (:sigma=0.5), hinge (:margin=0.5) or directclr (:dims=32, simclr only). For supcon: supcon,
+    /// or a long-tail variant: kcl (k positives per anchor), tsc (class targets spread on the
+    /// sphere), bcl (class-averaged, with class centres) or hybrid (SupCon moving to a
+    /// classifier's cross-entropy)
     #[arg(long, value_name = "NAME")]
     loss: Option<String>,
+    /// Pair strategies for simclr and moco-v2, applied in order, NAME[:KEY=VALUE...][,...]:
+    /// debiased (:class_prior=0.1), mochi (:hardest=256:mixes=256:query_mixes=64, moco-v2 only),
+    /// hard-pairs (:positive_alpha=2:negative_alpha=1.6), fnc
+    /// (:support_views=2:false_negatives=5:attract=false), nnclr (:support_size=4096)
+    #[arg(long, value_name = "LIST")]
+    pairs: Option<String>,
     /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD,
-    /// or runs/METHOD-LOSS with --loss]
+    /// with -LOSS and -PAIRS appended when given]
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint
@@ -286,10 +296,11 @@ fn main() -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let default_dir = match &args.loss {
-        Some(loss) => format!("{}-{loss}", args.method),
-        None => args.method.clone(),
-    };
+    let mut default_dir = args.method.clone();
+    for choice in [&args.loss, &args.pairs].into_iter().flatten() {
+        let names: Vec<&str> = choice.split(',').map(|c| c.split(':').next().unwrap_or_default().trim()).collect();
+        default_dir = format!("{default_dir}-{}", names.join("+"));
+    }
     let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(default_dir));
     let config =
         if args.resume { TrainConfig::load(&run_dir.join(checkpoint::CONFIG_FILE))? } else { build_config(&args)? };
@@ -413,7 +424,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     let mut method = MethodConfig::default_for(&args.method)?;
     if let Some(t) = args.temperature {
         match &mut method {
-            MethodConfig::Simclr { temperature }
+            MethodConfig::Simclr { temperature, .. }
             | MethodConfig::MocoV2 { temperature, .. }
             | MethodConfig::Pcl { temperature, .. }
             | MethodConfig::Hcsc { temperature, .. }
@@ -424,10 +435,24 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             _ => bail!("--temperature does not apply to {}", args.method),
         }
     }
-    if let Some(name) = &args.loss {
+    if let Some(spec) = &args.loss {
         match &mut method {
-            MethodConfig::Supcon { loss, .. } => *loss = SupervisedLoss::default_for(name)?,
-            _ => bail!("--loss applies to --method supcon (its long-tail variants), not to {}", args.method),
+            MethodConfig::Supcon { loss, .. } => *loss = parse_choice(spec, SupervisedLoss::default_for, "loss")?,
+            MethodConfig::Simclr { loss, .. } | MethodConfig::MocoV2 { loss, .. } => {
+                *loss = parse_choice(spec, ContrastLoss::default_for, "loss")?
+            }
+            _ => bail!("--loss applies to --method simclr, moco-v2 and supcon, not to {}", args.method),
+        }
+    }
+    if let Some(list) = &args.pairs {
+        match &mut method {
+            MethodConfig::Simclr { pairs, .. } | MethodConfig::MocoV2 { pairs, .. } => {
+                *pairs = list
+                    .split(',')
+                    .map(|spec| parse_choice(spec.trim(), PairStrategy::default_for, "pair strategy"))
+                    .collect::<Result<_>>()?
+            }
+            _ => bail!("--pairs applies to --method simclr and moco-v2, not to {}", args.method),
         }
     }
     let data = args.data.source()?.unwrap_or_else(DataSource::fashion_mnist);

@@ -124,6 +124,7 @@ pub fn publish_model(
         training: TrainingSummary {
             method: config.method.name().into(),
             loss: config.method.loss_name().into(),
+            pairs: config.method.pair_strategies().iter().map(|p| p.name().to_string()).collect(),
             data: provenance.data.clone().unwrap_or_else(|| describe_data(config)),
             epochs: provenance.epochs,
             steps: provenance.steps,

@@ -122,6 +122,9 @@ pub struct OutputSpec {
 pub struct TrainingSummary {
     pub method: String,
     pub loss: String,
+    /// The pair strategies applied, in order (`--pairs`), where there were any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<String>,
     /// The data it was trained on, in words.
     pub data: String,
     pub epochs: usize,

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::arch::{MethodConfig, ResNetConfig};
@@ -160,9 +161,13 @@ impl TrainConfig {
         if let Some(ratio) = self.long_tail {
             ensure!(ratio >= 1.0 && ratio.is_finite(), "the long-tail imbalance ratio must be at least 1, got {ratio}");
         }
+        self.method.validate()?;
+        let views = 2 + self.method.support_views();
         ensure!(
-            self.augment.len() == 2,
-            "methods here train on two views; got {} augmentation pipelines",
+            self.augment.len() == views,
+            "{} trains on {views} views (two, plus the pair strategies' support views); got {} augmentation \
+             pipelines",
+            self.method.name(),
             self.augment.len()
         );
         Ok(())
@@ -185,5 +190,64 @@ impl TrainConfig {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read run config {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))
+    }
+}
+
+/// A choice written `NAME[:KEY=VALUE...]` on the command line (`mochi:hardest=128:mixes=64`):
+/// the defaults `default_for(NAME)` with each KEY set to VALUE (a number, true/false, or text).
+/// `what` names the option in errors ("pair strategy", "loss").
+pub fn parse_choice<T: Serialize + DeserializeOwned>(
+    spec: &str,
+    default_for: impl Fn(&str) -> Result<T>,
+    what: &str,
+) -> Result<T> {
+    let mut parts = spec.split(':');
+    let name = parts.next().unwrap_or_default().trim();
+    let mut value = serde_json::to_value(default_for(name)?)?;
+    let Some(fields) = value.as_object_mut() else { bail!("{what} {name} takes no parameters") };
+    for part in parts {
+        let Some((key, raw)) = part.split_once('=') else {
+            bail!("{what} {name}: expected KEY=VALUE after ':', got '{part}'")
+        };
+        let key = key.trim();
+        if key == "name" || !fields.contains_key(key) {
+            let known: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "name").collect();
+            match known.is_empty() {
+                true => bail!("{what} {name} takes no parameters, got '{key}'"),
+                false => bail!("{what} {name} has no parameter '{key}'; its parameters: {}", known.join(", ")),
+            }
+        }
+        let raw = raw.trim();
+        let parsed = serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
+        fields.insert(key.to_string(), parsed);
+    }
+    serde_json::from_value(value).with_context(|| format!("invalid parameters for {what} '{spec}'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::pairs::PairStrategy;
+
+    #[test]
+    fn a_choice_takes_its_defaults_and_the_parameters_given() {
+        let mochi =
+            parse_choice("mochi:hardest=128:query_mixes=0", PairStrategy::default_for, "pair strategy").unwrap();
+        assert_eq!(mochi, PairStrategy::Mochi { hardest: 128, mixes: 256, query_mixes: 0 });
+        let fnc = parse_choice("fnc:attract=true", PairStrategy::default_for, "pair strategy").unwrap();
+        assert_eq!(fnc, PairStrategy::Fnc { support_views: 2, false_negatives: 5, attract: true });
+    }
+
+    #[test]
+    fn a_wrong_parameter_is_named_with_the_known_ones() {
+        let err = |spec| parse_choice(spec, PairStrategy::default_for, "pair strategy").unwrap_err();
+        let e = err("mochi:hard=3").to_string();
+        assert!(e.contains("'hard'") && e.contains("hardest"), "{e}");
+        let e = format!("{:#}", err("mochi:hardest=many"));
+        assert!(e.contains("mochi:hardest=many"), "{e}");
+        let e = err("mochi:hardest").to_string();
+        assert!(e.contains("KEY=VALUE"), "{e}");
+        let e = err("nearest").to_string();
+        assert!(e.contains("unknown pair strategy 'nearest'"), "{e}");
     }
 }

@@ -14,44 +14,41 @@
 
 use candle_core::{Result, Tensor, D};
 
-use super::common::{
-    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows, row_cosine, MASKED_LOGIT,
-};
-use crate::train::pairs::{label_positive_mask, view_labels};
+use super::common::{expect_positive, log_sum_exp_rows, MASKED_LOGIT};
+use crate::train::pairs::Contrast;
 
-/// DCL of two views `z1`, `z2` (`[N, D]`, normalised here) at `temperature`; mean over the 2N views.
-pub fn dcl(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
-    decoupled(z1, z2, temperature, None)
+/// DCL over `contrast` at `temperature`: InfoNCE whose denominators hold the negatives only;
+/// mean over the anchors that have a positive.
+pub fn dcl(contrast: &Contrast, temperature: f64) -> Result<Tensor> {
+    decoupled(contrast, temperature, None)
 }
 
 /// DCLW: DCL whose positive terms carry the von Mises–Fisher weight at width `sigma` (0.5 in the
-/// paper).
-pub fn dclw(z1: &Tensor, z2: &Tensor, temperature: f64, sigma: f64) -> Result<Tensor> {
+/// paper), `w_a = 2 − A · softmax_a(cos(a, a⁺)/σ)` over the A anchors (`a⁺` the positive
+/// centre). With SimCLR's 2N anchors, whose two views share a cosine, it is the paper's softmax
+/// over the N pairs.
+pub fn dclw(contrast: &Contrast, temperature: f64, sigma: f64) -> Result<Tensor> {
     expect_positive("sigma", sigma)?;
-    let (batch, _) = expect_float_matrix("z1", z1)?;
-    expect_same_shape("z1", z1, "z2", z2)?;
-    let pair_cosine = (row_cosine(&z1.detach(), &z2.detach())? / sigma)?;
-    let softmax = candle_nn::ops::softmax(&pair_cosine, 0)?;
-    let weight = softmax.affine(-(batch as f64), 2.0)?;
-    // Both views of sample i share its weight (view-major order).
-    decoupled(z1, z2, temperature, Some(&Tensor::cat(&[&weight, &weight], 0)?))
+    let scores = contrast.scores()?;
+    let (cosine, _) = scores.positive_cosine()?;
+    let softmax = candle_nn::ops::softmax(&(cosine.detach() / sigma)?, 0)?;
+    let weight = softmax.affine(-(contrast.anchor_count() as f64), 2.0)?;
+    decoupled(contrast, temperature, Some(&weight))
 }
 
-fn decoupled(z1: &Tensor, z2: &Tensor, temperature: f64, positive_weight: Option<&Tensor>) -> Result<Tensor> {
-    let (batch, _) = expect_float_matrix("z1", z1)?;
-    expect_same_shape("z1", z1, "z2", z2)?;
+fn decoupled(contrast: &Contrast, temperature: f64, positive_weight: Option<&Tensor>) -> Result<Tensor> {
     expect_positive("temperature", temperature)?;
-    let views = 2 * batch;
-    let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
-    let logits = (z.matmul(&z.t()?)? / temperature)?;
-    let positives = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
-    let mut positive_logit = (&logits * &positives)?.sum(D::Minus1)?;
+    let scores = contrast.scores()?;
+    let logits = (&scores.cosines / temperature)?;
+    let (mut positive_logit, has_positive) = scores.positive_cosine()?;
+    positive_logit = (positive_logit / temperature)?;
     if let Some(weight) = positive_weight {
         positive_logit = (positive_logit * weight)?;
     }
-    let self_or_positive = (Tensor::eye(views, z.dtype(), z.device())? + positives)?;
-    let negatives_only = (logits + (self_or_positive * MASKED_LOGIT)?)?;
-    (log_sum_exp_rows(&negatives_only)? - positive_logit)?.mean_all()
+    let left_out = (1.0 - scores.negatives()?)?;
+    let negatives_only = (logits + (left_out * MASKED_LOGIT)?)?;
+    let per_anchor = ((log_sum_exp_rows(&negatives_only)? - positive_logit)? * &has_positive)?;
+    per_anchor.sum(D::Minus1)?.div(&has_positive.sum_all()?.maximum(1.0)?)
 }
 
 #[cfg(test)]
@@ -84,11 +81,11 @@ mod tests {
     #[test]
     fn matches_the_definition() -> Result<()> {
         let (z1, z2) = two_view_example();
-        let dcl_value = dcl(&matrix(&z1), &matrix(&z2), 0.1)?.to_scalar::<f64>()?;
+        let dcl_value = dcl(&in_batch(&z1, &z2), 0.1)?.to_scalar::<f64>()?;
         assert!((dcl_value - reference(&z1, &z2, 0.1, None)).abs() < 1e-10);
-        let dclw_value = dclw(&matrix(&z1), &matrix(&z2), 0.1, 0.5)?.to_scalar::<f64>()?;
+        let dclw_value = dclw(&in_batch(&z1, &z2), 0.1, 0.5)?.to_scalar::<f64>()?;
         assert!((dclw_value - reference(&z1, &z2, 0.1, Some(0.5))).abs() < 1e-10);
-        let f32_value = dcl(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?, 0.1)?;
+        let f32_value = dcl(&pair(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?), 0.1)?;
         assert!((f32_value.to_scalar::<f32>()? as f64 - reference(&z1, &z2, 0.1, None)).abs() < 1e-4);
         Ok(())
     }
@@ -97,7 +94,7 @@ mod tests {
     fn aligned_orthogonal_pairs_reach_the_analytic_value() -> Result<()> {
         // Positive cosine 1, 2N − 2 negatives of cosine 0: ℓ = −1/τ + log(2N − 2).
         let one_hot = Tensor::eye(3, DType::F64, &candle_core::Device::Cpu)?;
-        let value = dcl(&one_hot, &one_hot, 0.5)?.to_scalar::<f64>()?;
+        let value = dcl(&pair(&one_hot, &one_hot), 0.5)?.to_scalar::<f64>()?;
         assert!((value - (-2.0 + 4f64.ln())).abs() < 1e-12);
         Ok(())
     }
@@ -106,7 +103,7 @@ mod tests {
     fn gradients_match_finite_differences() {
         let (z1, z2) = two_view_example();
         let inputs = [matrix(&z1), matrix(&z2)];
-        assert_gradients_match_finite_differences(&inputs, &[0, 1], |x| dcl(&x[0], &x[1], 0.2));
+        assert_gradients_match_finite_differences(&inputs, &[0, 1], |x| dcl(&pair(&x[0], &x[1]), 0.2));
     }
 
     #[test]
@@ -120,11 +117,11 @@ mod tests {
         let w: Vec<f64> = (0..6).map(|i| 2.0 - 3.0 * e[i % 3] / total).collect();
         let weight = Tensor::new(w.as_slice(), a.device())?;
         assert_gradients_match_finite_differences(&[a.clone(), b.clone()], &[0, 1], |x| {
-            decoupled(&x[0], &x[1], 0.2, Some(&weight))
+            decoupled(&pair(&x[0], &x[1]), 0.2, Some(&weight))
         });
         let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
-        let dclw_grad = dclw(va.as_tensor(), vb.as_tensor(), 0.2, 0.5)?.backward()?;
-        let frozen_grad = decoupled(va.as_tensor(), vb.as_tensor(), 0.2, Some(&weight))?.backward()?;
+        let dclw_grad = dclw(&pair(va.as_tensor(), vb.as_tensor()), 0.2, 0.5)?.backward()?;
+        let frozen_grad = decoupled(&pair(va.as_tensor(), vb.as_tensor()), 0.2, Some(&weight))?.backward()?;
         let difference = (dclw_grad.get(va.as_tensor()).unwrap() - frozen_grad.get(va.as_tensor()).unwrap())?
             .abs()?
             .sum_all()?

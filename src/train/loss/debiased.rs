@@ -15,37 +15,38 @@
 
 use candle_core::{bail, Result, Tensor, D};
 
-use super::common::{expect_float_matrix, expect_positive, expect_same_shape, l2_normalize};
-use crate::train::pairs::{label_positive_mask, view_labels};
+use super::common::expect_positive;
+use crate::train::pairs::Contrast;
 
-/// The debiased contrastive loss of views `z1`, `z2` (`[N, D]`, normalised here) at `temperature`
-/// τ with class prior `tau_plus` τ⁺ ∈ [0, 1); mean over the 2N views.
-pub fn debiased_nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64, tau_plus: f64) -> Result<Tensor> {
-    let (batch, _) = expect_float_matrix("z1", z1)?;
-    expect_same_shape("z1", z1, "z2", z2)?;
+/// The debiased loss over any [`Contrast`] at `temperature` τ with class prior `class_prior` τ⁺ ∈
+/// [0, 1); `Q` is each anchor's own count of negatives. Where an anchor has several or soft
+/// positives, `e^{s⁺}` is their weighted mean. [`super::info_nce`] calls it for a contrast that
+/// carries a class prior (the `debiased` pair strategy).
+pub fn debiased_info_nce(contrast: &Contrast, temperature: f64, class_prior: f64) -> Result<Tensor> {
     expect_positive("temperature", temperature)?;
-    if !(0.0..1.0).contains(&tau_plus) {
-        bail!("tau_plus is a class probability in [0, 1), got {tau_plus}")
+    if !(0.0..1.0).contains(&class_prior) {
+        bail!("the debiased loss's class prior tau_plus is a probability in [0, 1), got {class_prior}")
     }
-    if batch < 2 {
-        bail!("the debiased loss needs at least 2 samples to have negatives, got {batch}")
-    }
-    let views = 2 * batch;
-    let negatives_per_view = (views - 2) as f64;
-    let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
+    let scores = contrast.scores()?;
+    let negatives = scores.negatives()?;
+    let negative_count = negatives.sum(D::Minus1)?;
     // Every term is scaled by e^{−1/τ} (cosines ≤ 1, so exponents ≤ 0): nothing overflows, and
     // the common factor cancels in the ratio.
-    let shifted_logits = ((z.matmul(&z.t()?)? - 1.0)? / temperature)?;
+    let shifted_logits = ((&scores.cosines - 1.0)? / temperature)?;
     let exp = shifted_logits.exp()?;
-    let positives = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
-    let negatives = ((1.0 - Tensor::eye(views, z.dtype(), z.device())?)? - &positives)?;
-    let positive_logit = (&shifted_logits * &positives)?.sum(D::Minus1)?;
-    let positive_exp = (&exp * &positives)?.sum(D::Minus1)?;
+    let positive_total = scores.positives.sum(D::Minus1)?;
+    let has_positive = positive_total.gt(0.0)?.to_dtype(exp.dtype())?;
+    let positive_total = positive_total.maximum(1e-30)?;
+    let positive_logit = ((&shifted_logits * &scores.positives)?.sum(D::Minus1)? / &positive_total)?;
+    let positive_exp = ((&exp * &scores.positives)?.sum(D::Minus1)? / &positive_total)?;
     let negative_sum = (&exp * &negatives)?.sum(D::Minus1)?;
-    let corrected = ((negative_sum - (&positive_exp * (negatives_per_view * tau_plus))?)? / (1.0 - tau_plus))?;
-    let floor = negatives_per_view * (-2.0 / temperature).exp(); // Q e^{−1/τ}, scaled by e^{−1/τ}
-    let estimated_negatives = corrected.maximum(floor)?;
-    ((positive_exp + estimated_negatives)?.log()? - positive_logit)?.mean_all()
+    let corrected =
+        ((negative_sum - (&positive_exp * &negative_count)?.affine(class_prior, 0.0)?)? / (1.0 - class_prior))?;
+    // Q e^{−1/τ}, scaled by e^{−1/τ}
+    let floor = negative_count.affine((-2.0 / temperature).exp(), 0.0)?;
+    let estimated_negatives = corrected.maximum(&floor)?;
+    let per_anchor = (((positive_exp + estimated_negatives)?.log()? - positive_logit)? * &has_positive)?;
+    per_anchor.sum_all()?.div(&has_positive.sum_all()?.maximum(1.0)?)
 }
 
 #[cfg(test)]
@@ -77,12 +78,13 @@ mod tests {
         // At τ 0.5 (checked by hand on this example) τ⁺ 0.05 keeps every anchor's corrected sum
         // above the floor, τ⁺ 0.1 floors 4 of the 6 anchors, τ⁺ 0.9 floors all of them.
         for (temperature, tau_plus) in [(0.5, 0.05), (0.5, 0.1), (0.5, 0.9), (0.1, 0.1)] {
-            let value = debiased_nt_xent(&matrix(&z1), &matrix(&z2), temperature, tau_plus)?.to_scalar::<f64>()?;
+            let value =
+                debiased_info_nce(&pair(&matrix(&z1), &matrix(&z2)), temperature, tau_plus)?.to_scalar::<f64>()?;
             let expected = reference(&z1, &z2, temperature, tau_plus);
             assert!((value - expected).abs() < 1e-10, "τ {temperature} τ⁺ {tau_plus}: {value} vs {expected}");
         }
         let value32 =
-            debiased_nt_xent(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?, 0.1, 0.1)?;
+            debiased_info_nce(&pair(&matrix(&z1).to_dtype(DType::F32)?, &matrix(&z2).to_dtype(DType::F32)?), 0.1, 0.1)?;
         assert!((value32.to_scalar::<f32>()? as f64 - reference(&z1, &z2, 0.1, 0.1)).abs() < 1e-4);
         Ok(())
     }
@@ -91,7 +93,7 @@ mod tests {
     fn zero_class_prior_is_nt_xent() -> Result<()> {
         let (z1, z2) = two_view_example();
         let (a, b) = (matrix(&z1), matrix(&z2));
-        let debiased = debiased_nt_xent(&a, &b, 0.2, 0.0)?.to_scalar::<f64>()?;
+        let debiased = debiased_info_nce(&pair(&a, &b), 0.2, 0.0)?.to_scalar::<f64>()?;
         let plain = nt_xent(&a, &b, 0.2)?.to_scalar::<f64>()?;
         assert!((debiased - plain).abs() < 1e-10);
         Ok(())
@@ -101,18 +103,18 @@ mod tests {
     fn gradients_match_finite_differences() {
         let (z1, z2) = two_view_example();
         assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| {
-            debiased_nt_xent(&x[0], &x[1], 0.5, 0.05)
+            debiased_info_nce(&pair(&x[0], &x[1]), 0.5, 0.05)
         });
         // Floored anchors: their negatives drop out of the gradient, the positive stays.
         assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], |x| {
-            debiased_nt_xent(&x[0], &x[1], 0.5, 0.9)
+            debiased_info_nce(&pair(&x[0], &x[1]), 0.5, 0.9)
         });
     }
 
     #[test]
     fn rejects_a_class_prior_of_one() {
         let (z1, z2) = two_view_example();
-        let err = debiased_nt_xent(&matrix(&z1), &matrix(&z2), 0.5, 1.0).unwrap_err().to_string();
+        let err = debiased_info_nce(&pair(&matrix(&z1), &matrix(&z2)), 0.5, 1.0).unwrap_err().to_string();
         assert!(err.contains("tau_plus"), "{err}");
     }
 }

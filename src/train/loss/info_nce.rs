@@ -11,30 +11,34 @@
 //! [`info_nce_in_batch`] is the MoCo v3 form (Chen, Xie, He, ICCV 2021): the other queries' keys
 //! of the same batch are the negatives, `ℓ_i = −log( e^{q_i·k_i/τ} / Σ_j e^{q_i·k_j/τ} )`.
 
-use candle_core::{bail, Result, Tensor, D};
+use candle_core::{bail, Result, Tensor};
 
-use super::common::{
-    expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
-    weighted_positive_log_likelihood,
-};
+use super::common::{expect_float_matrix, expect_positive, expect_same_shape, weighted_positive_log_likelihood};
+use crate::train::pairs::Contrast;
+
+/// InfoNCE over any [`Contrast`], with `s = cos / τ`, positive weights `P` and denominator
+/// weights `W` (the form SimCLR, MoCo and every pair strategy share):
+///
+/// ```text
+/// ℓ_a = −Σ_c P_ac ( s_ac − log Σ_j W_aj e^{s_aj} ) / Σ_c P_ac,   L = mean over the anchors
+/// ```
+///
+/// With one-hot positives this is `−log(e^{s⁺} / Σ_j e^{s_j})`. When the contrast carries a class
+/// prior (the `debiased` strategy) the negative sum is Chuang et al.'s estimate instead
+/// ([`super::debiased::debiased_info_nce`]).
+pub fn info_nce(contrast: &Contrast, temperature: f64) -> Result<Tensor> {
+    expect_positive("temperature", temperature)?;
+    if let Some(prior) = contrast.class_prior {
+        return super::debiased::debiased_info_nce(contrast, temperature, prior);
+    }
+    let scores = contrast.scores()?;
+    weighted_positive_log_likelihood(&(scores.cosines / temperature)?, &scores.positives, &scores.denominator)
+}
 
 /// MoCo's InfoNCE: queries `q` `[N, D]` (normalised here, gradient flows), keys `k` `[N, D]`
 /// (normalised and detached here), `queue` `[K, D]` of already-normalised negatives (detached here).
 pub fn info_nce_with_queue(q: &Tensor, k: &Tensor, queue: &Tensor, temperature: f64) -> Result<Tensor> {
-    let (_, dim) = expect_float_matrix("q", q)?;
-    expect_same_shape("q", q, "k", k)?;
-    let (_, queue_dim) = expect_float_matrix("queue", queue)?;
-    if queue_dim != dim {
-        bail!("queue keys must have the query dimension {dim}, got {queue_dim}")
-    }
-    expect_positive("temperature", temperature)?;
-    let q = l2_normalize(q)?;
-    let k = l2_normalize(&k.detach())?;
-    let queue = queue.detach().to_dtype(q.dtype())?;
-    let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
-    let negatives = q.matmul(&queue.t()?)?;
-    let logits = (Tensor::cat(&[&positive, &negatives], 1)? / temperature)?;
-    cross_entropy_on_first_column(&logits)
+    info_nce(&Contrast::with_queue(q, k, queue)?, temperature)
 }
 
 /// [`info_nce_with_queue`] with only the queue keys that `selected` (`[N, K]`, 1 or 0 per query
@@ -47,26 +51,14 @@ pub fn info_nce_with_selected_queue(
     selected: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
-    let (rows, dim) = expect_float_matrix("q", q)?;
-    expect_same_shape("q", q, "k", k)?;
-    let (keys, queue_dim) = expect_float_matrix("queue", queue)?;
-    if queue_dim != dim || selected.dims() != [rows, keys] {
-        bail!(
-            "a [{keys}, {dim}] queue and a [{rows}, {keys}] selection expected, got {:?} and {:?}",
-            queue.dims(),
-            selected.dims()
-        )
+    let mut contrast = Contrast::with_queue(q, k, queue)?;
+    let (rows, keys) = (contrast.anchor_count(), queue.dims()[0]);
+    if selected.dims() != [rows, keys] {
+        bail!("a [{rows}, {keys}] selection expected, got {:?}", selected.dims())
     }
-    expect_positive("temperature", temperature)?;
-    let q = l2_normalize(q)?;
-    let k = l2_normalize(&k.detach())?;
-    let positive = (&q * &k)?.sum_keepdim(D::Minus1)?;
-    let negatives = q.matmul(&queue.detach().to_dtype(q.dtype())?.t()?)?;
-    let logits = (Tensor::cat(&[&positive, &negatives], 1)? / temperature)?;
-    let first = Tensor::ones((rows, 1), q.dtype(), q.device())?;
-    let positives = Tensor::cat(&[&first, &Tensor::zeros((rows, keys), q.dtype(), q.device())?], 1)?;
-    let denominator = Tensor::cat(&[&first, &selected.to_dtype(q.dtype())?], 1)?;
-    weighted_positive_log_likelihood(&logits, &positives, &denominator)
+    let own_key = contrast.denominator.narrow(1, 0, rows)?;
+    contrast.denominator = Tensor::cat(&[&own_key, &selected.to_dtype(own_key.dtype())?], 1)?;
+    info_nce(&contrast, temperature)
 }
 
 /// In-batch InfoNCE (MoCo v3): query i's positive is key i, the other N − 1 keys are its
@@ -74,20 +66,13 @@ pub fn info_nce_with_selected_queue(
 /// (momentum-encoder keys). MoCo v3 symmetrises over the two views and scales by 2τ; the method
 /// does that.
 pub fn info_nce_in_batch(q: &Tensor, k: &Tensor, temperature: f64) -> Result<Tensor> {
-    expect_float_matrix("q", q)?;
+    let (batch, _) = expect_float_matrix("q", q)?;
     expect_same_shape("q", q, "k", k)?;
-    expect_positive("temperature", temperature)?;
-    let q = l2_normalize(q)?;
-    let k = l2_normalize(&k.detach())?;
-    let logits = (q.matmul(&k.t()?)? / temperature)?;
-    let positive = ((&q * &k)?.sum(D::Minus1)? / temperature)?;
-    (log_sum_exp_rows(&logits)? - positive)?.mean_all()
-}
-
-/// Mean cross entropy of `logits` `[N, 1 + K]` whose target is column 0 for every row.
-fn cross_entropy_on_first_column(logits: &Tensor) -> Result<Tensor> {
-    let positive = logits.narrow(1, 0, 1)?.squeeze(1)?;
-    (log_sum_exp_rows(logits)? - positive)?.mean_all()
+    let anchors = super::l2_normalize(q)?;
+    let keys = super::l2_normalize(&k.detach())?;
+    let own_key = Tensor::eye(batch, anchors.dtype(), anchors.device())?;
+    let all = own_key.ones_like()?;
+    info_nce(&Contrast::new(anchors, keys, own_key, all), temperature)
 }
 
 #[cfg(test)]
@@ -198,5 +183,57 @@ mod tests {
         let queue = matrix(&[vec![1.0, 0.0]]);
         let err = info_nce_with_queue(&matrix(&q), &matrix(&k), &queue, 0.2).unwrap_err().to_string();
         assert!(err.contains("dimension 3"), "{err}");
+    }
+
+    /// The general form by loops: anchors against shared candidates with soft positives and a
+    /// denominator mask, plus private candidates per anchor.
+    fn reference_general(
+        anchors: &[Vec<f64>],
+        candidates: &[Vec<f64>],
+        positives: &[Vec<f64>],
+        denominator: &[Vec<f64>],
+        private: &[Vec<Vec<f64>>],
+        private_positives: &[Vec<f64>],
+        temperature: f64,
+    ) -> f64 {
+        let mut total = 0.0;
+        for (a, anchor) in anchors.iter().enumerate() {
+            let s = |v: &Vec<f64>| cosine(anchor, v) / temperature;
+            let mut terms: Vec<(f64, f64, f64)> =
+                (0..candidates.len()).map(|c| (s(&candidates[c]), positives[a][c], denominator[a][c])).collect();
+            terms.extend(private[a].iter().zip(&private_positives[a]).map(|(v, &p)| (s(v), p, 1.0)));
+            let log_denominator: f64 = terms.iter().filter(|t| t.2 > 0.0).map(|t| t.0.exp()).sum::<f64>().ln();
+            let weight: f64 = terms.iter().map(|t| t.1).sum();
+            total -= terms.iter().map(|t| t.1 * (t.0 - log_denominator)).sum::<f64>() / weight;
+        }
+        total / anchors.len() as f64
+    }
+
+    #[test]
+    fn the_general_form_matches_plain_loops_and_its_gradient() -> Result<()> {
+        let anchors = vec![vec![1.0, 0.3, -0.2], vec![-0.4, 0.9, 0.5]];
+        let candidates = vec![vec![0.8, 0.1, 0.0], vec![0.0, 1.0, 0.2], vec![0.3, -0.5, 0.6]];
+        let positives = vec![vec![0.7, 0.0, 0.3], vec![0.0, 1.0, 0.0]];
+        let denominator = vec![vec![1.0, 0.0, 1.0], vec![1.0, 1.0, 1.0]];
+        let private = vec![vec![vec![0.2, 0.2, 0.9]], vec![vec![-0.6, 0.6, 0.1]]];
+        let private_positives = vec![vec![0.0], vec![1.0]];
+        let expected =
+            reference_general(&anchors, &candidates, &positives, &denominator, &private, &private_positives, 0.3);
+        let build = |a: &Tensor| -> Result<Contrast> {
+            let normalize = |rows: &[Vec<f64>]| super::super::l2_normalize(&matrix(rows));
+            let mut contrast = Contrast::new(
+                super::super::l2_normalize(a)?,
+                normalize(&candidates)?,
+                matrix(&positives),
+                matrix(&denominator),
+            );
+            let own: Vec<Tensor> = private.iter().map(|rows| normalize(rows)).collect::<Result<_>>()?;
+            contrast.add_private(Tensor::stack(&own, 0)?, matrix(&private_positives))?;
+            Ok(contrast)
+        };
+        let value = info_nce(&build(&matrix(&anchors))?, 0.3)?.to_scalar::<f64>()?;
+        assert!((value - expected).abs() < 1e-12, "{value} vs {expected}");
+        assert_gradients_match_finite_differences(&[matrix(&anchors)], &[0], |x| info_nce(&build(&x[0])?, 0.3));
+        Ok(())
     }
 }

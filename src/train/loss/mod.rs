@@ -7,8 +7,10 @@ pub mod common;
 pub mod dcl;
 pub mod debiased;
 pub mod dino;
+pub mod hinge;
 pub mod hybrid;
 pub mod info_nce;
+pub mod instance;
 pub mod nt_xent;
 pub mod paco;
 pub mod proto_nce;
@@ -22,10 +24,12 @@ pub use byol::byol;
 pub use cluster_contrast::cluster_contrast;
 pub use common::{cross_entropy, l2_normalize};
 pub use dcl::{dcl, dclw};
-pub use debiased::debiased_nt_xent;
+pub use debiased::debiased_info_nce;
 pub use dino::{dino, DinoCenter};
+pub use hinge::hinge;
 pub use hybrid::hybrid;
-pub use info_nce::{info_nce_in_batch, info_nce_with_queue};
+pub use info_nce::{info_nce, info_nce_in_batch, info_nce_with_queue};
+pub use instance::ContrastLoss;
 pub use nt_xent::nt_xent;
 pub use paco::paco;
 pub use simsiam::simsiam;
@@ -37,6 +41,18 @@ pub use swav::{sinkhorn_knopp, swapped_prediction};
 #[cfg(test)]
 pub(crate) mod testing {
     use candle_core::{Device, Result, Tensor, Var};
+
+    use crate::train::pairs::Contrast;
+
+    /// SimCLR's problem for two views (see [`Contrast::in_batch`]).
+    pub fn pair(z1: &Tensor, z2: &Tensor) -> Contrast {
+        Contrast::in_batch(z1, z2).expect("two views of one shape")
+    }
+
+    /// [`pair`] of two views given as rows.
+    pub fn in_batch(z1: &[Vec<f64>], z2: &[Vec<f64>]) -> Contrast {
+        pair(&matrix(z1), &matrix(z2))
+    }
 
     /// A matrix as rows of plain numbers, the form the reference formulas work on.
     pub type Rows = Vec<Vec<f64>>;

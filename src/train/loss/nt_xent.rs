@@ -11,27 +11,15 @@
 //!
 //! where `p(i)` is the other view of the same sample; the 2N − 2 other views are negatives.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
-use super::common::{
-    diagonal_logit_mask, expect_float_matrix, expect_positive, expect_same_shape, l2_normalize, log_sum_exp_rows,
-};
-use crate::train::pairs::{label_positive_mask, view_labels};
+use super::info_nce;
+use crate::train::pairs::Contrast;
 
 /// SimCLR's NT-Xent of two views `z1`, `z2` (`[N, D]` projections, normalised here) at
 /// `temperature` τ; the mean over all 2N views.
 pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
-    let (batch, _) = expect_float_matrix("z1", z1)?;
-    expect_same_shape("z1", z1, "z2", z2)?;
-    expect_positive("temperature", temperature)?;
-    let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
-    let logits = (z.matmul(&z.t()?)? / temperature)?;
-    let views = 2 * batch;
-    // Each row has exactly one positive (the other view), so a masked sum picks its logit.
-    let positive_mask = label_positive_mask(&view_labels(batch, 2, z.device())?)?.to_dtype(z.dtype())?;
-    let positive_logit = (&logits * positive_mask)?.sum(D::Minus1)?;
-    let without_self = logits.broadcast_add(&diagonal_logit_mask(views, z.dtype(), z.device())?)?;
-    (log_sum_exp_rows(&without_self)? - positive_logit)?.mean_all()
+    info_nce(&Contrast::in_batch(z1, z2)?, temperature)
 }
 
 #[cfg(test)]

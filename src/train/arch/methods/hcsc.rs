@@ -123,7 +123,7 @@ impl Method for Hcsc {
 
     fn loss(&mut self, views: &[Tensor], _labels: &Tensor, indices: &[usize], step: usize) -> Result<Tensor> {
         if self.levels.is_empty() {
-            return Ok(self.moco.queries_and_loss(views)?.1); // warm-up
+            return Ok(self.moco.queries_and_loss(views, step)?.1); // warm-up
         }
         let (queries, keys) = self.moco.queries_and_keys(views)?;
         let queue = self.moco.queue_keys().clone();

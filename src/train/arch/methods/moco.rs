@@ -4,7 +4,8 @@
 //! - query branch: encoder + MLP projector, trained by gradient;
 //! - key branch: the same architecture, updated as `θ_k ← m θ_k + (1 − m) θ_q`, no gradient;
 //! - pairs: the key of the other view is the positive, a FIFO queue of past keys the negatives;
-//! - loss: InfoNCE against the queue, symmetrised over the two views (as in MoCo v2+/v3);
+//! - loss: InfoNCE against the queue, symmetrised over the two views (as in MoCo v2+/v3), or the
+//!   run's instance loss, after the run's pair strategies ([`Contrast::with_queue`]);
 //! - after each step: momentum update, then the batch's keys enter the queue.
 //!
 //! Shuffled batch norm on one device: batch-norm statistics shared by a query and its positive
@@ -20,8 +21,8 @@ use candle_core::{Result, Tensor};
 use super::{Branch, Method, MethodConfig, MethodParts};
 use crate::train::arch::init::seeded_randn;
 use crate::train::arch::{EmaPairs, MlpConfig, ResNet};
-use crate::train::loss;
-use crate::train::pairs::MemoryQueue;
+use crate::train::loss::{self, ContrastLoss};
+use crate::train::pairs::{fnc, Contrast, MemoryQueue, PairPipeline, PairStrategy};
 
 /// Separate batch-norm groups per view (MoCo used 8 GPUs; 4 groups keep each group large).
 pub const BN_GROUPS: usize = 4;
@@ -35,14 +36,24 @@ pub struct MocoV2 {
     ema: EmaPairs,
     queue: MemoryQueue,
     pending_keys: Option<Tensor>,
+    loss: ContrastLoss,
+    pairs: PairPipeline,
 }
 
 impl MocoV2 {
     pub fn new(config: MethodConfig, parts: &MethodParts) -> Result<Self> {
-        let MethodConfig::MocoV2 { temperature, queue_size, momentum } = config else {
+        let MethodConfig::MocoV2 { temperature, queue_size, momentum, loss, pairs } = &config else {
             candle_core::bail!("not a MoCo v2 config")
         };
-        Self::with(config, temperature, queue_size, momentum, parts)
+        let (loss, pairs) = (loss.clone(), pairs.clone());
+        Self::with(config.clone(), *temperature, *queue_size, *momentum, parts)?.with_pairs(loss, &pairs, parts)
+    }
+
+    /// Trains with `loss` after `pairs` instead of plain InfoNCE.
+    fn with_pairs(mut self, loss: ContrastLoss, pairs: &[PairStrategy], parts: &MethodParts) -> Result<Self> {
+        self.pairs = PairPipeline::new(pairs, self.queue.dim(), parts.seed, parts.vb.device())?;
+        self.loss = loss;
+        Ok(self)
     }
 
     /// MoCo v2 with these settings, reporting `config` as its own (PCL builds on it).
@@ -60,7 +71,9 @@ impl MocoV2 {
         // MoCo starts the queue with random unit vectors; drawn from the seed so runs repeat.
         let random = seeded_randn(queue_size, projector.out_dim(), parts.seed, "buffer.queue", parts.vb.device())?;
         let queue = MemoryQueue::from_tensor(&loss::l2_normalize(&random)?)?;
-        Ok(Self { config, temperature, momentum, query, key, ema, queue, pending_keys: None })
+        let pairs = PairPipeline::new(&[], projector.out_dim(), parts.seed, parts.vb.device())?;
+        let loss = ContrastLoss::InfoNce;
+        Ok(Self { config, temperature, momentum, query, key, ema, queue, pending_keys: None, loss, pairs })
     }
 }
 
@@ -69,11 +82,12 @@ impl Method for MocoV2 {
         &self.config
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], _step: usize) -> Result<Tensor> {
-        Ok(self.queries_and_loss(views)?.1)
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], step: usize) -> Result<Tensor> {
+        Ok(self.queries_and_loss(views, step)?.1)
     }
 
     fn after_step(&mut self, _progress: f64) -> Result<()> {
+        self.pairs.after_step()?;
         self.ema.update(self.momentum)?;
         if let Some(keys) = self.pending_keys.take() {
             self.queue.push(&loss::l2_normalize(&keys)?)?;
@@ -90,14 +104,16 @@ impl Method for MocoV2 {
     }
 
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(vec![("queue".to_string(), self.queue.to_tensor()?)])
+        let mut buffers = vec![("queue".to_string(), self.queue.to_tensor()?)];
+        buffers.extend(self.pairs.buffers()?);
+        Ok(buffers)
     }
 
     fn load_buffers(&mut self, buffers: &HashMap<String, Tensor>) -> Result<()> {
         if let Some(queue) = buffers.get("queue") {
             self.queue = MemoryQueue::from_tensor(queue)?;
         }
-        Ok(())
+        self.pairs.load_buffers(buffers)
     }
 }
 
@@ -107,13 +123,27 @@ impl MocoV2 {
         &self.key
     }
 
-    /// Each view's queries `[N, D]` and the symmetrised InfoNCE against the queue.
-    pub(super) fn queries_and_loss(&mut self, views: &[Tensor]) -> Result<(Vec<Tensor>, Tensor)> {
-        let (q, k) = self.queries_and_keys(views)?;
-        let queue = self.queue.keys();
-        let l1 = loss::info_nce_with_queue(&q[0], &k[1], queue, self.temperature)?;
-        let l2 = loss::info_nce_with_queue(&q[1], &k[0], queue, self.temperature)?;
-        Ok((q, ((l1 + l2)? / 2.0)?))
+    /// Each view's queries `[N, D]` and the symmetrised loss against the queue. Views beyond the
+    /// first two are support views (FNC), projected by the key branch.
+    pub(super) fn queries_and_loss(&mut self, views: &[Tensor], step: usize) -> Result<(Vec<Tensor>, Tensor)> {
+        let (q, k) = self.queries_and_keys(&views[..2])?;
+        let support = match views.len() > 2 {
+            true => {
+                let groups = BN_GROUPS.min(views[0].dim(0)?);
+                let z = self.key.project_views_grouped(&views[2..], groups, None)?;
+                Some(fnc::support_of_anchors(&z, 1)?)
+            }
+            false => None,
+        };
+        let queue = self.queue.keys().clone();
+        let mut terms = Vec::with_capacity(2);
+        for (query, key) in [(0, 1), (1, 0)] {
+            let mut contrast = Contrast::with_queue(&q[query], &k[key], &queue)?;
+            contrast.support = support.clone();
+            self.pairs.apply(&mut contrast, step)?;
+            terms.push(self.loss.loss(&contrast, self.temperature)?);
+        }
+        Ok((q, ((&terms[0] + &terms[1])? / 2.0)?))
     }
 
     /// Each view's queries and (detached) keys; the keys enter the queue after the step.

@@ -19,7 +19,10 @@
 //! | DeepCluster | clustering            | none (pseudo-labels)     | k-means clusters   | cross-entropy     |
 //! | PCL     | clustering (EM on MoCo v2) | momentum encoder        | queue + k-means prototypes | ProtoNCE  |
 //! | HCSC    | clustering (on MoCo v2) | momentum encoder         | selected queue + hierarchical prototypes | selective ProtoNCE |
-//! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |
+//! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |//!
+//! SimCLR and MoCo v2 build a [`crate::train::pairs::Contrast`] and so take any instance loss
+//! (`--loss`: InfoNCE, DCL, DCLW, hinge, DirectCLR) and any stack of pair strategies (`--pairs`:
+//! debiased, MoCHi, feature-space hard pairs, FNC, NNCLR).
 
 pub mod byol;
 pub mod cc;
@@ -43,6 +46,8 @@ use serde::{Deserialize, Serialize};
 use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
 use crate::data::Dataset;
 use crate::train::augment::AugmentConfig;
+use crate::train::loss::ContrastLoss;
+use crate::train::pairs::PairStrategy;
 
 /// Name prefix of the parameters that are not trained by gradient (momentum targets).
 pub const TARGET_PREFIX: &str = "target.";
@@ -53,12 +58,22 @@ pub const TARGET_PREFIX: &str = "target.";
 pub enum MethodConfig {
     Simclr {
         temperature: f64,
+        /// The instance loss (`--loss`): InfoNCE (NT-Xent) unless chosen.
+        #[serde(default)]
+        loss: ContrastLoss,
+        /// Pair strategies applied in order (`--pairs`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pairs: Vec<PairStrategy>,
     },
     #[serde(rename = "moco-v2")]
     MocoV2 {
         temperature: f64,
         queue_size: usize,
         momentum: f64,
+        #[serde(default)]
+        loss: ContrastLoss,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pairs: Vec<PairStrategy>,
     },
     Byol {
         base_momentum: f64,
@@ -144,8 +159,14 @@ impl MethodConfig {
     /// The defaults for `name` (one of [`MethodConfig::NAMES`]), tuned for small images.
     pub fn default_for(name: &str) -> anyhow::Result<Self> {
         Ok(match name {
-            "simclr" => Self::Simclr { temperature: 0.2 },
-            "moco-v2" | "moco" => Self::MocoV2 { temperature: 0.2, queue_size: 4096, momentum: 0.99 },
+            "simclr" => Self::Simclr { temperature: 0.2, loss: ContrastLoss::InfoNce, pairs: Vec::new() },
+            "moco-v2" | "moco" => Self::MocoV2 {
+                temperature: 0.2,
+                queue_size: 4096,
+                momentum: 0.99,
+                loss: ContrastLoss::InfoNce,
+                pairs: Vec::new(),
+            },
             "byol" => Self::Byol { base_momentum: 0.99, predictor_hidden: 128, predictor_lr_scale: 1.0 },
             "simsiam" => Self::Simsiam { predictor_hidden: 32, predictor_lr_scale: 10.0 },
             "swav" => Self::Swav {
@@ -204,8 +225,9 @@ impl MethodConfig {
     /// The loss the method trains with, for manifests and logs.
     pub fn loss_name(&self) -> &'static str {
         match self {
-            Self::Simclr { .. } => "nt-xent",
-            Self::MocoV2 { .. } => "info-nce-queue",
+            Self::Simclr { loss: ContrastLoss::InfoNce, .. } => "nt-xent",
+            Self::MocoV2 { loss: ContrastLoss::InfoNce, .. } => "info-nce-queue",
+            Self::Simclr { loss, .. } | Self::MocoV2 { loss, .. } => loss.name(),
             Self::Byol { .. } => "byol-normalized-mse",
             Self::Simsiam { .. } => "simsiam-negative-cosine",
             Self::Swav { .. } => "swav-swapped-prediction",
@@ -215,6 +237,30 @@ impl MethodConfig {
             Self::Cc { .. } => "nt-xent+cluster-contrast",
             Self::Supcon { loss, .. } => loss.name(),
             Self::Paco { .. } => "paco",
+        }
+    }
+
+    /// The pair strategies the method applies (`--pairs`), empty for most methods.
+    pub fn pair_strategies(&self) -> &[PairStrategy] {
+        match self {
+            Self::Simclr { pairs, .. } | Self::MocoV2 { pairs, .. } => pairs,
+            _ => &[],
+        }
+    }
+
+    /// Checks the method's choice of loss and pair strategies against each other.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Self::Simclr { loss, pairs, .. } => PairStrategy::validate_all(pairs, self.name(), false, loss.name()),
+            Self::MocoV2 { loss, pairs, .. } => {
+                anyhow::ensure!(
+                    loss.direct_dims().is_none(),
+                    "--loss directclr contrasts the representation without a projector; --method moco-v2 \
+                     keeps its projector (use simclr)"
+                );
+                PairStrategy::validate_all(pairs, self.name(), true, loss.name())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -254,13 +300,20 @@ impl MethodConfig {
 
     /// The augmentation of each view. BYOL's second view adds solarisation (Grill et al. 2020);
     /// blur is left out everywhere since it erases 28×28 images.
+    /// Pair strategies that read support views (FNC) add that many views, augmented like the
+    /// others.
     pub fn view_augmentations(&self) -> Vec<AugmentConfig> {
         match self {
             Self::Byol { .. } => {
                 vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }]
             }
-            _ => vec![AugmentConfig::simclr(), AugmentConfig::simclr()],
+            _ => vec![AugmentConfig::simclr(); 2 + self.support_views()],
         }
+    }
+
+    /// Extra views per image beyond the two contrasted ones.
+    pub fn support_views(&self) -> usize {
+        self.pair_strategies().iter().map(PairStrategy::support_views).sum()
     }
 }
 

@@ -183,8 +183,8 @@ impl Method for Pcl {
         Ok(())
     }
 
-    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, indices: &[usize], _step: usize) -> Result<Tensor> {
-        let (queries, info_nce) = self.moco.queries_and_loss(views)?;
+    fn loss(&mut self, views: &[Tensor], _labels: &Tensor, indices: &[usize], step: usize) -> Result<Tensor> {
+        let (queries, info_nce) = self.moco.queries_and_loss(views, step)?;
         if self.clusterings.is_empty() {
             return Ok(info_nce); // warm-up
         }
