@@ -162,7 +162,8 @@ struct TrainArgs {
     /// Pair strategies for simclr and moco-v2, applied in order, NAME[:KEY=VALUE...][,...]:
     /// debiased (:class_prior=0.1), mochi (:hardest=256:mixes=256:query_mixes=64, moco-v2 only),
     /// hard-pairs (:positive_alpha=2:negative_alpha=1.6), fnc
-    /// (:support_views=2:false_negatives=5:attract=false), nnclr (:support_size=4096)
+    /// (:support_views=2:false_negatives=5:attract=false), nnclr (:support_size=4096), mixco
+    /// (:alpha=1), mixup (:alpha=1:hardest=64)
     #[arg(long, value_name = "LIST")]
     pairs: Option<String>,
     /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD,

@@ -8,7 +8,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::{cancel_false_negatives, mix_hard_negatives, transform_features, Contrast, NearestNeighbourSupport};
+use super::{
+    cancel_false_negatives, mix_hard_negatives, transform_features, Contrast, Mixing, NearestNeighbourSupport,
+};
 
 /// One pair strategy and its parameters; the name is the `--pairs` value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,10 +26,14 @@ pub enum PairStrategy {
     Fnc { support_views: usize, false_negatives: usize, attract: bool },
     /// Nearest-neighbour positives, NNCLR (Dwibedi et al. 2021); see [`super::nnclr`].
     Nnclr { support_size: usize },
+    /// Mixed images with soft positives, MixCo / i-Mix (Kim et al. 2020); see [`super::mixco`].
+    Mixco { alpha: f64 },
+    /// Mixed images as hard negatives (Zhong et al.); see [`super::mixup`].
+    Mixup { alpha: f64, hardest: usize },
 }
 
 impl PairStrategy {
-    pub const NAMES: [&'static str; 5] = ["debiased", "mochi", "hard-pairs", "fnc", "nnclr"];
+    pub const NAMES: [&'static str; 7] = ["debiased", "mochi", "hard-pairs", "fnc", "nnclr", "mixco", "mixup"];
 
     /// The defaults for `name`, scaled to Fashion-MNIST (each file says how).
     pub fn default_for(name: &str) -> anyhow::Result<Self> {
@@ -38,6 +44,8 @@ impl PairStrategy {
             "hard-pairs" => Self::HardPairs { positive_alpha: 2.0, negative_alpha: 1.6 },
             "fnc" => Self::Fnc { support_views: 2, false_negatives: 5, attract: false },
             "nnclr" => Self::Nnclr { support_size: 4096 },
+            "mixco" => Self::Mixco { alpha: 1.0 },
+            "mixup" => Self::Mixup { alpha: 1.0, hardest: 64 },
             other => anyhow::bail!("unknown pair strategy '{other}': expected one of {}", Self::NAMES.join(", ")),
         })
     }
@@ -49,6 +57,8 @@ impl PairStrategy {
             Self::HardPairs { .. } => "hard-pairs",
             Self::Fnc { .. } => "fnc",
             Self::Nnclr { .. } => "nnclr",
+            Self::Mixco { .. } => "mixco",
+            Self::Mixup { .. } => "mixup",
         }
     }
 
@@ -108,6 +118,21 @@ impl PairStrategy {
                     ensure!(*false_negatives >= 1, "fnc: false_negatives must be at least 1");
                 }
                 Self::Nnclr { support_size } => ensure!(*support_size >= 1, "nnclr: support_size must be at least 1"),
+                Self::Mixco { alpha } | Self::Mixup { alpha, .. } => {
+                    ensure!(*alpha > 0.0, "{name}: alpha must be positive, got {alpha}");
+                    ensure!(
+                        strategies.iter().all(|s| !matches!(s, Self::Fnc { .. })),
+                        "--pairs {name} and fnc do not combine: a mixed image has no support views of its own"
+                    );
+                    ensure!(
+                        !strategies.iter().any(|s| matches!(s, Self::Mixco { .. }))
+                            || !strategies.iter().any(|s| matches!(s, Self::Mixup { .. })),
+                        "--pairs mixco and mixup both mix the batch's images; choose one"
+                    );
+                    if let Self::Mixup { hardest, .. } = strategy {
+                        ensure!(*hardest >= 1, "mixup: hardest must be at least 1");
+                    }
+                }
             }
         }
         Ok(())
@@ -149,14 +174,39 @@ impl PairPipeline {
         self.strategies.iter().map(PairStrategy::support_views).sum()
     }
 
-    /// Rewrites `contrast` by every strategy in turn; `step` counts optimiser steps.
-    pub fn apply(&mut self, contrast: &mut Contrast, step: usize) -> Result<()> {
+    /// How many mixed negatives each anchor keeps, when the mixes are negatives (Mixup) rather
+    /// than anchors (MixCo).
+    pub fn mixed_negatives(&self) -> Option<usize> {
+        self.strategies.iter().find_map(|s| match s {
+            PairStrategy::Mixup { hardest, .. } => Some(*hardest),
+            _ => None,
+        })
+    }
+
+    /// The generator of this call at `step`: seeded by (seed, step, calls so far in the step).
+    fn rng(&mut self, step: usize) -> StdRng {
         if step as u64 != self.step {
             (self.step, self.calls) = (step as u64, 0);
         }
-        let mut rng =
-            StdRng::seed_from_u64(crate::train::loader::mix_seed(&[self.seed, 0x9a12_5eed, self.step, self.calls]));
         self.calls += 1;
+        StdRng::seed_from_u64(crate::train::loader::mix_seed(&[self.seed, 0x9a12_5eed, self.step, self.calls - 1]))
+    }
+
+    /// The mixing of `n` images at `step`, when the run mixes (MixCo, Mixup negatives).
+    pub fn mixing(&mut self, n: usize, step: usize) -> Result<Option<Mixing>> {
+        let Some(alpha) = self.strategies.iter().find_map(|s| match s {
+            PairStrategy::Mixco { alpha } | PairStrategy::Mixup { alpha, .. } => Some(*alpha),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        Mixing::draw(n, alpha, &mut self.rng(step)).map(Some)
+    }
+
+    /// Rewrites `contrast` by every strategy in turn; `step` counts optimiser steps. (MixCo and
+    /// Mixup act on the images, through [`PairPipeline::mixing`].)
+    pub fn apply(&mut self, contrast: &mut Contrast, step: usize) -> Result<()> {
+        let mut rng = self.rng(step);
         for strategy in &self.strategies {
             match strategy {
                 PairStrategy::Debiased { class_prior } => contrast.class_prior = Some(*class_prior),
@@ -172,6 +222,7 @@ impl PairPipeline {
                 PairStrategy::Nnclr { .. } => {
                     self.nearest.as_mut().expect("built with the strategy").replace_positives(contrast)?
                 }
+                PairStrategy::Mixco { .. } | PairStrategy::Mixup { .. } => {}
             }
         }
         Ok(())
@@ -218,6 +269,10 @@ mod tests {
         assert!(e.contains("debiased") && e.contains("dcl"), "{e}");
         let e = err(&["nnclr", "hard-pairs"], "moco-v2", true, "info-nce");
         assert!(e.contains("nnclr") && e.contains("hard-pairs"), "{e}");
+        let e = err(&["mixco", "mixup"], "simclr", false, "info-nce");
+        assert!(e.contains("mixco") && e.contains("mixup"), "{e}");
+        let e = err(&["mixco", "fnc"], "simclr", false, "info-nce");
+        assert!(e.contains("mixco") && e.contains("fnc"), "{e}");
         let e = err(&["fnc", "fnc"], "simclr", false, "info-nce");
         assert!(e.contains("twice"), "{e}");
         let no_support = [PairStrategy::Fnc { support_views: 0, false_negatives: 5, attract: false }];

@@ -22,7 +22,7 @@ use super::{Branch, Method, MethodConfig, MethodParts};
 use crate::train::arch::init::seeded_randn;
 use crate::train::arch::{EmaPairs, MlpConfig, ResNet};
 use crate::train::loss::{self, ContrastLoss};
-use crate::train::pairs::{fnc, Contrast, MemoryQueue, PairPipeline, PairStrategy};
+use crate::train::pairs::{add_hardest_mixed_negatives, fnc, Contrast, MemoryQueue, PairPipeline, PairStrategy};
 
 /// Separate batch-norm groups per view (MoCo used 8 GPUs; 4 groups keep each group large).
 pub const BN_GROUPS: usize = 4;
@@ -136,9 +136,36 @@ impl MocoV2 {
             false => None,
         };
         let queue = self.queue.keys().clone();
+        let n = views[0].dim(0)?;
+        let as_negatives = self.pairs.mixed_negatives();
+        let mixed = match self.pairs.mixing(n, step)? {
+            Some(mixing) => {
+                // MixCo's mixes are queries; Mixup's are negatives, so keys (no gradient).
+                let branch = if as_negatives.is_some() { &self.key } else { &self.query };
+                let images = [mixing.mix_images(&views[0])?];
+                let projected = branch.project_views_grouped(&images, BN_GROUPS.min(n), None)?.remove(0);
+                Some((mixing, projected))
+            }
+            None => None,
+        };
         let mut terms = Vec::with_capacity(2);
         for (query, key) in [(0, 1), (1, 0)] {
             let mut contrast = Contrast::with_queue(&q[query], &k[key], &queue)?;
+            match (&mixed, as_negatives) {
+                (Some((mixing, keys)), Some(hardest)) => add_hardest_mixed_negatives(
+                    &mut contrast,
+                    mixing,
+                    &keys.detach(),
+                    &(0..n).collect::<Vec<_>>(),
+                    hardest,
+                )?,
+                (Some((mixing, queries)), None) if query == 0 => {
+                    // MixCo: mixed first views against the second view's keys (columns 0..N) and the queue.
+                    let negatives: Vec<f64> = (0..n + queue.dims()[0]).map(|j| if j < n { 0.0 } else { 1.0 }).collect();
+                    mixing.add_anchors(&mut contrast, queries, &(0..n).collect::<Vec<_>>(), &negatives)?;
+                }
+                _ => {}
+            }
             contrast.support = support.clone();
             self.pairs.apply(&mut contrast, step)?;
             terms.push(self.loss.loss(&contrast, self.temperature)?);

@@ -19,10 +19,11 @@
 //! | DeepCluster | clustering            | none (pseudo-labels)     | k-means clusters   | cross-entropy     |
 //! | PCL     | clustering (EM on MoCo v2) | momentum encoder        | queue + k-means prototypes | ProtoNCE  |
 //! | HCSC    | clustering (on MoCo v2) | momentum encoder         | selected queue + hierarchical prototypes | selective ProtoNCE |
-//! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |//!
+//! | CC      | clustering                | shared weights + cluster head | in-batch instances and clusters | NT-Xent + cluster contrast |
+//!
 //! SimCLR and MoCo v2 build a [`crate::train::pairs::Contrast`] and so take any instance loss
 //! (`--loss`: InfoNCE, DCL, DCLW, hinge, DirectCLR) and any stack of pair strategies (`--pairs`:
-//! debiased, MoCHi, feature-space hard pairs, FNC, NNCLR).
+//! debiased, MoCHi, feature-space hard pairs, FNC, NNCLR, MixCo, Mixup hard negatives).
 
 pub mod byol;
 pub mod cc;

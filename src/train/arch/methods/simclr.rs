@@ -3,7 +3,8 @@
 //!
 //! - encoder f and projector g shared by both views;
 //! - pairs: the two views of a sample are positives, every other view in the batch a negative
-//!   ([`Contrast::in_batch`]), then the run's pair strategies;
+//!   ([`Contrast::in_batch`]), then the run's pair strategies (MixCo adds mixed images of the
+//!   first view as anchors, Mixup as hard negatives);
 //! - loss: NT-Xent over the 2N projections, or the run's instance loss. DirectCLR has no
 //!   projector: it contrasts the first d₀ dimensions of the encoder's features.
 
@@ -14,7 +15,7 @@ use candle_core::{Result, Tensor};
 use super::{Method, MethodConfig, MethodParts};
 use crate::train::arch::{Mlp, ResNet};
 use crate::train::loss::ContrastLoss;
-use crate::train::pairs::{fnc, Contrast, PairPipeline};
+use crate::train::pairs::{add_hardest_mixed_negatives, fnc, Contrast, PairPipeline};
 
 pub struct SimClr {
     config: MethodConfig,
@@ -65,11 +66,28 @@ impl Method for SimClr {
     }
 
     fn loss(&mut self, views: &[Tensor], _labels: &Tensor, _indices: &[usize], step: usize) -> Result<Tensor> {
-        let z = self.project_views(views)?;
+        let n = views[0].dim(0)?;
+        let mixing = self.pairs.mixing(n, step)?;
+        let mut inputs = views.to_vec();
+        if let Some(mixing) = &mixing {
+            inputs.push(mixing.mix_images(&views[0])?);
+        }
+        let z = self.project_views(&inputs)?;
         let mut contrast = Contrast::in_batch(&z[0], &z[1])?;
-        if z.len() > 2 {
+        if let Some(mixing) = &mixing {
+            let mixed = &z[views.len()];
+            match self.pairs.mixed_negatives() {
+                Some(hardest) => {
+                    let images: Vec<usize> = (0..2 * n).map(|a| a % n).collect();
+                    add_hardest_mixed_negatives(&mut contrast, mixing, mixed, &images, hardest)?
+                }
+                // MixCo: mixed anchors are positives of the second views (columns N..2N).
+                None => mixing.add_anchors(&mut contrast, mixed, &(n..2 * n).collect::<Vec<_>>(), &vec![1.0; 2 * n])?,
+            }
+        }
+        if views.len() > 2 {
             // Both anchors of an image share its support views.
-            contrast.support = Some(fnc::support_of_anchors(&z[2..], 2)?);
+            contrast.support = Some(fnc::support_of_anchors(&z[2..views.len()], 2)?);
         }
         self.pairs.apply(&mut contrast, step)?;
         self.loss.loss(&contrast, self.temperature)
