@@ -93,7 +93,7 @@ impl Contrast {
 
     /// The negatives of each anchor, `[A, C]`: in its denominator and not its positive.
     pub fn negatives(&self) -> Result<Tensor> {
-        &self.denominator * self.positives.eq(0.0)?.to_dtype(self.denominator.dtype())?
+        negative_weights(&self.positives, &self.denominator)
     }
 
     /// Each anchor's positive centre `[A, D]`: the positive-weighted mean of its candidates,
@@ -160,7 +160,7 @@ impl Contrast {
 impl Scores {
     /// The negatives' indicator `[A, C + E]`.
     pub fn negatives(&self) -> Result<Tensor> {
-        &self.denominator * self.positives.eq(0.0)?.to_dtype(self.denominator.dtype())?
+        negative_weights(&self.positives, &self.denominator)
     }
 
     /// Each anchor's positive-weighted mean cosine `[A]` and whether it has a positive `[A]`.
@@ -170,6 +170,11 @@ impl Scores {
         let mean = ((&self.cosines * &self.positives)?.sum(D::Minus1)? / total.maximum(1e-30)?)?;
         Ok((mean, has_positive))
     }
+}
+
+/// The candidates in an anchor's denominator that are not its positives.
+fn negative_weights(positives: &Tensor, denominator: &Tensor) -> Result<Tensor> {
+    denominator * positives.eq(0.0)?.to_dtype(denominator.dtype())?
 }
 
 fn expect_matrix(name: &str, t: &Tensor) -> Result<(usize, usize)> {

@@ -165,15 +165,6 @@ impl PairPipeline {
         Ok(Self { strategies: strategies.to_vec(), seed, step: 0, calls: 0, nearest })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.strategies.is_empty()
-    }
-
-    /// Extra views per image that the strategies read (FNC's support views).
-    pub fn support_views(&self) -> usize {
-        self.strategies.iter().map(PairStrategy::support_views).sum()
-    }
-
     /// How many mixed negatives each anchor keeps, when the mixes are negatives (Mixup) rather
     /// than anchors (MixCo).
     pub fn mixed_negatives(&self) -> Option<usize> {

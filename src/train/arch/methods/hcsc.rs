@@ -27,6 +27,7 @@ use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
 use crate::train::arch::ResNet;
 use crate::train::loader::mix_seed;
+use crate::train::loss::ContrastLoss;
 use crate::train::loss::{self, proto_nce};
 
 pub struct Hcsc {
@@ -51,7 +52,7 @@ impl Hcsc {
                 "HCSC needs two or more levels of decreasing cluster counts (at least 2), got {clusters:?}"
             )
         }
-        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, parts)?;
+        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, ContrastLoss::InfoNce, &[], parts)?;
         let device = parts.vb.device().clone();
         Ok(Self {
             config,

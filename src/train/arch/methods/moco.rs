@@ -46,14 +46,7 @@ impl MocoV2 {
             candle_core::bail!("not a MoCo v2 config")
         };
         let (loss, pairs) = (loss.clone(), pairs.clone());
-        Self::with(config.clone(), *temperature, *queue_size, *momentum, parts)?.with_pairs(loss, &pairs, parts)
-    }
-
-    /// Trains with `loss` after `pairs` instead of plain InfoNCE.
-    fn with_pairs(mut self, loss: ContrastLoss, pairs: &[PairStrategy], parts: &MethodParts) -> Result<Self> {
-        self.pairs = PairPipeline::new(pairs, self.queue.dim(), parts.seed, parts.vb.device())?;
-        self.loss = loss;
-        Ok(self)
+        Self::with(config.clone(), *temperature, *queue_size, *momentum, loss, &pairs, parts)
     }
 
     /// MoCo v2 with these settings, reporting `config` as its own (PCL builds on it).
@@ -62,6 +55,8 @@ impl MocoV2 {
         temperature: f64,
         queue_size: usize,
         momentum: f64,
+        loss: ContrastLoss,
+        pairs: &[PairStrategy],
         parts: &MethodParts,
     ) -> Result<Self> {
         // MoCo v2's projector has no batch norm.
@@ -71,8 +66,7 @@ impl MocoV2 {
         // MoCo starts the queue with random unit vectors; drawn from the seed so runs repeat.
         let random = seeded_randn(queue_size, projector.out_dim(), parts.seed, "buffer.queue", parts.vb.device())?;
         let queue = MemoryQueue::from_tensor(&loss::l2_normalize(&random)?)?;
-        let pairs = PairPipeline::new(&[], projector.out_dim(), parts.seed, parts.vb.device())?;
-        let loss = ContrastLoss::InfoNce;
+        let pairs = PairPipeline::new(pairs, projector.out_dim(), parts.seed, parts.vb.device())?;
         Ok(Self { config, temperature, momentum, query, key, ema, queue, pending_keys: None, loss, pairs })
     }
 }

@@ -22,6 +22,7 @@ use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
 use crate::train::arch::ResNet;
 use crate::train::loader::mix_seed;
+use crate::train::loss::ContrastLoss;
 use crate::train::loss::{self, proto_nce};
 
 /// Images encoded at once in the E-step.
@@ -139,7 +140,7 @@ impl Pcl {
         if clusters.is_empty() || clusters.iter().any(|&k| k < 2) {
             candle_core::bail!("PCL needs one or more clusterings of at least 2 clusters, got {clusters:?}")
         }
-        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, parts)?;
+        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, ContrastLoss::InfoNce, &[], parts)?;
         Ok(Self {
             config,
             moco,
