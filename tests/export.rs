@@ -11,7 +11,7 @@ use contrastive::export::{self, ExportOptions, Provenance};
 use contrastive::registry::manifest::ChannelOrder;
 use contrastive::registry::{ModelRepository, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use contrastive::runtime::{OnnxEncoder, SessionOptions};
-use contrastive::train::arch::{MethodConfig, ResNetConfig};
+use contrastive::train::arch::{MethodConfig, PatchGrid, ResNetConfig};
 use contrastive::train::checkpoint::{self, RunState};
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::fit::Progress;
@@ -94,7 +94,13 @@ fn every_encoder_variant_exports_with_parity() {
         // Two blocks per stage: identity shortcuts inside a stage, projections between stages.
         (
             "deeper",
-            ResNetConfig { widths: vec![8, 16, 24], blocks: vec![2, 2, 2], strides: vec![1, 2, 2], in_channels: 1 },
+            ResNetConfig {
+                widths: vec![8, 16, 24],
+                blocks: vec![2, 2, 2],
+                strides: vec![1, 2, 2],
+                in_channels: 1,
+                patches: None,
+            },
             gray.clone(),
         ),
         // RGB input, four stages, a stride-2 first stage and an odd input size.
@@ -105,8 +111,16 @@ fn every_encoder_variant_exports_with_parity() {
                 blocks: vec![1, 1, 1, 1],
                 strides: vec![2, 1, 2, 1],
                 in_channels: 3,
+                patches: None,
             },
             rgb,
+        ),
+        // CPC's encoder: the mean of the codes of 16 overlapping 10×10 patches (Slice, Concat,
+        // Reshape and ReduceMean around the body).
+        (
+            "patches",
+            ResNetConfig { patches: Some(PatchGrid { size: 10, stride: 6 }), ..ResNetConfig::canonical(1) },
+            gray.clone(),
         ),
     ];
     let tmp = tempfile::tempdir().unwrap();

@@ -59,7 +59,7 @@ pub fn encoder_graph(
     let mut g = GraphBuilder::new("encoder");
     let dims = [Dim::batch(), Dim::Fixed(shape.channels), Dim::Fixed(shape.height), Dim::Fixed(shape.width)];
     let input = g.input(INPUT_NAME, &dims)?;
-    let features = encoder.to_onnx(&mut g, &input)?;
+    let features = encoder.to_onnx(&mut g, &input, shape.height, shape.width)?;
     let embedding = if l2_normalize {
         // x / sqrt(Σx² + ε²), as contrastive_kernels::l2_normalize.
         let sum_sq =

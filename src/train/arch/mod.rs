@@ -2,6 +2,7 @@
 //! The fast CPU ops under the layers are the `contrastive-kernels` crate.
 
 pub mod batch_norm;
+pub mod context;
 pub mod conv;
 pub mod conv_bn;
 pub mod ema;
@@ -13,4 +14,4 @@ pub mod resnet;
 pub use ema::EmaPairs;
 pub use heads::{Mlp, MlpConfig, Prototypes};
 pub use methods::{Method, MethodConfig, SupervisedLoss};
-pub use resnet::{ResNet, ResNetConfig};
+pub use resnet::{PatchGrid, ResNet, ResNetConfig};

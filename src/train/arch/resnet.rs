@@ -11,6 +11,7 @@ use contrastive_kernels::Backend;
 use super::batch_norm::BatchNorm2d;
 use super::conv::Conv2d;
 use super::conv_bn::ConvBn;
+use crate::train::augment::patches::{grid_starts, patch_grid};
 
 /// Widths, depths and strides of a CIFAR-style ResNet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,18 +23,35 @@ pub struct ResNetConfig {
     pub blocks: Vec<usize>,
     /// Stride of each stage's first block.
     pub strides: Vec<usize>,
+    /// Encode a grid of patches and average their features instead of the whole image (CPC's
+    /// encoder, trained on patches, embeds an image as the mean of its patch codes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patches: Option<PatchGrid>,
+}
+
+/// Square patches of `size` pixels every `stride` pixels (see [`patch_grid`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchGrid {
+    pub size: usize,
+    pub stride: usize,
 }
 
 impl ResNetConfig {
     /// The project's benchmark encoder: widths (32, 64, 128), one block per stage, strides
     /// (1, 2, 2), a 128-d feature; about 307k parameters for one input channel.
     pub fn canonical(in_channels: usize) -> Self {
-        Self { in_channels, widths: vec![32, 64, 128], blocks: vec![1, 1, 1], strides: vec![1, 2, 2] }
+        Self { in_channels, widths: vec![32, 64, 128], blocks: vec![1, 1, 1], strides: vec![1, 2, 2], patches: None }
     }
 
     /// ResNet-18's layout (two blocks per stage, widths 64..512) with the CIFAR stem.
     pub fn resnet18(in_channels: usize) -> Self {
-        Self { in_channels, widths: vec![64, 128, 256, 512], blocks: vec![2, 2, 2, 2], strides: vec![1, 2, 2, 2] }
+        Self {
+            in_channels,
+            widths: vec![64, 128, 256, 512],
+            blocks: vec![2, 2, 2, 2],
+            strides: vec![1, 2, 2, 2],
+            patches: None,
+        }
     }
 
     /// Size of the pooled feature (the embedding).
@@ -53,6 +71,9 @@ impl ResNetConfig {
         anyhow::ensure!(self.in_channels > 0, "a ResNet needs at least one input channel");
         anyhow::ensure!(self.blocks.iter().all(|&b| b > 0), "every ResNet stage needs at least one block");
         anyhow::ensure!(self.strides.iter().all(|&s| s == 1 || s == 2), "ResNet strides must be 1 or 2");
+        if let Some(PatchGrid { size, stride }) = self.patches {
+            anyhow::ensure!(size > 0 && stride > 0, "patch size and stride must be positive, got {size} and {stride}");
+        }
         Ok(())
     }
 }
@@ -162,30 +183,89 @@ impl ResNet {
         self.config.feature_dim()
     }
 
+    /// The embedding `[N, feature_dim]`: the image's pooled features, or with a patch grid the
+    /// mean of its patches' (see [`ResNetConfig::patches`]).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(grid) = self.config.patches else { return self.pooled_t(x, train) };
+        let (patches, rows, columns) = patch_grid(x, grid.size, grid.stride)?;
+        let [n, count, c, size, _] = patches.dims5().map(|d| [d.0, d.1, d.2, d.3, d.4])?;
+        debug_assert_eq!(count, rows * columns);
+        let codes = self.pooled_t(&patches.reshape((n * count, c, size, size))?, train)?;
+        codes.reshape((n, count, ()))?.mean(1)
+    }
+
+    /// The globally mean-pooled features of `x` as it is, `[N, feature_dim]` (CPC's patch codes).
+    pub fn pooled_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         // Global mean pooling: pooling ops' backward only works when kernel == stride.
         self.feature_map_t(x, train)?.flatten_from(2)?.mean(D::Minus1)
     }
 
     /// The last stage's output before pooling, `[N, C, h, w]` (ContrastiveCrop's heatmaps).
     pub fn feature_map_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.stage_maps_t(x, train)?.pop().expect("a ResNet has at least one stage"))
+    }
+
+    /// Every stage's output, `[N, widths[s], h_s, w_s]` (SelfCon's exit path reads an
+    /// intermediate one).
+    pub fn stage_maps_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let frozen = if train { self.frozen_blocks } else { None };
+        let stage_ends: Vec<usize> = self
+            .config
+            .blocks
+            .iter()
+            .scan(0, |end, &blocks| {
+                *end += blocks;
+                Some(*end)
+            })
+            .collect();
         let mut h = self.stem.forward_t(x, train && frozen.is_none(), true)?;
+        let mut maps = Vec::with_capacity(stage_ends.len());
         for (i, block) in self.blocks.iter().enumerate() {
             if frozen == Some(i) {
                 h = h.detach();
             }
             h = block.forward_t(&h, train && frozen.is_none_or(|f| i >= f))?;
+            if stage_ends.contains(&(i + 1)) {
+                // A stage that ends within the frozen part passes no gradient back.
+                maps.push(if frozen.is_some_and(|f| i < f) { h.detach() } else { h.clone() });
+            }
         }
-        if frozen == Some(self.blocks.len()) {
-            h = h.detach();
-        }
-        Ok(h)
+        Ok(maps)
     }
 
-    /// The encoder in evaluation mode as ONNX nodes reading `input` (`[N, C, H, W]`); returns the
-    /// `[N, feature_dim]` feature value, named `features`.
-    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str) -> ExportResult<String> {
+    /// The encoder in evaluation mode as ONNX nodes reading `input` (`[N, C, H, W]` of `height`
+    /// × `width`); returns the `[N, feature_dim]` feature value, named `features`.
+    pub fn to_onnx(&self, g: &mut GraphBuilder, input: &str, height: usize, width: usize) -> ExportResult<String> {
+        let Some(grid) = self.config.patches else { return self.body_to_onnx(g, input, "features") };
+        // The patches stacked patch-major on the batch axis, [G·N, C, p, p], through the body,
+        // then [G, N, F] averaged over G.
+        let (rows, columns) = (grid_starts(height, grid.size, grid.stride), grid_starts(width, grid.size, grid.stride));
+        let axes = g.initializer_i64("patches.axes", &[2], &[2, 3])?;
+        let mut patches = Vec::new();
+        for &top in &rows {
+            for &left in &columns {
+                let name = format!("patches.r{top}c{left}");
+                let starts = g.initializer_i64(&format!("{name}.starts"), &[2], &[top as i64, left as i64])?;
+                let ends = g.initializer_i64(
+                    &format!("{name}.ends"),
+                    &[2],
+                    &[(top + grid.size) as i64, (left + grid.size) as i64],
+                )?;
+                patches.push(g.node("Slice", &[input, &starts, &ends, &axes], &name, &[])?);
+            }
+        }
+        let refs: Vec<&str> = patches.iter().map(String::as_str).collect();
+        let stacked = g.node("Concat", &refs, "patches", &[("axis", Attr::Int(0))])?;
+        let codes = self.body_to_onnx(g, &stacked, "patch_codes")?;
+        let shape =
+            g.initializer_i64("patch_codes.shape", &[3], &[patches.len() as i64, -1, self.feature_dim() as i64])?;
+        let grouped = g.node("Reshape", &[&codes, &shape], "patch_codes.by_patch", &[])?;
+        g.node("ReduceMean", &[&grouped], "features", &[("axes", Attr::Ints(vec![0])), ("keepdims", Attr::Int(0))])
+    }
+
+    /// Stem, blocks and global pooling as ONNX nodes; the pooled `[N, feature_dim]` value is
+    /// named `output`.
+    fn body_to_onnx(&self, g: &mut GraphBuilder, input: &str, output: &str) -> ExportResult<String> {
         let h = self.stem.to_onnx(g, input, "stem.conv")?;
         let mut h = g.node("Relu", &[&h], "stem.relu", &[])?;
         let mut names = Vec::new();
@@ -196,7 +276,7 @@ impl ResNet {
             h = block.to_onnx(g, &h, name)?;
         }
         let pooled = g.node("GlobalAveragePool", &[&h], "pool", &[])?;
-        g.node("Flatten", &[&pooled], "features", &[("axis", Attr::Int(1))])
+        g.node("Flatten", &[&pooled], output, &[("axis", Attr::Int(1))])
     }
 }
 

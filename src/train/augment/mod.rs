@@ -10,6 +10,7 @@ pub mod blur;
 pub mod color;
 pub mod contrastive_crop;
 pub mod crop;
+pub mod patches;
 pub mod synthesis;
 
 use std::fmt;

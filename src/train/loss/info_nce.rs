@@ -79,6 +79,7 @@ pub fn info_nce_in_batch(q: &Tensor, k: &Tensor, temperature: f64) -> Result<Ten
 mod tests {
     use super::*;
     use crate::train::loss::testing::*;
+    use crate::train::pairs::Denominator;
     use candle_core::{DType, Var};
 
     fn reference_queue(q: &[Vec<f64>], k: &[Vec<f64>], queue: &[Vec<f64>], temperature: f64) -> f64 {
@@ -207,6 +208,19 @@ mod tests {
             total -= terms.iter().map(|t| t.1 * (t.0 - log_denominator)).sum::<f64>() / weight;
         }
         total / anchors.len() as f64
+    }
+
+    /// CMC's two-view loss, `½ (L(V₁, V₂) + L(V₂, V₁))` with each direction's negatives from the
+    /// other view only, is InfoNCE over the cross-view contrast; both views get the gradient.
+    #[test]
+    fn the_cross_view_contrast_is_cmc_in_both_directions() -> Result<()> {
+        let (z1, z2, _) = example();
+        let expected = (reference_in_batch(&z1, &z2, 0.2) + reference_in_batch(&z2, &z1, 0.2)) / 2.0;
+        let loss = |x: &[Tensor]| info_nce(&Contrast::in_batch_views(x, Denominator::OtherViews)?, 0.2);
+        let value = loss(&[matrix(&z1), matrix(&z2)])?.to_scalar::<f64>()?;
+        assert!((value - expected).abs() < 1e-12, "{value} vs {expected}");
+        assert_gradients_match_finite_differences(&[matrix(&z1), matrix(&z2)], &[0, 1], loss);
+        Ok(())
     }
 
     #[test]

@@ -35,6 +35,16 @@ pub struct Contrast {
     pub support: Option<Tensor>,
 }
 
+/// Which candidates enter an anchor's denominator in [`Contrast::in_batch_views`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denominator {
+    /// Every other row of every view (SimCLR, SelfCon).
+    AllViews,
+    /// Only the rows of the other views: an anchor is contrasted across views, never with its
+    /// own view's other samples (CMC).
+    OtherViews,
+}
+
 /// The scores a loss reads: similarities with the private candidates appended to the shared ones.
 pub struct Scores {
     /// Cosine similarities `[A, C + E]`.
@@ -50,14 +60,37 @@ impl Contrast {
     /// here) are both the anchors and the candidates, view-major; each view's positive is the
     /// other view of its sample, and every view but itself is in its denominator.
     pub fn in_batch(z1: &Tensor, z2: &Tensor) -> Result<Self> {
-        let batch = expect_matrix("z1", z1)?.0;
-        if z2.dims() != z1.dims() {
-            bail!("z1 and z2 must have the same shape, got {:?} and {:?}", z1.dims(), z2.dims())
+        Self::in_batch_views(&[z1.clone(), z2.clone()], Denominator::AllViews)
+    }
+
+    /// The in-batch problem over any number of views, `views[v]` `[N, D]` each: the V·N rows
+    /// (view-major, normalised here) are both the anchors and the candidates, and the other
+    /// views of an anchor's sample are its positives (V − 1 of them, weighted equally: SupCon's
+    /// L_out over instance labels, as SelfCon's four vectors of two views and two exits).
+    /// The denominator holds every row but the anchor ([`Denominator::AllViews`]) or only the
+    /// rows of the other views ([`Denominator::OtherViews`], CMC's cross-view contrast).
+    pub fn in_batch_views(views: &[Tensor], denominator: Denominator) -> Result<Self> {
+        let Some(first) = views.first() else { bail!("the in-batch contrast needs at least two views, got none") };
+        if views.len() < 2 {
+            bail!("the in-batch contrast needs at least two views, got {}", views.len())
         }
-        let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
+        let batch = expect_matrix("views[0]", first)?.0;
+        if let Some(other) = views.iter().find(|v| v.dims() != first.dims()) {
+            bail!("every view must have the shape of the first, {:?}; got {:?}", first.dims(), other.dims())
+        }
+        let count = views.len();
+        let z = l2_normalize(&Tensor::cat(views, 0)?)?;
         let (dtype, device) = (z.dtype(), z.device().clone());
-        let positives = label_positive_mask(&view_labels(batch, 2, &device)?)?.to_dtype(dtype)?;
-        let denominator = (1.0 - Tensor::eye(2 * batch, dtype, &device)?)?;
+        let positives = label_positive_mask(&view_labels(batch, count, &device)?)?.to_dtype(dtype)?;
+        let rows = count * batch;
+        let denominator = match denominator {
+            Denominator::AllViews => (1.0 - Tensor::eye(rows, dtype, &device)?)?,
+            Denominator::OtherViews => {
+                let view_of: Vec<u32> = (0..rows).map(|r| (r / batch) as u32).collect();
+                let same_view = label_positive_mask(&Tensor::new(view_of, &device)?)?;
+                (1.0 - (same_view + Tensor::eye(rows, DType::F32, &device)?)?)?.to_dtype(dtype)?
+            }
+        };
         Ok(Self::new(z.clone(), z, positives, denominator))
     }
 
@@ -208,6 +241,25 @@ mod tests {
         let s = c.scores()?;
         // Unit rows: view 0 of sample 0 is (1, 0), its positive (1, 0).
         assert_eq!(s.cosines.to_vec2::<f64>()?[0], vec![1., 0., 1., 0.]);
+        Ok(())
+    }
+
+    #[test]
+    fn views_beyond_two_are_all_positives_and_cmc_contrasts_across_views_only() -> Result<()> {
+        let z = [rows(&[[1., 0.], [0., 1.]]), rows(&[[2., 0.], [0., 3.]]), rows(&[[1., 1.], [1., -1.]])];
+        let all = Contrast::in_batch_views(&z, Denominator::AllViews)?;
+        // Rows: view-major, so row 0 is sample 0 of view 0, row 3 sample 1 of view 1.
+        assert_eq!(all.positives.to_vec2::<f64>()?[0], vec![0., 0., 1., 0., 1., 0.]);
+        assert_eq!(all.positives.to_vec2::<f64>()?[3], vec![0., 1., 0., 0., 0., 1.]);
+        assert_eq!(all.denominator.to_vec2::<f64>()?[3], vec![1., 1., 1., 0., 1., 1.]);
+        let across = Contrast::in_batch_views(&z[..2], Denominator::OtherViews)?;
+        assert_eq!(
+            across.denominator.to_vec2::<f64>()?,
+            vec![vec![0., 0., 1., 1.], vec![0., 0., 1., 1.], vec![1., 1., 0., 0.], vec![1., 1., 0., 0.]]
+        );
+        assert_eq!(across.negatives()?.to_vec2::<f64>()?[0], vec![0., 0., 0., 1.]);
+        let err = Contrast::in_batch_views(&z[..1], Denominator::AllViews).unwrap_err().to_string();
+        assert!(err.contains("at least two views"), "{err}");
         Ok(())
     }
 
