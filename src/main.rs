@@ -148,12 +148,16 @@ enum OptimizerName {
 
 #[derive(Args)]
 struct TrainArgs {
+    /// The method, NAME[:KEY=VALUE...] with any of its parameters (as in the run's config.json):
     /// simclr, moco-v2, byol, simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
-    /// supcon or paco
+    /// selfcon (:exit_stage=2:single_view=false:labels=false), cmc (:two_crops=true), pirl
+    /// (:negatives=4096:bank_momentum=0.5:jigsaw_weight=0.5:grid=3), cpc
+    /// (:patch=14:stride=7:prediction_steps=1:context_layers=2), supcon or paco
     #[arg(long, default_value = "simclr")]
     method: String,
-    /// The loss, NAME[:KEY=VALUE...]. For simclr and moco-v2: info-nce (NT-Xent), dcl, dclw
-    /// (:sigma=0.5), hinge (:margin=0.5) or directclr (:dims=32, simclr only). For supcon: supcon,
+    /// The loss, NAME[:KEY=VALUE...]. For simclr, moco-v2, selfcon, cmc, pirl and cpc: info-nce,
+    /// dcl, dclw (:sigma=0.5), hinge (:margin=0.5) or directclr (:dims=32, simclr only). For
+    /// supcon: supcon,
     /// or a long-tail variant: kcl (k positives per anchor), tsc (class targets spread on the
     /// sphere), bcl (class-averaged, with class centres) or hybrid (SupCon moving to a
     /// classifier's cross-entropy)
@@ -297,7 +301,7 @@ fn main() -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let mut default_dir = args.method.clone();
+    let mut default_dir = method_name(&args.method).to_string();
     for choice in [&args.loss, &args.pairs].into_iter().flatten() {
         let names: Vec<&str> = choice.split(',').map(|c| c.split(':').next().unwrap_or_default().trim()).collect();
         default_dir = format!("{default_dir}-{}", names.join("+"));
@@ -421,8 +425,14 @@ fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
+/// The method's name in a `--method NAME[:KEY=VALUE...]` value.
+fn method_name(spec: &str) -> &str {
+    spec.split(':').next().unwrap_or_default().trim()
+}
+
 fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
-    let mut method = MethodConfig::default_for(&args.method)?;
+    let mut method = parse_choice(&args.method, MethodConfig::default_for, "method")?;
+    let name = method.name();
     if let Some(t) = args.temperature {
         match &mut method {
             MethodConfig::Simclr { temperature, .. }
@@ -432,17 +442,23 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             | MethodConfig::Swav { temperature, .. }
             | MethodConfig::Supcon { temperature, .. }
             | MethodConfig::Paco { temperature, .. }
+            | MethodConfig::Selfcon { temperature, .. }
+            | MethodConfig::Cmc { temperature, .. }
+            | MethodConfig::Pirl { temperature, .. }
+            | MethodConfig::Cpc { temperature, .. }
             | MethodConfig::Cc { instance_temperature: temperature, .. } => *temperature = t,
-            _ => bail!("--temperature does not apply to {}", args.method),
+            _ => bail!("--temperature does not apply to {name}"),
         }
     }
     if let Some(spec) = &args.loss {
         match &mut method {
             MethodConfig::Supcon { loss, .. } => *loss = parse_choice(spec, SupervisedLoss::default_for, "loss")?,
-            MethodConfig::Simclr { loss, .. } | MethodConfig::MocoV2 { loss, .. } => {
-                *loss = parse_choice(spec, ContrastLoss::default_for, "loss")?
-            }
-            _ => bail!("--loss applies to --method simclr, moco-v2 and supcon, not to {}", args.method),
+            other => match other.instance_loss_mut() {
+                Some(loss) => *loss = parse_choice(spec, ContrastLoss::default_for, "loss")?,
+                None => bail!(
+                    "--loss applies to --method simclr, moco-v2, selfcon, cmc, pirl, cpc and supcon, not to {name}"
+                ),
+            },
         }
     }
     if let Some(list) = &args.pairs {
@@ -453,7 +469,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
                     .map(|spec| parse_choice(spec.trim(), PairStrategy::default_for, "pair strategy"))
                     .collect::<Result<_>>()?
             }
-            _ => bail!("--pairs applies to --method simclr and moco-v2, not to {}", args.method),
+            _ => bail!("--pairs applies to --method simclr and moco-v2, not to {name}"),
         }
     }
     let data = args.data.source()?.unwrap_or_else(DataSource::fashion_mnist);

@@ -114,12 +114,13 @@ impl TrainConfig {
     /// [`TrainConfig::default_optimizer`]).
     pub fn for_method(method: MethodConfig, input: ImageShape) -> Self {
         let optimizer = Self::default_optimizer(&method);
+        let patches = method.patch_grid();
         Self {
             augment: method.view_augmentations(),
             learning_rate: optimizer.default_learning_rate(),
             optimizer,
             method,
-            encoder: ResNetConfig::canonical(input.channels),
+            encoder: ResNetConfig { patches, ..ResNetConfig::canonical(input.channels) },
             projector_dims: vec![128, 64],
             warmup_epochs: 0.0,
             epochs: 3,
@@ -162,6 +163,17 @@ impl TrainConfig {
             ensure!(ratio >= 1.0 && ratio.is_finite(), "the long-tail imbalance ratio must be at least 1, got {ratio}");
         }
         self.method.validate()?;
+        if let Some(grid) = self.method.patch_grid() {
+            ensure!(
+                self.encoder.patches == Some(grid),
+                "{} embeds images by a grid of {}-pixel patches every {} pixels; the encoder config must have \
+                 the same \"patches\" (it has {:?})",
+                self.method.name(),
+                grid.size,
+                grid.stride,
+                self.encoder.patches
+            );
+        }
         let views = 2 + self.method.support_views();
         ensure!(
             self.augment.len() == views,
