@@ -76,7 +76,7 @@ impl Contrast {
         }
         let batch = expect_matrix("views[0]", first)?.0;
         if let Some(other) = views.iter().find(|v| v.dims() != first.dims()) {
-            bail!("every view must have the shape of the first, {:?}; got {:?}", first.dims(), other.dims())
+            bail!("every view must have the same shape as the first, {:?}; got {:?}", first.dims(), other.dims())
         }
         let count = views.len();
         let z = l2_normalize(&Tensor::cat(views, 0)?)?;
