@@ -155,7 +155,7 @@ struct TrainArgs {
     /// (:patch=14:stride=7:prediction_steps=1:context_layers=2), supcon or paco
     #[arg(long, default_value = "simclr")]
     method: String,
-    /// The loss, NAME[:KEY=VALUE...]. For simclr, moco-v2, selfcon, cmc, pirl and cpc: info-nce,
+    /// The loss, NAME[:KEY=VALUE...]. For simclr, moco-v2, pcl, selfcon, cmc, pirl and cpc: info-nce,
     /// dcl, dclw (:sigma=0.5), hinge (:margin=0.5) or directclr (:dims=32, simclr only). For
     /// supcon: supcon,
     /// or a long-tail variant: kcl (k positives per anchor), tsc (class targets spread on the
@@ -163,7 +163,7 @@ struct TrainArgs {
     /// classifier's cross-entropy)
     #[arg(long, value_name = "NAME")]
     loss: Option<String>,
-    /// Pair strategies for simclr and moco-v2, applied in order, NAME[:KEY=VALUE...][,...]:
+    /// Pair strategies for simclr, moco-v2 and pcl, applied in order, NAME[:KEY=VALUE...][,...]:
     /// debiased (:class_prior=0.1), mochi (:hardest=256:mixes=256:query_mixes=64, moco-v2 only),
     /// hard-pairs (:positive_alpha=2:negative_alpha=1.6), fnc
     /// (:support_views=2:false_negatives=5:attract=false), nnclr (:support_size=4096), mixco
@@ -456,20 +456,22 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             other => match other.instance_loss_mut() {
                 Some(loss) => *loss = parse_choice(spec, ContrastLoss::default_for, "loss")?,
                 None => bail!(
-                    "--loss applies to --method simclr, moco-v2, selfcon, cmc, pirl, cpc and supcon, not to {name}"
+                    "--loss applies to --method simclr, moco-v2, pcl, selfcon, cmc, pirl, cpc and supcon, not to {name}"
                 ),
             },
         }
     }
     if let Some(list) = &args.pairs {
         match &mut method {
-            MethodConfig::Simclr { pairs, .. } | MethodConfig::MocoV2 { pairs, .. } => {
+            MethodConfig::Simclr { pairs, .. }
+            | MethodConfig::MocoV2 { pairs, .. }
+            | MethodConfig::Pcl { pairs, .. } => {
                 *pairs = list
                     .split(',')
                     .map(|spec| parse_choice(spec.trim(), PairStrategy::default_for, "pair strategy"))
                     .collect::<Result<_>>()?
             }
-            _ => bail!("--pairs applies to --method simclr and moco-v2, not to {name}"),
+            _ => bail!("--pairs applies to --method simclr, moco-v2 and pcl, not to {name}"),
         }
     }
     let data = args.data.source()?.unwrap_or_else(DataSource::fashion_mnist);

@@ -25,9 +25,9 @@
 //! | PIRL    | synchronous asymmetric    | jigsaw branch            | memory bank        | InfoNCE (bank)    |
 //! | CPC v2  | synchronous asymmetric    | causal context network   | patch codes of the batch | InfoNCE (predicted codes) |
 //!
-//! SimCLR, MoCo v2, SelfCon, CMC, PIRL and CPC build a [`crate::train::pairs::Contrast`] and so
-//! take any instance loss (`--loss`: InfoNCE, DCL, DCLW, hinge; DirectCLR on SimCLR); SimCLR and
-//! MoCo v2 also take any stack of pair strategies (`--pairs`: debiased, MoCHi, feature-space
+//! SimCLR, MoCo v2, PCL, SelfCon, CMC, PIRL and CPC build a [`crate::train::pairs::Contrast`] and so
+//! take any instance loss (`--loss`: InfoNCE, DCL, DCLW, hinge; DirectCLR on SimCLR); SimCLR,
+//! MoCo v2 and PCL (whose instance part is its MoCo's) also take any stack of pair strategies (`--pairs`: debiased, MoCHi, feature-space
 //! hard pairs, FNC, NNCLR, MixCo, Mixup hard negatives).
 
 pub mod byol;
@@ -125,6 +125,12 @@ pub enum MethodConfig {
         clusters: Vec<usize>,
         /// Epochs of InfoNCE alone before the first clustering.
         warmup_epochs: usize,
+        /// The instance part of ProtoNCE (`--loss`) and the pair strategies of its MoCo
+        /// (`--pairs`); the prototype term is unchanged.
+        #[serde(default)]
+        loss: ContrastLoss,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pairs: Vec<PairStrategy>,
     },
     /// Hierarchical Contrastive Selective Coding (Guo et al. 2022): MoCo v2 with hierarchical
     /// prototypes and instance and prototype selection.
@@ -266,6 +272,8 @@ impl MethodConfig {
                 momentum: 0.99,
                 clusters: vec![20, 50, 100],
                 warmup_epochs: 0,
+                loss: ContrastLoss::InfoNce,
+                pairs: Vec::new(),
             },
             // PCL's settings; a hierarchy of 100, 50 and 20 clusters (the paper: 3000-2000-1000
             // on ImageNet).
@@ -361,7 +369,8 @@ impl MethodConfig {
             Self::Simsiam { .. } => "simsiam-negative-cosine",
             Self::Swav { .. } => "swav-swapped-prediction",
             Self::Deepcluster { .. } => "pseudo-label-cross-entropy",
-            Self::Pcl { .. } => "proto-nce",
+            Self::Pcl { loss: ContrastLoss::InfoNce, .. } => "proto-nce",
+            Self::Pcl { loss, .. } => loss.name(),
             Self::Hcsc { .. } => "selective-proto-nce",
             Self::Cc { .. } => "nt-xent+cluster-contrast",
             Self::Supcon { loss, .. } => loss.name(),
@@ -372,7 +381,7 @@ impl MethodConfig {
     /// The pair strategies the method applies (`--pairs`), empty for most methods.
     pub fn pair_strategies(&self) -> &[PairStrategy] {
         match self {
-            Self::Simclr { pairs, .. } | Self::MocoV2 { pairs, .. } => pairs,
+            Self::Simclr { pairs, .. } | Self::MocoV2 { pairs, .. } | Self::Pcl { pairs, .. } => pairs,
             _ => &[],
         }
     }
@@ -386,7 +395,8 @@ impl MethodConfig {
             | Self::Selfcon { loss, .. }
             | Self::Cmc { loss, .. }
             | Self::Pirl { loss, .. }
-            | Self::Cpc { loss, .. } => Some(loss),
+            | Self::Cpc { loss, .. }
+            | Self::Pcl { loss, .. } => Some(loss),
             _ => None,
         }
     }
@@ -398,7 +408,8 @@ impl MethodConfig {
             | Self::Selfcon { loss, .. }
             | Self::Cmc { loss, .. }
             | Self::Pirl { loss, .. }
-            | Self::Cpc { loss, .. } => Some(loss),
+            | Self::Cpc { loss, .. }
+            | Self::Pcl { loss, .. } => Some(loss),
             _ => None,
         }
     }
@@ -415,7 +426,9 @@ impl MethodConfig {
         }
         match self {
             Self::Simclr { loss, pairs, .. } => PairStrategy::validate_all(pairs, self.name(), false, loss.name()),
-            Self::MocoV2 { loss, pairs, .. } => PairStrategy::validate_all(pairs, self.name(), true, loss.name()),
+            Self::MocoV2 { loss, pairs, .. } | Self::Pcl { loss, pairs, .. } => {
+                PairStrategy::validate_all(pairs, self.name(), true, loss.name())
+            }
             _ => Ok(()),
         }
     }

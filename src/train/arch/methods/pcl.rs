@@ -22,7 +22,6 @@ use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
 use crate::train::arch::ResNet;
 use crate::train::loader::mix_seed;
-use crate::train::loss::ContrastLoss;
 use crate::train::loss::{self, proto_nce};
 
 /// Images encoded at once in the E-step.
@@ -134,13 +133,14 @@ pub struct Pcl {
 
 impl Pcl {
     pub fn new(config: MethodConfig, parts: &MethodParts) -> Result<Self> {
-        let MethodConfig::Pcl { temperature, queue_size, momentum, ref clusters, .. } = config else {
+        let MethodConfig::Pcl { temperature, queue_size, momentum, ref clusters, ref loss, ref pairs, .. } = config
+        else {
             candle_core::bail!("not a PCL config")
         };
         if clusters.is_empty() || clusters.iter().any(|&k| k < 2) {
             candle_core::bail!("PCL needs one or more clusterings of at least 2 clusters, got {clusters:?}")
         }
-        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, ContrastLoss::InfoNce, &[], parts)?;
+        let moco = MocoV2::with(config.clone(), temperature, queue_size, momentum, loss.clone(), pairs, parts)?;
         Ok(Self {
             config,
             moco,
@@ -242,7 +242,31 @@ mod tests {
     use crate::data::{Dataset, ImageShape};
     use crate::train::arch::MethodConfig;
     use crate::train::config::TrainConfig;
+    use crate::train::loss::ContrastLoss;
+    use crate::train::pairs::PairStrategy;
     use crate::train::Model;
+
+    /// PCL's instance part is its MoCo's, so it takes MoCo's losses and pair strategies (and
+    /// refuses what MoCo refuses).
+    #[test]
+    fn takes_the_losses_and_pair_strategies_of_its_moco() {
+        let with = |name: &str, strategies: &[&str]| {
+            let mut config = MethodConfig::default_for("pcl").unwrap();
+            if let MethodConfig::Pcl { loss, pairs, .. } = &mut config {
+                *loss = ContrastLoss::default_for(name).unwrap();
+                *pairs = strategies.iter().map(|s| PairStrategy::default_for(s).unwrap()).collect();
+            }
+            config
+        };
+        let dcl = with("dcl", &["mochi"]);
+        dcl.validate().unwrap();
+        assert_eq!(dcl.loss_name(), "dcl");
+        assert_eq!(dcl.pair_strategies().len(), 1);
+        let err = with("directclr", &[]).validate().unwrap_err().to_string();
+        assert!(err.contains("--method pcl keeps its projector"), "{err}");
+        let err = with("dcl", &["debiased"]).validate().unwrap_err().to_string();
+        assert!(err.contains("debiased"), "{err}");
+    }
 
     fn model() -> Model {
         let method = MethodConfig::Pcl {
@@ -251,6 +275,8 @@ mod tests {
             momentum: 0.99,
             clusters: vec![2, 4],
             warmup_epochs: 1,
+            loss: ContrastLoss::InfoNce,
+            pairs: Vec::new(),
         };
         let mut config = TrainConfig::for_method(method, ImageShape::new(1, 28, 28));
         config.encoder.widths = vec![8, 16, 16];
