@@ -202,7 +202,9 @@ pub fn train_and_publish(
     config.warmup_epochs = 0.0;
     config.seed = h.seed;
     let mut model = Model::new(&config, &device)?;
-    checkpoint::load_weights_file(&weights, &model.varmap, &device).context("cannot load the base model's weights")?;
+    // The encoder only: SupCon's loss reads the embedding, and the base's heads are its method's.
+    checkpoint::load_encoder_weights_file(&weights, &model.varmap, &device)
+        .context("cannot load the base model's weights")?;
 
     let (before, before_correct) = judge(&model, &train, &heldout)?;
     report(JobUpdate::Before(before.clone()))?;

@@ -82,8 +82,27 @@ pub fn load_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Resul
 /// [`load_weights`] from the bytes of a safetensors file: every variable must be there with its
 /// shape. Returns the buffers.
 pub fn load_weights_bytes(bytes: &[u8], varmap: &VarMap, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_matching(bytes, varmap, device, |_| true)
+}
+
+/// Loads only the `encoder.*` variables of a weights file into `varmap`: a fine-tune reads a
+/// base model of any method, whose heads (MoCo's projector without batch norm, CPC's context
+/// network, none for DirectCLR) are not the fine-tune's.
+pub fn load_encoder_weights_file(path: &Path, varmap: &VarMap, device: &Device) -> Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read weights {}", path.display()))?;
+    load_matching(&bytes, varmap, device, |name| name.starts_with("encoder."))
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(())
+}
+
+fn load_matching(
+    bytes: &[u8],
+    varmap: &VarMap,
+    device: &Device,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>> {
     let tensors = candle_core::safetensors::load_buffer(bytes, device).context("not a safetensors file")?;
-    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter().filter(|(name, _)| wanted(name)) {
         let t = tensors.get(name).with_context(|| format!("no tensor '{name}': it does not match the run config"))?;
         anyhow::ensure!(
             t.dims() == var.dims(),
@@ -108,4 +127,45 @@ pub fn load_state(dir: &Path) -> Result<RunState> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}: is this a run folder?", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not a valid run state", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::ImageShape;
+    use crate::train::arch::methods::named_vars;
+    use crate::train::arch::MethodConfig;
+    use crate::train::config::TrainConfig;
+    use crate::train::Model;
+
+    fn small(method: &str, seed: u64) -> Result<Model> {
+        let mut config = TrainConfig::for_method(MethodConfig::default_for(method)?, ImageShape::new(1, 12, 12));
+        config.encoder.widths = vec![4, 8, 8];
+        config.projector_dims = vec![8, 4];
+        config.seed = seed;
+        Model::new(&config, &Device::Cpu)
+    }
+
+    /// A MoCo v2 base, whose projector has no batch norm, gives its encoder to a SupCon model (a
+    /// fine-tune's); loading the whole file is refused, naming a tensor the base lacks.
+    #[test]
+    fn an_encoder_loads_into_a_model_of_another_method() -> Result<()> {
+        let base = small("moco-v2", 1)?;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("weights.safetensors");
+        candle_core::safetensors::save(&weight_tensors(&base.varmap, &[]), &path)?;
+        let tuned = small("supcon", 2)?;
+        let err = format!("{:#}", load_weights_file(&path, &tuned.varmap, &Device::Cpu).unwrap_err());
+        assert!(err.contains("no tensor 'projector."), "{err}");
+        load_encoder_weights_file(&path, &tuned.varmap, &Device::Cpu)?;
+        let encoder = |model: &Model| -> Result<Vec<Vec<f32>>> {
+            named_vars(&model.varmap)
+                .into_iter()
+                .filter(|(name, _)| name.starts_with("encoder."))
+                .map(|(_, var)| Ok(var.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+                .collect()
+        };
+        assert_eq!(encoder(&tuned)?, encoder(&base)?);
+        Ok(())
+    }
 }
