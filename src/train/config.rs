@@ -163,6 +163,17 @@ impl TrainConfig {
             ensure!(ratio >= 1.0 && ratio.is_finite(), "the long-tail imbalance ratio must be at least 1, got {ratio}");
         }
         self.method.validate()?;
+        self.method.validate_for(&self.encoder, self.data.image_shape())?;
+        if let Some(grid) = self.encoder.patches {
+            let shape = self.data.image_shape();
+            ensure!(
+                grid.size <= shape.height.min(shape.width),
+                "the encoder's {}-pixel patches do not fit a {}×{} image",
+                grid.size,
+                shape.height,
+                shape.width
+            );
+        }
         if let Some(grid) = self.method.patch_grid() {
             ensure!(
                 self.encoder.patches == Some(grid),
@@ -248,6 +259,24 @@ mod tests {
         assert_eq!(mochi, PairStrategy::Mochi { hardest: 128, mixes: 256, query_mixes: 0 });
         let fnc = parse_choice("fnc:attract=true", PairStrategy::default_for, "pair strategy").unwrap();
         assert_eq!(fnc, PairStrategy::Fnc { support_views: 2, false_negatives: 5, attract: true });
+    }
+
+    /// Choices that depend on the encoder or the image size are refused by `validate`, which a
+    /// run calls before it creates its folder.
+    #[test]
+    fn choices_that_do_not_fit_the_encoder_or_image_are_refused() {
+        let refused = |spec: &str| {
+            let method = parse_choice(spec, MethodConfig::default_for, "method").unwrap();
+            TrainConfig::for_method(method, ImageShape::new(1, 28, 28)).validate().unwrap_err().to_string()
+        };
+        assert!(refused("selfcon:exit_stage=3").contains("exit_stage must be in 1..=2"));
+        assert!(refused("cpc:patch=29").contains("no 29×29 patch"));
+        assert!(refused("cpc:prediction_steps=3").contains("make 3 rows"));
+        assert!(refused("pirl:grid=1").contains("1×1 jigsaw"));
+        let mut cpc = TrainConfig::for_method(MethodConfig::default_for("cpc").unwrap(), ImageShape::new(1, 28, 28));
+        cpc.validate().unwrap();
+        cpc.encoder.patches = None;
+        assert!(cpc.validate().unwrap_err().to_string().contains("\"patches\""));
     }
 
     #[test]

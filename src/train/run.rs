@@ -37,6 +37,7 @@ pub struct TrainOptions {
 
 /// Trains (or resumes) the run described by `config` in `options.run_dir`.
 pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
+    config.validate()?; // before the run folder exists, so a refused config leaves nothing behind
     let dir = &options.run_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create run folder {}", dir.display()))?;
     let config_path = dir.join(checkpoint::CONFIG_FILE);

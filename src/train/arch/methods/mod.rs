@@ -54,7 +54,8 @@ use contrastive_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
-use crate::data::Dataset;
+use crate::data::{Dataset, ImageShape};
+use crate::train::augment::patches::grid_starts;
 use crate::train::augment::AugmentConfig;
 use crate::train::loss::ContrastLoss;
 use crate::train::pairs::PairStrategy;
@@ -431,6 +432,40 @@ impl MethodConfig {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Checks the choices that depend on the encoder and the image size, so that a run refuses
+    /// them before it writes anything: SelfCon's exit stage, PIRL's jigsaw and CPC's patch grid.
+    pub fn validate_for(&self, encoder: &ResNetConfig, shape: ImageShape) -> anyhow::Result<()> {
+        let side = shape.height.min(shape.width);
+        match self {
+            Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.widths.len())?,
+            Self::Pirl { grid, .. } => anyhow::ensure!(
+                *grid >= 2 && side / grid >= 1,
+                "pirl: a {grid}×{grid} jigsaw needs a grid of at least 2 and cells of at least one pixel on a \
+                 {}×{} image",
+                shape.height,
+                shape.width
+            ),
+            Self::Cpc { patch, stride, prediction_steps, .. } => {
+                let rows = grid_starts(shape.height, *patch, *stride).len();
+                let columns = grid_starts(shape.width, *patch, *stride).len();
+                anyhow::ensure!(
+                    rows > 0 && columns > 0,
+                    "cpc: no {patch}×{patch} patch every {stride} pixels fits a {}×{} image",
+                    shape.height,
+                    shape.width
+                );
+                anyhow::ensure!(
+                    *prediction_steps >= 1 && rows > *prediction_steps,
+                    "cpc: {patch}-pixel patches every {stride} pixels make {rows} rows, which leave no row to \
+                     predict {prediction_steps} rows ahead (prediction_steps must be 1 to {})",
+                    rows.saturating_sub(1)
+                );
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Sets the number of classes of the methods and losses that learn one centre, target or

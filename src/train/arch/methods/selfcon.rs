@@ -43,12 +43,7 @@ impl ExitPath {
     fn new(parts: &MethodParts, exit_stage: usize) -> Result<Self> {
         let encoder = parts.encoder;
         let stages = encoder.widths.len();
-        if exit_stage == 0 || exit_stage >= stages {
-            candle_core::bail!(
-                "selfcon: exit_stage must be in 1..={} (a stage before the encoder's last of {stages}), got {exit_stage}",
-                stages - 1
-            )
-        }
+        check_exit_stage(exit_stage, stages)?;
         let vb = parts.vb.pp("exit");
         let mut blocks = Vec::new();
         let mut in_channels = encoder.widths[exit_stage - 1];
@@ -74,6 +69,17 @@ impl ExitPath {
         }
         self.projector.forward_t(&h.flatten_from(2)?.mean(D::Minus1)?, train)
     }
+}
+
+/// The exit must branch off after a stage before the encoder's last.
+pub fn check_exit_stage(exit_stage: usize, stages: usize) -> Result<()> {
+    if exit_stage == 0 || exit_stage >= stages {
+        candle_core::bail!(
+            "selfcon: exit_stage must be in 1..={} (a stage before the encoder's last of {stages}), got {exit_stage}",
+            stages.saturating_sub(1)
+        )
+    }
+    Ok(())
 }
 
 impl SelfCon {
