@@ -69,8 +69,7 @@ impl Method for Cmc {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use contrastive_kernels::Backend;
+    use candle_nn::VarMap;
 
     use crate::train::arch::methods::trainable_vars;
 
@@ -79,16 +78,8 @@ mod tests {
     #[test]
     fn both_sources_train_and_the_image_encoder_is_served() -> Result<()> {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(3) };
-        let parts = MethodParts {
-            vb,
-            varmap: &varmap,
-            encoder: &encoder,
-            projector_dims: &[8, 4],
-            seed: 0,
-            backend: Backend::Candle,
-        };
+        let parts = MethodParts::for_test(&varmap, &encoder);
         let mut method = Cmc::new(MethodConfig::default_for("cmc").unwrap(), &parts)?;
         let vars = trainable_vars(&varmap);
         let shape = |name: &str| vars.iter().find(|(n, _)| n == name).map(|(_, v)| v.dims().to_vec());

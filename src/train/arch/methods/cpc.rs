@@ -139,8 +139,7 @@ impl MethodConfig {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use contrastive_kernels::Backend;
+    use candle_nn::VarMap;
 
     use crate::train::arch::methods::named_vars;
     use crate::train::arch::ResNetConfig;
@@ -150,11 +149,9 @@ mod tests {
         if let MethodConfig::Cpc { temperature: t, .. } = &mut config {
             *t = temperature;
         }
-        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let encoder =
             ResNetConfig { widths: vec![4, 8, 8], patches: config.patch_grid(), ..ResNetConfig::canonical(1) };
-        let parts =
-            MethodParts { vb, varmap, encoder: &encoder, projector_dims: &[8, 4], seed: 0, backend: Backend::Candle };
+        let parts = MethodParts::for_test(varmap, &encoder);
         Cpc::new(config, &parts)
     }
 
@@ -187,16 +184,8 @@ mod tests {
     #[test]
     fn an_encoder_without_the_patch_grid_is_refused() {
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let encoder = ResNetConfig::canonical(1);
-        let parts = MethodParts {
-            vb,
-            varmap: &varmap,
-            encoder: &encoder,
-            projector_dims: &[8, 4],
-            seed: 0,
-            backend: Backend::Candle,
-        };
+        let parts = MethodParts::for_test(&varmap, &encoder);
         let err = Cpc::new(MethodConfig::default_for("cpc").unwrap(), &parts).err().expect("refused").to_string();
         assert!(err.contains("patch grid"), "{err}");
     }

@@ -612,6 +612,16 @@ impl MethodParts<'_> {
     }
 }
 
+#[cfg(test)]
+impl<'a> MethodParts<'a> {
+    /// Small parts for unit tests: a projector to 8 then 4 after the encoder, seed 0, candle's
+    /// own layers, on the CPU.
+    pub(crate) fn for_test(varmap: &'a VarMap, encoder: &'a ResNetConfig) -> Self {
+        let vb = VarBuilder::from_varmap(varmap, candle_core::DType::F32, &candle_core::Device::Cpu);
+        Self { vb, varmap, encoder, projector_dims: &[8, 4], seed: 0, backend: Backend::Candle }
+    }
+}
+
 /// Builds the method that `config` names.
 pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Method>> {
     Ok(match config {

@@ -163,18 +163,15 @@ impl Method for Pirl {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use contrastive_kernels::Backend;
+    use candle_nn::VarMap;
 
     use crate::data::ImageShape;
     use crate::train::arch::methods::named_vars;
     use crate::train::arch::ResNetConfig;
 
     fn build(varmap: &VarMap) -> Result<Pirl> {
-        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) };
-        let parts =
-            MethodParts { vb, varmap, encoder: &encoder, projector_dims: &[8, 4], seed: 0, backend: Backend::Candle };
+        let parts = MethodParts::for_test(varmap, &encoder);
         Pirl::new(MethodConfig::default_for("pirl").unwrap(), &parts)
     }
 

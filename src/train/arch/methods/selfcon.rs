@@ -130,17 +130,14 @@ impl Method for SelfCon {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
-    use contrastive_kernels::Backend;
+    use candle_nn::VarMap;
 
     use crate::train::arch::methods::{named_vars, trainable_vars};
     use crate::train::arch::ResNetConfig;
 
     fn build(config: &MethodConfig, varmap: &VarMap) -> Result<SelfCon> {
-        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) };
-        let parts =
-            MethodParts { vb, varmap, encoder: &encoder, projector_dims: &[8, 4], seed: 0, backend: Backend::Candle };
+        let parts = MethodParts::for_test(varmap, &encoder);
         SelfCon::new(config.clone(), &parts)
     }
 
