@@ -25,7 +25,7 @@ use candle_nn::{Linear, Module};
 
 use super::{Method, MethodConfig, MethodParts};
 use crate::train::arch::context::MaskedContext;
-use crate::train::arch::{PatchGrid, ResNet};
+use crate::train::arch::ResNet;
 use crate::train::augment::patches::patch_grid;
 use crate::train::pairs::Contrast;
 
@@ -123,16 +123,6 @@ fn prediction_targets(n: usize, rows: usize, columns: usize, k: usize) -> Vec<u3
         }
     }
     targets
-}
-
-impl MethodConfig {
-    /// The patch grid the method's encoder embeds images by: CPC's, None for the others.
-    pub fn patch_grid(&self) -> Option<PatchGrid> {
-        match self {
-            Self::Cpc { patch, stride, .. } => Some(PatchGrid { size: *patch, stride: *stride }),
-            _ => None,
-        }
-    }
 }
 
 #[cfg(test)]

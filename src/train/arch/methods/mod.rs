@@ -25,10 +25,11 @@
 //! | PIRL    | synchronous asymmetric    | jigsaw branch            | memory bank        | InfoNCE (bank)    |
 //! | CPC v2  | synchronous asymmetric    | causal context network   | patch codes of the batch | InfoNCE (predicted codes) |
 //!
-//! SimCLR, MoCo v2, PCL, SelfCon, CMC, PIRL and CPC build a [`crate::train::pairs::Contrast`] and so
-//! take any instance loss (`--loss`: InfoNCE, DCL, DCLW, hinge; DirectCLR on SimCLR); SimCLR,
-//! MoCo v2 and PCL (whose instance part is its MoCo's) also take any stack of pair strategies (`--pairs`: debiased, MoCHi, feature-space
-//! hard pairs, FNC, NNCLR, MixCo, Mixup hard negatives).
+//! SimCLR, MoCo v2, PCL, SelfCon, CMC, PIRL and CPC build a [`crate::train::pairs::Contrast`]
+//! and so take any instance loss (`--loss`: InfoNCE, DCL, DCLW, hinge; DirectCLR on SimCLR);
+//! SimCLR, MoCo v2 and PCL (whose instance part is its MoCo's) also take any stack of pair
+//! strategies (`--pairs`: debiased, MoCHi, feature-space hard pairs, FNC, NNCLR, MixCo, Mixup
+//! hard negatives).
 
 pub mod byol;
 pub mod cc;
@@ -53,7 +54,7 @@ use candle_nn::{VarBuilder, VarMap};
 use contrastive_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{Mlp, MlpConfig, ResNet, ResNetConfig};
+use super::{Mlp, MlpConfig, PatchGrid, ResNet, ResNetConfig};
 use crate::data::{Dataset, ImageShape};
 use crate::train::augment::patches::grid_starts;
 use crate::train::augment::AugmentConfig;
@@ -431,6 +432,14 @@ impl MethodConfig {
                 PairStrategy::validate_all(pairs, self.name(), true, loss.name())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The patch grid the method's encoder embeds images by: CPC's, None for the others.
+    pub fn patch_grid(&self) -> Option<PatchGrid> {
+        match self {
+            Self::Cpc { patch, stride, .. } => Some(PatchGrid { size: *patch, stride: *stride }),
+            _ => None,
         }
     }
 
