@@ -13,7 +13,7 @@ use contrastive::data::ImageShape;
 use contrastive::export::ExportOptions;
 use contrastive::registry::ModelRepository;
 use contrastive::server::config::{ServeArgs, ServeSettings};
-use contrastive::train::arch::{MethodConfig, SupervisedLoss};
+use contrastive::train::arch::{EncoderConfig, MethodConfig, SupervisedLoss};
 use contrastive::train::checkpoint;
 use contrastive::train::config::{parse_choice, DataSource, TrainConfig};
 use contrastive::train::loss::ContrastLoss;
@@ -170,6 +170,11 @@ struct TrainArgs {
     /// (:alpha=1), mixup (:alpha=1:hardest=64)
     #[arg(long, value_name = "LIST")]
     pairs: Option<String>,
+    /// The encoder, NAME[:KEY=VALUE...]: resnet (:widths=[32,64,128]:blocks=[1,1,1]:strides=[1,2,2])
+    /// or vit (:patch=4:dim=128:depth=4:heads=4:mlp_ratio=4; trained with AdamW unless --optimizer
+    /// says otherwise)
+    #[arg(long, default_value = "resnet")]
+    encoder: String,
     /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD,
     /// with -LOSS and -PAIRS appended when given]
     #[arg(long)]
@@ -305,6 +310,10 @@ fn train(args: TrainArgs) -> Result<()> {
     for choice in [&args.loss, &args.pairs].into_iter().flatten() {
         let names: Vec<&str> = choice.split(',').map(|c| c.split(':').next().unwrap_or_default().trim()).collect();
         default_dir = format!("{default_dir}-{}", names.join("+"));
+    }
+    let encoder = method_name(&args.encoder);
+    if encoder != "resnet" {
+        default_dir = format!("{default_dir}-{encoder}");
     }
     let run_dir = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(default_dir));
     let config =
@@ -480,6 +489,21 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
         DataSource::MnistIdx { .. } => ImageShape::new(1, 28, 28),
     };
     let mut config = TrainConfig::for_method(method, input);
+    // The method's default encoder keeps what the method set in it (CPC's patch grid).
+    let current = config.encoder.clone();
+    let encoder = parse_choice(
+        &args.encoder,
+        |name| if name == current.name() { Ok(current.clone()) } else { EncoderConfig::default_for(name, input) },
+        "encoder",
+    )?;
+    if encoder != current {
+        config = config.with_encoder(encoder);
+    }
+    if let EncoderConfig::Vit(vit) = &mut config.encoder {
+        // Position embeddings are learned for the training images' patch grid.
+        let patch = vit.patch.max(1);
+        vit.position_grid = [input.height / patch, input.width / patch];
+    }
     config.data = data;
     config.epochs = args.epochs;
     config.batch_size = args.batch_size;

@@ -11,7 +11,7 @@ use contrastive::export::{self, ExportOptions, Provenance};
 use contrastive::registry::manifest::ChannelOrder;
 use contrastive::registry::{ModelRepository, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use contrastive::runtime::{OnnxEncoder, SessionOptions};
-use contrastive::train::arch::{MethodConfig, PatchGrid, ResNetConfig};
+use contrastive::train::arch::{EncoderConfig, MethodConfig, PatchGrid, ResNetConfig, VitConfig};
 use contrastive::train::checkpoint::{self, RunState};
 use contrastive::train::config::{DataSource, TrainConfig};
 use contrastive::train::fit::Progress;
@@ -22,16 +22,17 @@ fn subset_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset")
 }
 
-fn config(encoder: ResNetConfig, data: DataSource) -> TrainConfig {
+fn config(encoder: impl Into<EncoderConfig>, data: DataSource) -> TrainConfig {
     let mut config = TrainConfig::for_method(MethodConfig::default_for("simclr").unwrap(), data.image_shape());
-    config.encoder = encoder;
+    config.encoder = encoder.into();
     config.projector_dims = vec![32, 16];
     config.data = data;
     config
 }
 
 /// A model whose batch norms have non-trivial scales, shifts and running statistics, so that
-/// folding them into the convolutions is really exercised.
+/// folding them into the convolutions is really exercised; and whose ViT norms, biases and
+/// tokens are far from their zero-or-one starts.
 fn model_with_random_statistics(config: &TrainConfig, seed: u64) -> Model {
     let model = Model::new(config, &Device::Cpu).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -45,8 +46,10 @@ fn model_with_random_statistics(config: &TrainConfig, seed: u64) -> Model {
             || name.ends_with("bn2.bias")
         {
             (0..n).map(|_| rng.random_range(-0.5..0.5)).collect()
-        } else if name.contains("bn") && name.ends_with("weight") {
+        } else if (name.contains("bn") || name.contains("norm")) && name.ends_with("weight") {
             (0..n).map(|_| rng.random_range(0.5..1.5)).collect()
+        } else if name.ends_with(".bias") || name.ends_with("_token") || name.ends_with("pos_embed") {
+            (0..n).map(|_| rng.random_range(-0.5..0.5)).collect()
         } else {
             continue;
         };
@@ -89,8 +92,8 @@ fn assert_served_model_matches_candle(dir: &Path, model: &Model, shape: ImageSha
 fn every_encoder_variant_exports_with_parity() {
     let gray = DataSource::MnistIdx { dir: subset_dir() };
     let rgb = DataSource::ImageFolder { root: "unused".into(), shape: ImageShape::new(3, 20, 20) };
-    let variants = [
-        ("canonical", ResNetConfig::canonical(1), gray.clone()),
+    let variants: [(&str, EncoderConfig, DataSource); 6] = [
+        ("canonical", ResNetConfig::canonical(1).into(), gray.clone()),
         // Two blocks per stage: identity shortcuts inside a stage, projections between stages.
         (
             "deeper",
@@ -100,7 +103,8 @@ fn every_encoder_variant_exports_with_parity() {
                 strides: vec![1, 2, 2],
                 in_channels: 1,
                 patches: None,
-            },
+            }
+            .into(),
             gray.clone(),
         ),
         // RGB input, four stages, a stride-2 first stage and an odd input size.
@@ -112,15 +116,29 @@ fn every_encoder_variant_exports_with_parity() {
                 strides: vec![2, 1, 2, 1],
                 in_channels: 3,
                 patches: None,
-            },
-            rgb,
+            }
+            .into(),
+            rgb.clone(),
         ),
         // CPC's encoder: the mean of the codes of 16 overlapping 10×10 patches (Slice, Concat,
         // Reshape and ReduceMean around the body).
         (
             "patches",
-            ResNetConfig { patches: Some(PatchGrid { size: 10, stride: 6 }), ..ResNetConfig::canonical(1) },
+            ResNetConfig { patches: Some(PatchGrid { size: 10, stride: 6 }), ..ResNetConfig::canonical(1) }.into(),
             gray.clone(),
+        ),
+        // A ViT: Conv patch embedding, Expand of the class token, attention (Reshape, Transpose,
+        // Gather, MatMul, Softmax), erf GELU, LayerNormalization, Gather of the class token.
+        (
+            "vit",
+            VitConfig { dim: 32, depth: 2, heads: 4, mlp_ratio: 2, ..VitConfig::tiny(1, 28, 28) }.into(),
+            gray.clone(),
+        ),
+        // RGB 20×20 in 7-pixel patches: a 2×2 grid that drops the last 6 pixels of each side.
+        (
+            "vit-rgb",
+            VitConfig { patch: 7, dim: 24, depth: 1, heads: 3, mlp_ratio: 4, ..VitConfig::tiny(3, 20, 20) }.into(),
+            rgb,
         ),
     ];
     let tmp = tempfile::tempdir().unwrap();
@@ -148,8 +166,12 @@ fn every_encoder_variant_exports_with_parity() {
             manifest.input.channel_order,
             if shape.channels == 1 { ChannelOrder::Gray } else { ChannelOrder::Rgb }
         );
-        assert_eq!(manifest.output.dimensions, *encoder.widths.last().unwrap());
-        assert_eq!(manifest.architecture.resnet, encoder);
+        assert_eq!(manifest.output.dimensions, encoder.feature_dim());
+        assert_eq!(manifest.architecture.encoder, encoder.name());
+        match encoder {
+            EncoderConfig::ResNet(resnet) => assert_eq!(manifest.architecture.resnet.as_ref(), Some(&resnet)),
+            EncoderConfig::Vit(vit) => assert_eq!(manifest.architecture.vit.as_ref(), Some(&vit)),
+        }
         let dir = repo.version_dir(label, 1);
         manifest.verify_files(&dir).unwrap();
         assert_served_model_matches_candle(&dir, &model, shape, l2);

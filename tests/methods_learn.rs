@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use contrastive::data::ImageShape;
-use contrastive::train::arch::{MethodConfig, ResNetConfig};
+use contrastive::train::arch::{EncoderConfig, MethodConfig, ResNetConfig};
 use contrastive::train::config::{parse_choice, DataSource, TrainConfig};
 use contrastive::train::loss::ContrastLoss;
 use contrastive::train::pairs::PairStrategy;
@@ -37,11 +37,15 @@ fn subset() -> DataSource {
     DataSource::MnistIdx { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset") }
 }
 
+/// A narrower ResNet than the canonical one, with the method's patch grid (CPC's).
+fn small_resnet(method: &MethodConfig) -> EncoderConfig {
+    ResNetConfig { widths: vec![16, 32, 64], patches: method.patch_grid(), ..ResNetConfig::canonical(1) }.into()
+}
+
 /// A narrower encoder than the canonical one keeps the test quick on two cores.
 fn small_config(method: &str) -> TrainConfig {
     let mut config = TrainConfig::for_method(MethodConfig::default_for(method).unwrap(), ImageShape::new(1, 28, 28));
-    // (`..config.encoder`: CPC's encoder keeps its patch grid.)
-    config.encoder = ResNetConfig { widths: vec![16, 32, 64], ..config.encoder.clone() };
+    config.encoder = small_resnet(&config.method);
     config.projector_dims = vec![64, 32];
     config.data = subset();
     config.batch_size = 64;
@@ -307,8 +311,8 @@ fn cpc_learns() {
 }
 
 /// Any method spec, `LEARN_SPEC='cmc:two_crops=false' cargo test --release --test methods_learn
-/// -- --ignored any_method_spec --nocapture`, with `LEARN_PAIRS` and `LEARN_LOSS` (`--pairs` and
-/// `--loss` syntax) and `LEARN_SEED`: for measuring a setting before it becomes a default.
+/// -- --ignored any_method_spec --nocapture`, with `LEARN_PAIRS`, `LEARN_LOSS` and `LEARN_ENCODER`
+/// (`--pairs`, `--loss` and `--encoder` syntax) and `LEARN_SEED`: for measuring a setting before it becomes a default.
 #[test]
 #[ignore = "a measuring tool, run by hand"]
 fn any_method_spec() {
@@ -317,7 +321,12 @@ fn any_method_spec() {
     let method = parse_choice(&spec, MethodConfig::default_for, "method").unwrap();
     let mut config = small_config(method.name());
     config.method = method;
-    config.encoder.patches = config.method.patch_grid();
+    config.encoder = small_resnet(&config.method);
+    if let Some(spec) = env("LEARN_ENCODER") {
+        let shape = ImageShape::new(1, 28, 28);
+        config = config
+            .with_encoder(parse_choice(&spec, |name| EncoderConfig::default_for(name, shape), "encoder").unwrap());
+    }
     config.seed = env("LEARN_SEED").map_or(0, |s| s.parse().expect("LEARN_SEED is a number"));
     if env("LEARN_PAIRS").is_some() || env("LEARN_LOSS").is_some() {
         let loss = env("LEARN_LOSS").unwrap_or_else(|| "info-nce".into());

@@ -13,7 +13,7 @@ use contrastive::train::run::{train, TrainOptions};
 
 fn tiny_config(method: &str) -> TrainConfig {
     let mut config = TrainConfig::for_method(MethodConfig::default_for(method).unwrap(), ImageShape::new(1, 28, 28));
-    config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) };
+    config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
     config.projector_dims = vec![16, 8];
     config.data =
         DataSource::MnistIdx { dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset") };

@@ -13,7 +13,7 @@ use crate::data::{Dataset, ImageShape};
 use crate::eval::EvalReport;
 use crate::registry::manifest::{Architecture, FileDigest, InputSpec, OutputSpec, TrainingSummary, INPUT_NAME};
 use crate::registry::{Manifest, ModelRepository, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
-use crate::train::arch::ResNet;
+use crate::train::arch::{Encoder, EncoderConfig};
 use crate::train::{checkpoint, Model};
 
 pub use parity::{check_parity, PARITY_TOLERANCE};
@@ -51,7 +51,7 @@ pub struct Provenance {
 
 /// The encoder as an ONNX model: `image` `[batch, C, H, W]` in, `embedding` `[batch, D]` out.
 pub fn encoder_graph(
-    encoder: &ResNet,
+    encoder: &Encoder,
     shape: ImageShape,
     l2_normalize: bool,
     metadata: &[(String, String)],
@@ -110,8 +110,12 @@ pub fn publish_model(
         version: 0,
         created_at: crate::registry::manifest::now_rfc3339(),
         architecture: Architecture {
-            encoder: "resnet".into(),
-            resnet: config.encoder.clone(),
+            encoder: config.encoder.name().into(),
+            resnet: config.encoder.as_resnet().cloned(),
+            vit: match &config.encoder {
+                EncoderConfig::Vit(vit) => Some(vit.clone()),
+                EncoderConfig::ResNet(_) => None,
+            },
             encoder_parameters: encoder_parameters(model),
             projector_dims: config.projector_dims.clone(),
         },

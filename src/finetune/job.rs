@@ -195,7 +195,7 @@ pub fn train_and_publish(
     // SimCLR views, whose crops and jitter erase what tells a shirt from a T-shirt.
     config.method = MethodConfig::Supcon { temperature: h.temperature, on_embedding: true, loss: Default::default() };
     config.augment = vec![AugmentConfig::weak(); 2];
-    config.optimizer = TrainConfig::default_optimizer(&config.method);
+    config.optimizer = TrainConfig::default_optimizer(&config.method, &config.encoder);
     config.epochs = h.epochs;
     config.batch_size = h.batch_size.min(train.len());
     config.learning_rate = h.learning_rate;
@@ -209,7 +209,7 @@ pub fn train_and_publish(
     let (before, before_correct) = judge(&model, &train, &heldout)?;
     report(JobUpdate::Before(before.clone()))?;
 
-    let stages = config.encoder.widths.len();
+    let stages = config.encoder.stages();
     let trainable = trainable_variables(&model, h.trainable_stages, stages);
     model.method.encoder_mut().freeze_stages(h.trainable_stages.map(|trained| stages.saturating_sub(trained)));
     let mut optimizer = model.optimizer_over(trainable);
@@ -364,12 +364,9 @@ fn trainable_variables(model: &Model, stages: Option<usize>, total_stages: usize
     let Some(stages) = stages else { return all };
     let first_trained = total_stages.saturating_sub(stages) + 1;
     all.into_iter()
-        .filter(|(name, _)| {
-            let Some(rest) = name.strip_prefix("encoder.") else { return true };
-            rest.strip_prefix("stage")
-                .and_then(|s| s.split('.').next())
-                .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n >= first_trained)
+        .filter(|(name, _)| match name.strip_prefix("encoder.") {
+            Some(rest) => model.config.encoder.stage_of(rest) >= first_trained,
+            None => true,
         })
         .collect()
 }

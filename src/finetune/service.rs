@@ -44,7 +44,7 @@ impl FineTuneApi {
                 Status::failed_precondition(format!("base_model {name:?} cannot be fine-tuned: {e:#}"))
             }
         })?;
-        let stages = manifest.training.config.encoder.widths.len();
+        let stages = manifest.training.config.encoder.stages();
         if let Some(trainable) = parameters.trainable_stages.filter(|&t| t > stages) {
             return Err(Status::invalid_argument(format!(
                 "hyper_parameters: trainable_stages {trainable} exceeds the {stages} stages of {name}'s encoder"

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::EvalReport;
-use crate::train::arch::ResNetConfig;
+use crate::train::arch::{ResNetConfig, VitConfig};
 use crate::train::config::TrainConfig;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -47,9 +47,12 @@ pub struct Manifest {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
-    /// The encoder family ("resnet").
+    /// The encoder family: "resnet" or "vit"; its sizes are in the field of that name.
     pub encoder: String,
-    pub resnet: ResNetConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resnet: Option<ResNetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vit: Option<VitConfig>,
     pub encoder_parameters: usize,
     /// The projection head, kept in `weights.safetensors` for fine-tuning (not in the ONNX graph).
     pub projector_dims: Vec<usize>,

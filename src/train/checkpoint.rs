@@ -135,12 +135,13 @@ mod tests {
     use crate::data::ImageShape;
     use crate::train::arch::methods::named_vars;
     use crate::train::arch::MethodConfig;
+    use crate::train::arch::ResNetConfig;
     use crate::train::config::TrainConfig;
     use crate::train::Model;
 
     fn small(method: &str, seed: u64) -> Result<Model> {
         let mut config = TrainConfig::for_method(MethodConfig::default_for(method)?, ImageShape::new(1, 12, 12));
-        config.encoder.widths = vec![4, 8, 8];
+        config.encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) }.into();
         config.projector_dims = vec![8, 4];
         config.seed = seed;
         Model::new(&config, &Device::Cpu)

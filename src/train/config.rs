@@ -7,7 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::arch::{MethodConfig, ResNetConfig};
+use super::arch::{EncoderConfig, MethodConfig, ResNetConfig};
 use super::augment::AugmentConfig;
 use super::optim::OptimizerConfig;
 use crate::data::{self, Dataset, ImageShape};
@@ -86,7 +86,7 @@ impl Default for MonitorConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub method: MethodConfig,
-    pub encoder: ResNetConfig,
+    pub encoder: EncoderConfig,
     /// Projection head sizes after the encoder's feature, e.g. `[128, 64]`.
     pub projector_dims: Vec<usize>,
     /// One augmentation pipeline per view.
@@ -113,14 +113,15 @@ impl TrainConfig {
     /// 128→128→64 projector, cosine decay, and the method's optimiser (see
     /// [`TrainConfig::default_optimizer`]).
     pub fn for_method(method: MethodConfig, input: ImageShape) -> Self {
-        let optimizer = Self::default_optimizer(&method);
         let patches = method.patch_grid();
+        let encoder: EncoderConfig = ResNetConfig { patches, ..ResNetConfig::canonical(input.channels) }.into();
+        let optimizer = Self::default_optimizer(&method, &encoder);
         Self {
             augment: method.view_augmentations(),
             learning_rate: optimizer.default_learning_rate(),
             optimizer,
             method,
-            encoder: ResNetConfig { patches, ..ResNetConfig::canonical(input.channels) },
+            encoder,
             projector_dims: vec![128, 64],
             warmup_epochs: 0.0,
             epochs: 3,
@@ -133,12 +134,23 @@ impl TrainConfig {
         }
     }
 
+    /// The same run with another encoder, and that encoder's default optimiser and learning rate.
+    pub fn with_encoder(mut self, encoder: EncoderConfig) -> Self {
+        self.optimizer = Self::default_optimizer(&self.method, &encoder);
+        self.learning_rate = self.optimizer.default_learning_rate();
+        self.encoder = encoder;
+        self
+    }
+
     /// SGD with momentum 0.9 and weight decay 5e-4 (the PyTorch reference recipe), except:
     /// BYOL trains with LARS and weight decay 1.5e-6 (Grill et al. 2020, appendix C), and
     /// SimSiam with weight decay 5e-3: with the plain recipe both stay below a random-init
     /// encoder's k-NN on short schedules (the measurements are in `docs/taxonomy.md`).
-    pub fn default_optimizer(method: &MethodConfig) -> OptimizerConfig {
+    /// A ViT trains with AdamW and weight decay 0.05 whatever the method, as DeiT, DINO and
+    /// MoCo v3 train theirs: attention layers do not train well with plain SGD.
+    pub fn default_optimizer(method: &MethodConfig, encoder: &EncoderConfig) -> OptimizerConfig {
         match method {
+            _ if matches!(encoder, EncoderConfig::Vit(_)) => OptimizerConfig::adamw(0.05),
             MethodConfig::Byol { .. } => OptimizerConfig::lars(1.5e-6),
             MethodConfig::Simsiam { .. } => OptimizerConfig::sgd(0.9, 5e-3),
             _ => OptimizerConfig::sgd(0.9, 5e-4),
@@ -164,7 +176,7 @@ impl TrainConfig {
         }
         self.method.validate()?;
         self.method.validate_for(&self.encoder, self.data.image_shape())?;
-        if let Some(grid) = self.encoder.patches {
+        if let Some(grid) = self.encoder.as_resnet().and_then(|resnet| resnet.patches) {
             let shape = self.data.image_shape();
             ensure!(
                 grid.size <= shape.height.min(shape.width),
@@ -175,16 +187,32 @@ impl TrainConfig {
             );
         }
         if let Some(grid) = self.method.patch_grid() {
+            let patches = self.encoder.as_resnet().and_then(|resnet| resnet.patches);
             ensure!(
-                self.encoder.patches == Some(grid),
+                patches == Some(grid),
                 "{} embeds images by a grid of {}-pixel patches every {} pixels; the encoder config must have \
                  the same \"patches\" (it has {:?})",
                 self.method.name(),
                 grid.size,
                 grid.stride,
-                self.encoder.patches
+                patches
             );
         }
+        if let EncoderConfig::Vit(vit) = &self.encoder {
+            let shape = self.data.image_shape();
+            ensure!(
+                vit.patch <= shape.height.min(shape.width),
+                "the ViT's {}-pixel patches do not fit a {}×{} image",
+                vit.patch,
+                shape.height,
+                shape.width
+            );
+        }
+        ensure!(
+            self.encoder.as_resnet().is_some() || self.augment.iter().all(|a| a.contrastive_crop.is_none()),
+            "ContrastiveCrop finds objects in the ResNet's last feature map: it needs --encoder resnet, not {}",
+            self.encoder.name()
+        );
         let views = 2 + self.method.support_views();
         ensure!(
             self.augment.len() == views,
@@ -275,8 +303,23 @@ mod tests {
         assert!(refused("pirl:grid=1").contains("1×1 jigsaw"));
         let mut cpc = TrainConfig::for_method(MethodConfig::default_for("cpc").unwrap(), ImageShape::new(1, 28, 28));
         cpc.validate().unwrap();
-        cpc.encoder.patches = None;
+        cpc.encoder = ResNetConfig::canonical(1).into();
         assert!(cpc.validate().unwrap_err().to_string().contains("\"patches\""));
+
+        // The ViT: methods and options built on ResNet feature maps refuse it, naming both.
+        let shape = ImageShape::new(1, 28, 28);
+        let with_vit = |spec: &str| {
+            let method = parse_choice(spec, MethodConfig::default_for, "method").unwrap();
+            TrainConfig::for_method(method, shape).with_encoder(EncoderConfig::default_for("vit", shape).unwrap())
+        };
+        assert_eq!(with_vit("selfcon").validate().unwrap_err().to_string(), "selfcon needs --encoder resnet, not vit");
+        assert_eq!(with_vit("cpc").validate().unwrap_err().to_string(), "cpc needs --encoder resnet, not vit");
+        let mut crop = with_vit("simclr");
+        crop.validate().unwrap();
+        assert!(matches!(crop.optimizer, OptimizerConfig::AdamW { .. }), "a ViT trains with AdamW by default");
+        crop.augment[0].contrastive_crop = Some(Default::default());
+        assert!(crop.validate().unwrap_err().to_string().contains("ContrastiveCrop"));
+        assert!(with_vit("pirl:grid=9").validate().unwrap_err().to_string().contains("smaller than the ViT's 4-pixel"));
     }
 
     #[test]

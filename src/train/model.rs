@@ -175,7 +175,7 @@ impl Model {
     /// Each image's object box for ContrastiveCrop: the bounding box of the encoder's last feature
     /// map, summed over channels, where it reaches `threshold` of its range (evaluation mode).
     pub fn object_boxes(&self, dataset: &Dataset, threshold: f32) -> Result<Vec<CropBox>> {
-        let encoder = self.method.encoder();
+        let encoder = self.method.encoder().as_resnet().context("ContrastiveCrop needs a ResNet encoder")?;
         let heatmaps = eval::encode(dataset, &self.device, ENCODE_BATCH, |x| {
             encoder.feature_map_t(x, false)?.sum(1)?.flatten_from(1)
         })?;
@@ -227,12 +227,13 @@ mod tests {
     use super::*;
     use crate::data::ImageShape;
     use crate::train::arch::MethodConfig;
+    use crate::train::arch::ResNetConfig;
 
     #[test]
     fn object_boxes_lie_in_the_image_and_follow_the_object() {
         let shape = ImageShape::new(1, 28, 28);
         let mut config = TrainConfig::for_method(MethodConfig::default_for("simclr").unwrap(), shape);
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         let model = Model::new(&config, &Device::Cpu).unwrap();
         // A bright square in the top-left corner of a black image, and a plain image.
         let mut images = vec![0f32; 2 * 784];

@@ -56,10 +56,10 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
     };
     let steps_per_epoch = steps_per_epoch(train_set.len(), config.batch_size)?;
     anyhow::ensure!(
-        train_set.shape.channels == config.encoder.in_channels,
+        train_set.shape.channels == config.encoder.in_channels(),
         "the data has {} channel(s) but the encoder expects {}",
         train_set.shape.channels,
-        config.encoder.in_channels
+        config.encoder.in_channels()
     );
 
     let mut model = Model::new(config, &options.device)?;

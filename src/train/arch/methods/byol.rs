@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::{ema::cosine_momentum, EmaPairs, Mlp, MlpConfig, ResNet};
+use crate::train::arch::{ema::cosine_momentum, EmaPairs, Encoder, Mlp, MlpConfig};
 use crate::train::loss;
 
 pub struct Byol {
@@ -52,11 +52,11 @@ impl Method for Byol {
         self.ema.update(cosine_momentum(self.base_momentum, progress))
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.online.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.online.encoder
     }
 }

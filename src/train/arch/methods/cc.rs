@@ -11,7 +11,7 @@
 use candle_core::{Result, Tensor, D};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::{Mlp, MlpConfig, ResNet};
+use crate::train::arch::{Encoder, Mlp, MlpConfig};
 use crate::train::loss;
 
 pub struct ContrastiveClustering {
@@ -57,17 +57,18 @@ impl Method for ContrastiveClustering {
         Ok(Some(self.assignments(features, false)?.argmax(D::Minus1)?))
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::train::arch::ResNetConfig;
     use candle_core::{Device, Tensor};
 
     use crate::data::{Dataset, ImageShape};
@@ -78,7 +79,7 @@ mod tests {
     fn model(method: &str) -> Model {
         let shape = ImageShape::new(1, 28, 28);
         let mut config = TrainConfig::for_method(MethodConfig::default_for(method).unwrap(), shape);
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         config.method.set_classes(3);
         Model::new(&config, &Device::Cpu).unwrap()
     }

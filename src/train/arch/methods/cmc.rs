@@ -17,7 +17,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::{ResNet, ResNetConfig};
+use crate::train::arch::Encoder;
 use crate::train::pairs::{sobel_edges, Contrast, Denominator};
 
 pub struct Cmc {
@@ -33,7 +33,7 @@ impl Cmc {
         }
         let projector = parts.projector_config();
         let image = parts.branch(&projector)?;
-        let edge_encoder = ResNetConfig { in_channels: 1, ..parts.encoder.clone() };
+        let edge_encoder = parts.encoder.with_in_channels(1);
         let edges = Branch::new(parts.vb.pp("edges"), &edge_encoder, &projector, parts.backend)?;
         Ok(Self { config, image, edges })
     }
@@ -56,11 +56,11 @@ impl Method for Cmc {
         loss.loss(&contrast, *temperature)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.image.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.image.encoder
     }
 }
@@ -72,13 +72,14 @@ mod tests {
     use candle_nn::VarMap;
 
     use crate::train::arch::methods::trainable_vars;
+    use crate::train::arch::ResNetConfig;
 
     /// Both encoders train (the edge encoder reads one channel whatever the image has), and the
     /// served encoder is the image's.
     #[test]
     fn both_sources_train_and_the_image_encoder_is_served() -> Result<()> {
         let varmap = VarMap::new();
-        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(3) };
+        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(3) }.into();
         let parts = MethodParts::for_test(&varmap, &encoder);
         let mut method = Cmc::new(MethodConfig::default_for("cmc").unwrap(), &parts)?;
         let vars = trainable_vars(&varmap);
@@ -94,7 +95,7 @@ mod tests {
             let var = &vars.iter().find(|(n, _)| n == name).expect(name).1;
             assert!(grads.get(var.as_tensor()).is_some(), "no gradient reached {name}");
         }
-        assert_eq!(method.encoder().config.in_channels, 3);
+        assert_eq!(method.encoder().config().in_channels(), 3);
         Ok(())
     }
 }

@@ -25,13 +25,13 @@ use candle_nn::{Linear, Module};
 
 use super::{Method, MethodConfig, MethodParts};
 use crate::train::arch::context::MaskedContext;
-use crate::train::arch::ResNet;
+use crate::train::arch::{Encoder, ResNet};
 use crate::train::augment::patches::patch_grid;
 use crate::train::pairs::Contrast;
 
 pub struct Cpc {
     config: MethodConfig,
-    encoder: ResNet,
+    encoder: Encoder,
     context: MaskedContext,
     /// `W_k` for k = 1 … prediction_steps.
     predictors: Vec<Linear>,
@@ -43,22 +43,29 @@ impl Cpc {
             candle_core::bail!("not a CPC config")
         };
         let grid = config.patch_grid();
-        if parts.encoder.patches != grid {
+        let Some(resnet) = parts.encoder.as_resnet() else {
+            candle_core::bail!("cpc embeds images by a grid of ResNet patch codes: it needs --encoder resnet")
+        };
+        if resnet.patches != grid {
             candle_core::bail!(
                 "cpc: the encoder must embed images by the method's patch grid {grid:?}, but its config has {:?}",
-                parts.encoder.patches
+                resnet.patches
             )
         }
         if *prediction_steps == 0 {
             candle_core::bail!("cpc: prediction_steps must be at least 1")
         }
-        let encoder = ResNet::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
+        let encoder = Encoder::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
         let dim = encoder.feature_dim();
         let context = MaskedContext::new(parts.vb.pp("context"), dim, *context_layers)?;
         let predictors = (1..=*prediction_steps)
             .map(|k| candle_nn::linear_no_bias(dim, dim, parts.vb.pp(format!("predictor{k}"))))
             .collect::<Result<_>>()?;
         Ok(Self { config, encoder, context, predictors })
+    }
+
+    fn resnet(&self) -> &ResNet {
+        self.encoder.as_resnet().expect("CPC is built on a ResNet")
     }
 }
 
@@ -81,7 +88,7 @@ impl Method for Cpc {
             )
         }
         // Codes `[N·G, D]`, row-major within each image, and their grid `[N, D, R, C]`.
-        let codes = self.encoder.pooled_t(&patches.reshape((n * count, c, size, size))?, true)?;
+        let codes = self.resnet().pooled_t(&patches.reshape((n * count, c, size, size))?, true)?;
         let dim = codes.dim(1)?;
         let grid = codes.reshape((n, rows, columns, dim))?.permute((0, 3, 1, 2))?.contiguous()?;
         let context = self.context.forward(&grid)?.permute((0, 2, 3, 1))?; // [N, R, C, D]
@@ -103,11 +110,11 @@ impl Method for Cpc {
         loss.loss(&Contrast::new(predictions, candidates, positives, denominator), *temperature)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.encoder
     }
 }
@@ -140,7 +147,7 @@ mod tests {
             *t = temperature;
         }
         let encoder =
-            ResNetConfig { widths: vec![4, 8, 8], patches: config.patch_grid(), ..ResNetConfig::canonical(1) };
+            ResNetConfig { widths: vec![4, 8, 8], patches: config.patch_grid(), ..ResNetConfig::canonical(1) }.into();
         let parts = MethodParts::for_test(varmap, &encoder);
         Cpc::new(config, &parts)
     }
@@ -174,7 +181,7 @@ mod tests {
     #[test]
     fn an_encoder_without_the_patch_grid_is_refused() {
         let varmap = VarMap::new();
-        let encoder = ResNetConfig::canonical(1);
+        let encoder = ResNetConfig::canonical(1).into();
         let parts = MethodParts::for_test(&varmap, &encoder);
         let err = Cpc::new(MethodConfig::default_for("cpc").unwrap(), &parts).err().expect("refused").to_string();
         assert!(err.contains("patch grid"), "{err}");

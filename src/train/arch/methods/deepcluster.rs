@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use super::{Branch, Method, MethodConfig, MethodParts};
 use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::loader::mix_seed;
 use crate::train::loss::{self, common::weighted_cross_entropy};
 
@@ -145,11 +145,11 @@ impl Method for DeepCluster {
         Ok(Some(self.class_logits(features, false)?.argmax(D::Minus1)?))
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 
@@ -178,6 +178,7 @@ impl Method for DeepCluster {
 
 #[cfg(test)]
 mod tests {
+    use crate::train::arch::ResNetConfig;
     use candle_core::{Device, Tensor};
 
     use crate::data::{Dataset, ImageShape};
@@ -190,7 +191,7 @@ mod tests {
             MethodConfig::Deepcluster { clusters: 4, recluster_every_epochs: 2 },
             ImageShape::new(1, 28, 28),
         );
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         Model::new(&config, &Device::Cpu).unwrap()
     }
 

@@ -25,7 +25,7 @@ use super::pcl::{clustering_buffers, key_projections, load_clusterings, Clusteri
 use super::{Method, MethodConfig, MethodParts};
 use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::loader::mix_seed;
 use crate::train::loss::ContrastLoss;
 use crate::train::loss::{self, proto_nce};
@@ -173,11 +173,11 @@ impl Method for Hcsc {
         self.moco.after_step(progress)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         self.moco.encoder()
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         self.moco.encoder_mut()
     }
 
@@ -208,6 +208,7 @@ impl Method for Hcsc {
 
 #[cfg(test)]
 mod tests {
+    use crate::train::arch::ResNetConfig;
     use candle_core::{Device, Tensor};
 
     use crate::data::{Dataset, ImageShape};
@@ -224,7 +225,7 @@ mod tests {
             warmup_epochs: 0,
         };
         let mut config = TrainConfig::for_method(method, ImageShape::new(1, 28, 28));
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         Model::new(&config, &Device::Cpu).unwrap()
     }
 

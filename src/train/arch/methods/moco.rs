@@ -20,7 +20,7 @@ use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
 use crate::train::arch::init::seeded_randn;
-use crate::train::arch::{EmaPairs, MlpConfig, ResNet};
+use crate::train::arch::{EmaPairs, Encoder, MlpConfig};
 use crate::train::loss::{self, ContrastLoss};
 use crate::train::pairs::{add_hardest_mixed_negatives, fnc, Contrast, MemoryQueue, PairPipeline, PairStrategy};
 
@@ -89,11 +89,11 @@ impl Method for MocoV2 {
         Ok(())
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.query.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.query.encoder
     }
 

@@ -54,7 +54,7 @@ use candle_nn::{VarBuilder, VarMap};
 use contrastive_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{Mlp, MlpConfig, PatchGrid, ResNet, ResNetConfig};
+use super::{Encoder, EncoderConfig, Mlp, MlpConfig, PatchGrid};
 use crate::data::{Dataset, ImageShape};
 use crate::train::augment::patches::grid_starts;
 use crate::train::augment::AugmentConfig;
@@ -445,17 +445,32 @@ impl MethodConfig {
 
     /// Checks the choices that depend on the encoder and the image size, so that a run refuses
     /// them before it writes anything: SelfCon's exit stage, PIRL's jigsaw and CPC's patch grid.
-    pub fn validate_for(&self, encoder: &ResNetConfig, shape: ImageShape) -> anyhow::Result<()> {
+    /// SelfCon and CPC are built on the ResNet's stages and patch pooling.
+    pub fn validate_for(&self, encoder: &EncoderConfig, shape: ImageShape) -> anyhow::Result<()> {
         let side = shape.height.min(shape.width);
+        if matches!(self, Self::Selfcon { .. } | Self::Cpc { .. }) && encoder.as_resnet().is_none() {
+            anyhow::bail!("{} needs --encoder resnet, not {}", self.name(), encoder.name())
+        }
         match self {
-            Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.widths.len())?,
-            Self::Pirl { grid, .. } => anyhow::ensure!(
-                *grid >= 2 && side / grid >= 1,
-                "pirl: a {grid}×{grid} jigsaw needs a grid of at least 2 and cells of at least one pixel on a \
-                 {}×{} image",
-                shape.height,
-                shape.width
-            ),
+            Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.stages())?,
+            Self::Pirl { grid, .. } => {
+                anyhow::ensure!(
+                    *grid >= 2 && side / grid >= 1,
+                    "pirl: a {grid}×{grid} jigsaw needs a grid of at least 2 and cells of at least one pixel on a \
+                     {}×{} image",
+                    shape.height,
+                    shape.width
+                );
+                if let EncoderConfig::Vit(vit) = encoder {
+                    anyhow::ensure!(
+                        side / grid >= vit.patch,
+                        "pirl: the {}-pixel cells of a {grid}×{grid} jigsaw are smaller than the ViT's {}-pixel \
+                         patches",
+                        side / grid,
+                        vit.patch
+                    );
+                }
+            }
             Self::Cpc { patch, stride, prediction_steps, .. } => {
                 let rows = grid_starts(shape.height, *patch, *stride).len();
                 let columns = grid_starts(shape.width, *patch, *stride).len();
@@ -566,10 +581,10 @@ pub trait Method {
     }
 
     /// The online encoder, whose pooled features are the embedding.
-    fn encoder(&self) -> &ResNet;
+    fn encoder(&self) -> &Encoder;
 
-    /// The online encoder, to freeze its lower stages (see [`ResNet::freeze_stages`]).
-    fn encoder_mut(&mut self) -> &mut ResNet;
+    /// The online encoder, to freeze its lower stages (see [`Encoder::freeze_stages`]).
+    fn encoder_mut(&mut self) -> &mut Encoder;
 
     /// State that is neither a parameter nor a running statistic (MoCo's queue), for checkpoints.
     fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
@@ -586,7 +601,7 @@ pub trait Method {
 pub struct MethodParts<'a> {
     pub vb: VarBuilder<'a>,
     pub varmap: &'a VarMap,
-    pub encoder: &'a ResNetConfig,
+    pub encoder: &'a EncoderConfig,
     /// The projection head's sizes after the encoder, e.g. `[128, 64]` for 128→128→64.
     pub projector_dims: &'a [usize],
     /// The run's seed, for state that is drawn at random but is not a variable.
@@ -625,7 +640,7 @@ impl MethodParts<'_> {
 impl<'a> MethodParts<'a> {
     /// Small parts for unit tests: a projector to 8 then 4 after the encoder, seed 0, candle's
     /// own layers, on the CPU.
-    pub(crate) fn for_test(varmap: &'a VarMap, encoder: &'a ResNetConfig) -> Self {
+    pub(crate) fn for_test(varmap: &'a VarMap, encoder: &'a EncoderConfig) -> Self {
         let vb = VarBuilder::from_varmap(varmap, candle_core::DType::F32, &candle_core::Device::Cpu);
         Self { vb, varmap, encoder, projector_dims: &[8, 4], seed: 0, backend: Backend::Candle }
     }
@@ -654,14 +669,14 @@ pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Metho
 
 /// An encoder followed by a projection head.
 pub struct Branch {
-    pub encoder: ResNet,
+    pub encoder: Encoder,
     pub projector: Mlp,
 }
 
 impl Branch {
-    pub fn new(vb: VarBuilder, encoder: &ResNetConfig, projector: &MlpConfig, backend: Backend) -> Result<Self> {
+    pub fn new(vb: VarBuilder, encoder: &EncoderConfig, projector: &MlpConfig, backend: Backend) -> Result<Self> {
         Ok(Self {
-            encoder: ResNet::new(vb.pp("encoder"), encoder, backend)?,
+            encoder: Encoder::new(vb.pp("encoder"), encoder, backend)?,
             projector: Mlp::new(vb.pp("projector"), projector, backend)?,
         })
     }

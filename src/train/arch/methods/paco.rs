@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::loss;
 
 pub struct Paco {
@@ -40,11 +40,11 @@ impl Method for Paco {
         loss::paco(&z, &self.centres.forward(&h)?, &labels, temperature, alpha, beta)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 }

@@ -20,7 +20,7 @@ use super::moco::MocoV2;
 use super::{Method, MethodConfig, MethodParts};
 use crate::data::Dataset;
 use crate::eval::kmeans::{kmeans, KMeansConfig};
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::loader::mix_seed;
 use crate::train::loss::{self, proto_nce};
 
@@ -209,11 +209,11 @@ impl Method for Pcl {
         self.moco.after_step(progress)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         self.moco.encoder()
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         self.moco.encoder_mut()
     }
 
@@ -237,6 +237,7 @@ impl Method for Pcl {
 
 #[cfg(test)]
 mod tests {
+    use crate::train::arch::ResNetConfig;
     use candle_core::{Device, Tensor};
 
     use crate::data::{Dataset, ImageShape};
@@ -279,7 +280,7 @@ mod tests {
             pairs: Vec::new(),
         };
         let mut config = TrainConfig::for_method(method, ImageShape::new(1, 28, 28));
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         Model::new(&config, &Device::Cpu).unwrap()
     }
 

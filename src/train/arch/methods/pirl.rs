@@ -28,7 +28,7 @@ use rand::SeedableRng;
 
 use super::{Branch, Method, MethodConfig, MethodParts, RunningStats};
 use crate::data::Dataset;
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::augment::patches::patch_grid;
 use crate::train::loader::mix_seed;
 use crate::train::pairs::MemoryBank;
@@ -137,11 +137,11 @@ impl Method for Pirl {
         Ok(())
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.image.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.image.encoder
     }
 
@@ -170,7 +170,7 @@ mod tests {
     use crate::train::arch::ResNetConfig;
 
     fn build(varmap: &VarMap) -> Result<Pirl> {
-        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) };
+        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) }.into();
         let parts = MethodParts::for_test(varmap, &encoder);
         Pirl::new(MethodConfig::default_for("pirl").unwrap(), &parts)
     }

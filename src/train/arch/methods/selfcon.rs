@@ -20,12 +20,12 @@ use candle_core::{Result, Tensor, D};
 
 use super::{Method, MethodConfig, MethodParts};
 use crate::train::arch::resnet::BasicBlock;
-use crate::train::arch::{Mlp, ResNet};
+use crate::train::arch::{Encoder, Mlp};
 use crate::train::pairs::{label_positive_mask, Contrast, Denominator};
 
 pub struct SelfCon {
     config: MethodConfig,
-    encoder: ResNet,
+    encoder: Encoder,
     projector: Mlp,
     exit: ExitPath,
 }
@@ -41,7 +41,9 @@ pub struct ExitPath {
 
 impl ExitPath {
     fn new(parts: &MethodParts, exit_stage: usize) -> Result<Self> {
-        let encoder = parts.encoder;
+        let Some(encoder) = parts.encoder.as_resnet() else {
+            candle_core::bail!("selfcon's exit path branches off a ResNet stage: it needs --encoder resnet")
+        };
         let stages = encoder.widths.len();
         check_exit_stage(exit_stage, stages)?;
         let vb = parts.vb.pp("exit");
@@ -86,7 +88,7 @@ impl SelfCon {
     pub fn new(config: MethodConfig, parts: &MethodParts) -> Result<Self> {
         let MethodConfig::Selfcon { exit_stage, .. } = &config else { candle_core::bail!("not a SelfCon config") };
         let exit = ExitPath::new(parts, *exit_stage)?;
-        let encoder = ResNet::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
+        let encoder = Encoder::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
         let projector = Mlp::new(parts.vb.pp("projector"), &parts.projector_config(), parts.backend)?;
         Ok(Self { config, encoder, projector, exit })
     }
@@ -102,7 +104,11 @@ impl Method for SelfCon {
             unreachable!("built from a SelfCon config")
         };
         let views = if *single_view { &views[..1] } else { &views[..2] };
-        let maps = self.encoder.stage_maps_t(&Tensor::cat(views, 0)?, true)?;
+        let maps = self
+            .encoder
+            .as_resnet()
+            .expect("SelfCon is built on a ResNet")
+            .stage_maps_t(&Tensor::cat(views, 0)?, true)?;
         let pooled = maps.last().expect("a ResNet has stages").flatten_from(2)?.mean(D::Minus1)?;
         let backbone = self.projector.forward_t(&pooled, true)?;
         let exit = self.exit.forward_t(&maps, true)?;
@@ -117,11 +123,11 @@ impl Method for SelfCon {
         loss.loss(&contrast, *temperature)
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.encoder
     }
 }
@@ -136,7 +142,7 @@ mod tests {
     use crate::train::arch::ResNetConfig;
 
     fn build(config: &MethodConfig, varmap: &VarMap) -> Result<SelfCon> {
-        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) };
+        let encoder = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) }.into();
         let parts = MethodParts::for_test(varmap, &encoder);
         SelfCon::new(config.clone(), &parts)
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use candle_core::{Result, Tensor};
 
 use super::{Method, MethodConfig, MethodParts};
-use crate::train::arch::{Mlp, ResNet};
+use crate::train::arch::{Encoder, Mlp};
 use crate::train::loss::ContrastLoss;
 use crate::train::pairs::{add_hardest_mixed_negatives, fnc, Contrast, PairPipeline};
 
@@ -22,7 +22,7 @@ pub struct SimClr {
     temperature: f64,
     loss: ContrastLoss,
     pairs: PairPipeline,
-    encoder: ResNet,
+    encoder: Encoder,
     /// None for DirectCLR.
     projector: Option<Mlp>,
 }
@@ -32,7 +32,7 @@ impl SimClr {
         let MethodConfig::Simclr { temperature, loss, pairs } = &config else {
             candle_core::bail!("not a SimCLR config")
         };
-        let encoder = ResNet::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
+        let encoder = Encoder::new(parts.vb.pp("encoder"), parts.encoder, parts.backend)?;
         let (projector, dim) = match loss.direct_dims() {
             Some(dims) if dims == 0 || dims > encoder.feature_dim() => candle_core::bail!(
                 "directclr: dims must be in 1..={} (the encoder's feature size), got {dims}",
@@ -97,11 +97,11 @@ impl Method for SimClr {
         self.pairs.after_step()
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.encoder
     }
 

@@ -9,7 +9,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::{Mlp, MlpConfig, ResNet};
+use crate::train::arch::{Encoder, Mlp, MlpConfig};
 use crate::train::loss;
 
 pub struct SimSiam {
@@ -42,11 +42,11 @@ impl Method for SimSiam {
         (loss::simsiam(&p[0], &z[1])? + loss::simsiam(&p[1], &z[0])?)? / 2.0
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 }

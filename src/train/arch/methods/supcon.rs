@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::ResNet;
+use crate::train::arch::Encoder;
 use crate::train::loader::mix_seed;
 use crate::train::loss::{self, tsc};
 use crate::train::pairs::k_positive_mask;
@@ -222,11 +222,11 @@ impl Method for SupCon {
         Ok(())
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 
@@ -267,6 +267,7 @@ impl Method for SupCon {
 
 #[cfg(test)]
 mod tests {
+    use crate::train::arch::ResNetConfig;
     use candle_core::{DType, Device, Tensor};
 
     use super::SupervisedLoss;
@@ -297,7 +298,7 @@ mod tests {
     /// A small model of `method` and one batch of two views of four images (labels 0, 0, 1, 2).
     fn small_model(method: MethodConfig) -> (Model, Vec<Tensor>, Tensor) {
         let mut config = TrainConfig::for_method(method, ImageShape::new(1, 28, 28));
-        config.encoder.widths = vec![8, 16, 16];
+        config.encoder = ResNetConfig { widths: vec![8, 16, 16], ..ResNetConfig::canonical(1) }.into();
         config.method.set_classes(3);
         let model = Model::new(&config, &Device::Cpu).unwrap();
         let views = (0..2).map(|_| Tensor::rand(0f32, 1f32, (4, 1, 28, 28), &Device::Cpu).unwrap()).collect();

@@ -10,7 +10,7 @@
 use candle_core::{Result, Tensor};
 
 use super::{Branch, Method, MethodConfig, MethodParts};
-use crate::train::arch::{Prototypes, ResNet};
+use crate::train::arch::{Encoder, Prototypes};
 use crate::train::loss;
 
 pub struct Swav {
@@ -60,11 +60,11 @@ impl Method for Swav {
         self.prototypes.normalize()
     }
 
-    fn encoder(&self) -> &ResNet {
+    fn encoder(&self) -> &Encoder {
         &self.branch.encoder
     }
 
-    fn encoder_mut(&mut self) -> &mut ResNet {
+    fn encoder_mut(&mut self) -> &mut Encoder {
         &mut self.branch.encoder
     }
 }
