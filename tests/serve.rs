@@ -1009,3 +1009,82 @@ async fn a_request_larger_than_the_queue_is_refused_for_good() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains('4') && status.message().contains('5'), "{status:?}");
 }
+
+/// A ViT goes the whole way: `contrastive train --encoder vit` for a few steps, `contrastive
+/// export` (parity checked there), the ONNX checker's full check (the `onnx` package of the
+/// project's .venv), then a server serves it beside nothing else, as it serves a ResNet, and its
+/// embeddings are the candle encoder's, rebuilt from the version's weights.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trained_vit_exports_passes_the_onnx_checker_and_is_served() {
+    let dirs = common::Dirs::empty();
+    let run = dirs.root.path().join("run");
+    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive")).args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "contrastive {args:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    cli(&[
+        os("train").as_os_str(),
+        &os("--encoder"),
+        &os("vit:dim=32:depth=2:heads=2:mlp_ratio=2"),
+        &os("--data"),
+        subset.as_os_str(),
+        &os("--train-limit"),
+        &os("128"),
+        &os("--batch-size"),
+        &os("32"),
+        &os("--epochs"),
+        &os("1"),
+        &os("--knn-every"),
+        &os("0"),
+        &os("--no-final-eval"),
+        &os("--no-progress"),
+        &os("--out"),
+        run.as_os_str(),
+    ]);
+    cli(&[
+        os("export").as_os_str(),
+        &os("--checkpoint"),
+        run.as_os_str(),
+        &os("--name"),
+        &os("vit"),
+        &os("--models"),
+        dirs.models.as_os_str(),
+    ]);
+    let version = dirs.models.join("vit/1");
+    let manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(version.join(MANIFEST_FILE)).unwrap()).unwrap();
+    assert_eq!(manifest.architecture.encoder, "vit");
+    assert_eq!(manifest.output.dimensions, 32);
+    assert!(manifest.parity.max_abs_diff <= 1e-4, "{:?}", manifest.parity);
+
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/setup-python", python.display());
+    let check = "import sys, onnx; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')";
+    let output =
+        std::process::Command::new(&python).args(["-c", check]).arg(version.join(MODEL_FILE)).output().unwrap();
+    assert!(output.status.success(), "onnx.checker: {}", String::from_utf8_lossy(&output.stderr));
+
+    let server = Server::start_on(&dirs, &[]);
+    server.wait_serving().await;
+    let mut client = client(&server).await;
+    let inputs: Vec<Input> = (0..5).map(|i| tensor_input(image(i))).collect();
+    let response = embed(&mut client, raw_request(inputs)).await;
+    assert_eq!((response.model.as_str(), response.version), ("vit", 1));
+    let served = rows(&response);
+
+    let mut model = Model::new(&manifest.training.config, &Device::Cpu).unwrap();
+    let buffers = checkpoint::load_weights_file(&version.join(WEIGHTS_FILE), &model.varmap, &Device::Cpu).unwrap();
+    model.method.load_buffers(&buffers).unwrap();
+    let x = candle_core::Tensor::from_slice(&images(0..5), (5, 1, SIDE, SIDE), &Device::Cpu).unwrap();
+    let expected = model.method.encoder().forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let diff = max_abs_diff(&served, &expected);
+    assert!(diff <= 1e-4, "max |server − candle| = {diff}");
+    assert!(served.iter().all(|row| norm(row) > 0.1), "real images give non-trivial embeddings");
+}
