@@ -149,7 +149,9 @@ enum OptimizerName {
 #[derive(Args)]
 struct TrainArgs {
     /// The method, NAME[:KEY=VALUE...] with any of its parameters (as in the run's config.json):
-    /// simclr, moco-v2, byol, simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
+    /// simclr, moco-v2, moco-v3 (:frozen_patch_embedding=false, ViT only), byol, dino
+    /// (:out_dim=1024:teacher_temperature=0.07:warmup_teacher_temperature=0.04:teacher_warmup=0.3),
+    /// simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
     /// selfcon (:exit_stage=2:single_view=false:labels=false), cmc (:two_crops=true), pirl
     /// (:negatives=4096:bank_momentum=0.5:jigsaw_weight=0.5:grid=3), cpc
     /// (:patch=14:stride=7:prediction_steps=1:context_layers=2), supcon or paco
@@ -199,7 +201,8 @@ struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     warmup_epochs: f64,
-    /// Softmax temperature of the method's loss, where it has one (cc: the instance-level one)
+    /// Softmax temperature of the method's loss, where it has one (cc: the instance-level one;
+    /// dino: the student's)
     #[arg(long)]
     temperature: Option<f64>,
     #[arg(long, default_value_t = 0)]
@@ -455,6 +458,8 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
             | MethodConfig::Cmc { temperature, .. }
             | MethodConfig::Pirl { temperature, .. }
             | MethodConfig::Cpc { temperature, .. }
+            | MethodConfig::MocoV3 { temperature, .. }
+            | MethodConfig::Dino { student_temperature: temperature, .. }
             | MethodConfig::Cc { instance_temperature: temperature, .. } => *temperature = t,
             _ => bail!("--temperature does not apply to {name}"),
         }

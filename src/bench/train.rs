@@ -167,6 +167,8 @@ pub fn step_flops(method: &MethodConfig, encoder: &ResNetConfig, batch: usize) -
     let online = 2.0 * stem + 3.0 * rest;
     let target = match method {
         MethodConfig::MocoV2 { .. }
+        | MethodConfig::MocoV3 { .. }
+        | MethodConfig::Dino { .. }
         | MethodConfig::Pcl { .. }
         | MethodConfig::Hcsc { .. }
         | MethodConfig::Byol { .. } => stem + rest,

@@ -151,7 +151,9 @@ impl TrainConfig {
     pub fn default_optimizer(method: &MethodConfig, encoder: &EncoderConfig) -> OptimizerConfig {
         match method {
             _ if matches!(encoder, EncoderConfig::Vit(_)) => OptimizerConfig::adamw(0.05),
-            MethodConfig::Byol { .. } => OptimizerConfig::lars(1.5e-6),
+            MethodConfig::Byol { .. } | MethodConfig::MocoV3 { .. } | MethodConfig::Dino { .. } => {
+                OptimizerConfig::lars(1.5e-6)
+            }
             MethodConfig::Simsiam { .. } => OptimizerConfig::sgd(0.9, 5e-3),
             _ => OptimizerConfig::sgd(0.9, 5e-4),
         }

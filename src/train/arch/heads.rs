@@ -145,6 +145,27 @@ impl Prototypes {
     }
 }
 
+/// DINO's last layer: a weight-normalised linear map without bias, `y = x · (V / ‖V‖)ᵀ` with
+/// each output's row of `V` normalised (Salimans & Kingma 2016 with the gain fixed at 1, DINO's
+/// `norm_last_layer`), so that the temperatures alone set the scale of the logits.
+#[derive(Debug, Clone)]
+pub struct WeightNormLinear {
+    /// `V`, `[out, in]`.
+    pub direction: Tensor,
+}
+
+impl WeightNormLinear {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let direction =
+            vb.get_with_hints((out_dim, in_dim), "direction", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
+        Ok(Self { direction })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&contrastive_kernels::l2_normalize(&self.direction)?.t()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +182,21 @@ mod tests {
         assert!(mlp.layers[1].batch_norm.is_none() && !mlp.layers[1].relu);
         let y = mlp.forward_t(&Tensor::randn(0f32, 1., (4, 128), &Device::Cpu)?, true)?;
         assert_eq!(y.dims(), &[4, 64]);
+        Ok(())
+    }
+
+    /// Each output is the dot product with a unit row, whatever the row's length: rows (3, 4)
+    /// and (0, −2) give (0.6, 0.8) and (0, −1).
+    #[test]
+    fn weight_norm_linear_scores_with_unit_rows() -> anyhow::Result<()> {
+        let layer = WeightNormLinear { direction: Tensor::new(&[[3f32, 4.], [0., -2.]], &Device::Cpu)? };
+        let y = layer.forward(&Tensor::new(&[[1f32, 1.], [2., 0.]], &Device::Cpu)?)?.to_vec2::<f32>()?;
+        let expected = [[1.4, -1.0], [1.2, 0.0]];
+        for (row, want) in y.iter().zip(expected) {
+            for (a, b) in row.iter().zip(want) {
+                assert!((a - b).abs() < 1e-6, "{y:?}");
+            }
+        }
         Ok(())
     }
 

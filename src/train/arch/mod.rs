@@ -15,7 +15,7 @@ pub mod vit;
 
 pub use ema::EmaPairs;
 pub use encoder::{Encoder, EncoderConfig};
-pub use heads::{Mlp, MlpConfig, Prototypes};
+pub use heads::{Mlp, MlpConfig, Prototypes, WeightNormLinear};
 pub use methods::{Method, MethodConfig, SupervisedLoss};
 pub use resnet::{PatchGrid, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig};

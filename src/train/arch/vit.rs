@@ -243,6 +243,8 @@ pub struct Vit {
     pub norm: LayerNorm,
     /// In training, the embeddings and this many blocks are frozen (see [`Vit::freeze_blocks`]).
     frozen_blocks: Option<usize>,
+    /// The patch projection passes no gradient (see [`Vit::freeze_patch_embedding`]).
+    frozen_patch_embedding: bool,
 }
 
 impl Vit {
@@ -260,6 +262,7 @@ impl Vit {
                 .collect::<Result<_>>()?,
             norm: LayerNorm::new(vb.pp("norm"), config.dim)?,
             frozen_blocks: None,
+            frozen_patch_embedding: false,
         })
     }
 
@@ -270,6 +273,13 @@ impl Vit {
     /// Freezes the embeddings and the first `blocks` blocks for training (`None`: nothing).
     pub fn freeze_blocks(&mut self, blocks: Option<usize>) {
         self.frozen_blocks = blocks;
+    }
+
+    /// Keeps the patch projection at its random start: MoCo v3's remedy for the training
+    /// instability that starts in the first layer (Chen, Xie & He 2021, §4.2). The optimiser
+    /// skips a parameter without gradient, weight decay included.
+    pub fn freeze_patch_embedding(&mut self) {
+        self.frozen_patch_embedding = true;
     }
 
     /// The class token's output after the final norm, `[N, dim]`. A ViT has neither dropout
@@ -305,7 +315,13 @@ impl Vit {
             .permute(vec![0, 2, 4, 1, 3, 5])?
             .contiguous()?
             .reshape((n, rows * columns, channels * p * p))?;
-        let patch_tokens = self.patch_embed.forward(&patches)?;
+        let patch_tokens = if self.frozen_patch_embedding {
+            let weight = self.patch_embed.weight().detach();
+            let bias = self.patch_embed.bias().map(Tensor::detach);
+            Linear::new(weight, bias).forward(&patches)?
+        } else {
+            self.patch_embed.forward(&patches)?
+        };
         let cls = self.cls_token.reshape((1, 1, self.config.dim))?.broadcast_as((n, 1, self.config.dim))?;
         let tokens = Tensor::cat(&[&cls, &patch_tokens], 1)?;
         tokens.broadcast_add(&self.positions(rows, columns)?.unsqueeze(0)?)

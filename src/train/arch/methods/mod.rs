@@ -13,7 +13,9 @@
 //! |  hybrid | synchronous symmetric     | shared weights + classifier | label positives | SupCon → CE       |
 //! | PaCo    | synchronous symmetric     | shared weights + centres | labels + centres   | PaCo              |
 //! | MoCo v2 | asynchronous symmetric    | momentum encoder         | memory queue       | InfoNCE (queue)   |
+//! | MoCo v3 | asynchronous asymmetric   | momentum encoder; predictor | in-batch keys   | InfoNCE × 2τ      |
 //! | BYOL    | asynchronous asymmetric   | EMA target + predictor   | positives only     | normalised MSE    |
+//! | DINO    | asynchronous asymmetric   | EMA teacher, centred     | positives only     | teacher–student cross-entropy |
 //! | SimSiam | asynchronous asymmetric   | stop-gradient + predictor| positives only     | negative cosine   |
 //! | SwAV    | clustering                | shared weights           | swapped codes      | swapped prediction|
 //! | DeepCluster | clustering            | none (pseudo-labels)     | k-means clusters   | cross-entropy     |
@@ -36,8 +38,10 @@ pub mod cc;
 pub mod cmc;
 pub mod cpc;
 pub mod deepcluster;
+pub mod dino;
 pub mod hcsc;
 pub mod moco;
+pub mod moco_v3;
 pub mod paco;
 pub mod pcl;
 pub mod pirl;
@@ -86,6 +90,39 @@ pub enum MethodConfig {
         loss: ContrastLoss,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pairs: Vec<PairStrategy>,
+    },
+    /// MoCo v3 (Chen, Xie & He 2021): a predictor on the query branch, in-batch keys from the
+    /// momentum branch, no queue.
+    #[serde(rename = "moco-v3")]
+    MocoV3 {
+        temperature: f64,
+        /// Momentum of the key branch at the start; it rises to 1 on a cosine schedule.
+        base_momentum: f64,
+        predictor_hidden: usize,
+        /// A ViT's patch projection stays at its random start (the paper's §4.2); a ResNet has
+        /// none and ignores it. On the test subset it turns a ViT's k-NN margin over random
+        /// init from −0.012 to +0.062.
+        #[serde(default)]
+        frozen_patch_embedding: bool,
+    },
+    /// DINO (Caron et al. 2021): self-distillation from an EMA teacher whose outputs are centred
+    /// and sharpened.
+    Dino {
+        /// K, the head's outputs.
+        out_dim: usize,
+        student_temperature: f64,
+        /// τ_t after its warm-up, and where the warm-up starts.
+        teacher_temperature: f64,
+        warmup_teacher_temperature: f64,
+        /// Share of the run over which τ_t rises linearly (DINO: 30 of 100 epochs).
+        teacher_warmup: f64,
+        /// Momentum of the teacher at the start; it rises to 1 on a cosine schedule.
+        base_momentum: f64,
+        /// m of the centre's running mean.
+        center_momentum: f64,
+        /// Share of the run during which the student's last layer stays fixed (DINO: the first
+        /// epoch of 100), which steadies the start.
+        freeze_last_layer: f64,
     },
     Byol {
         base_momentum: f64,
@@ -225,10 +262,12 @@ pub enum MethodConfig {
 }
 
 impl MethodConfig {
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "simclr",
         "moco-v2",
+        "moco-v3",
         "byol",
+        "dino",
         "simsiam",
         "swav",
         "deepcluster",
@@ -254,7 +293,26 @@ impl MethodConfig {
                 loss: ContrastLoss::InfoNce,
                 pairs: Vec::new(),
             },
+            // The paper's τ for ViTs (0.2), starting momentum (0.99) and frozen patch projection.
+            "moco-v3" => Self::MocoV3 {
+                temperature: 0.2,
+                base_momentum: 0.99,
+                predictor_hidden: 256,
+                frozen_patch_embedding: true,
+            },
             "byol" => Self::Byol { base_momentum: 0.99, predictor_hidden: 128, predictor_lr_scale: 1.0 },
+            // The paper's temperatures, teacher warm-up and centre momentum; K and the teacher's
+            // momentum sized for a few epochs of 60,000 small images.
+            "dino" => Self::Dino {
+                out_dim: 1024,
+                student_temperature: 0.1,
+                teacher_temperature: 0.07,
+                warmup_teacher_temperature: 0.04,
+                teacher_warmup: 0.3,
+                base_momentum: 0.996,
+                center_momentum: 0.9,
+                freeze_last_layer: 0.1,
+            },
             "simsiam" => Self::Simsiam { predictor_hidden: 32, predictor_lr_scale: 10.0 },
             "swav" => Self::Swav {
                 prototypes: 100,
@@ -336,7 +394,9 @@ impl MethodConfig {
         match self {
             Self::Simclr { .. } => "simclr",
             Self::MocoV2 { .. } => "moco-v2",
+            Self::MocoV3 { .. } => "moco-v3",
             Self::Byol { .. } => "byol",
+            Self::Dino { .. } => "dino",
             Self::Simsiam { .. } => "simsiam",
             Self::Swav { .. } => "swav",
             Self::Deepcluster { .. } => "deepcluster",
@@ -367,7 +427,9 @@ impl MethodConfig {
             | Self::Cmc { loss, .. }
             | Self::Pirl { loss, .. }
             | Self::Cpc { loss, .. } => loss.name(),
+            Self::MocoV3 { .. } => "info-nce-in-batch-2tau",
             Self::Byol { .. } => "byol-normalized-mse",
+            Self::Dino { .. } => "dino-self-distillation",
             Self::Simsiam { .. } => "simsiam-negative-cosine",
             Self::Swav { .. } => "swav-swapped-prediction",
             Self::Deepcluster { .. } => "pseudo-label-cross-entropy",
@@ -651,7 +713,9 @@ pub fn build(config: &MethodConfig, parts: &MethodParts) -> Result<Box<dyn Metho
     Ok(match config {
         MethodConfig::Simclr { .. } => Box::new(simclr::SimClr::new(config.clone(), parts)?),
         MethodConfig::MocoV2 { .. } => Box::new(moco::MocoV2::new(config.clone(), parts)?),
+        MethodConfig::MocoV3 { .. } => Box::new(moco_v3::MocoV3::new(config.clone(), parts)?),
         MethodConfig::Byol { .. } => Box::new(byol::Byol::new(config.clone(), parts)?),
+        MethodConfig::Dino { .. } => Box::new(dino::Dino::new(config.clone(), parts)?),
         MethodConfig::Simsiam { .. } => Box::new(simsiam::SimSiam::new(config.clone(), parts)?),
         MethodConfig::Swav { .. } => Box::new(swav::Swav::new(config.clone(), parts)?),
         MethodConfig::Supcon { .. } => Box::new(supcon::SupCon::new(config.clone(), parts)?),
