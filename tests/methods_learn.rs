@@ -353,6 +353,7 @@ fn any_method_spec() {
     let spec = env("LEARN_SPEC").expect("LEARN_SPEC=NAME[:KEY=VALUE...]");
     let method = parse_choice(&spec, MethodConfig::default_for, "method").unwrap();
     let mut config = small_config(method.name());
+    config.augment = method.view_augmentations();
     config.method = method;
     config.encoder = small_resnet(&config.method);
     if let Some(spec) = env("LEARN_ENCODER") {

@@ -215,11 +215,15 @@ impl TrainConfig {
             "ContrastiveCrop finds objects in the ResNet's last feature map: it needs --encoder resnet, not {}",
             self.encoder.name()
         );
-        let views = 2 + self.method.support_views();
+        ensure!(
+            self.augment.iter().all(|a| a.contrastive_crop.is_none() || a.output_size.is_none()),
+            "ContrastiveCrop cuts views of the image's own size: it cannot make multi-crop's local crops"
+        );
+        let views = self.method.view_count();
         ensure!(
             self.augment.len() == views,
-            "{} trains on {views} views (two, plus the pair strategies' support views); got {} augmentation \
-             pipelines",
+            "{} trains on {views} views (two, plus the pair strategies' support views and the local crops); got \
+             {} augmentation pipelines",
             self.method.name(),
             self.augment.len()
         );
@@ -322,6 +326,19 @@ mod tests {
         crop.augment[0].contrastive_crop = Some(Default::default());
         assert!(crop.validate().unwrap_err().to_string().contains("ContrastiveCrop"));
         assert!(with_vit("pirl:grid=9").validate().unwrap_err().to_string().contains("smaller than the ViT's 4-pixel"));
+
+        // Multi-crop: DINO's local crops add views; a ViT needs them at least a patch wide, and
+        // ContrastiveCrop cannot cut them.
+        let local = with_vit("dino:local_crops=4");
+        assert_eq!(local.augment.len(), 6);
+        assert_eq!(local.augment[5].output_size, Some(12));
+        local.validate().unwrap();
+        let err = with_vit("dino:local_crops=2:local_size=3").validate().unwrap_err().to_string();
+        assert!(err.contains("3-pixel local crops are smaller than the encoder's smallest input (4 pixels)"), "{err}");
+        let mut crop = local.clone();
+        crop.augment[4].contrastive_crop = Some(Default::default());
+        crop.encoder = ResNetConfig::canonical(1).into();
+        assert!(crop.validate().unwrap_err().to_string().contains("cannot make multi-crop's local crops"));
     }
 
     #[test]

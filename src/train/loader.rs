@@ -37,20 +37,24 @@ pub struct LoaderConfig {
 /// One batch: every pipeline's view of the same images.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// One entry per pipeline; each holds `indices.len() * numel` values, image after image
+    /// One entry per pipeline; each holds `indices.len()` views of its shape, image after image
     /// (CHW each), ready for a `[batch, channels, height, width]` tensor.
     pub views: Vec<Vec<f32>>,
     pub labels: Vec<u32>,
     /// The dataset index of each image.
     pub indices: Vec<usize>,
-    pub shape: ImageShape,
+    /// The shape of each pipeline's views: the images' own, or a multi-crop local crop's.
+    pub shapes: Vec<ImageShape>,
 }
 
 impl Batch {
     /// Each view as a `[batch, channels, height, width]` tensor on `device`.
     pub fn view_tensors(&self, device: &Device) -> candle_core::Result<Vec<Tensor>> {
-        let s = self.shape;
-        self.views.iter().map(|v| Tensor::from_slice(v, (self.len(), s.channels, s.height, s.width), device)).collect()
+        self.views
+            .iter()
+            .zip(&self.shapes)
+            .map(|(v, s)| Tensor::from_slice(v, (self.len(), s.channels, s.height, s.width), device))
+            .collect()
     }
 
     /// Number of images.
@@ -116,10 +120,10 @@ fn make_batch_with(
     object_boxes: Option<&[CropBox]>,
     parallel: bool,
 ) -> Batch {
-    let shape = dataset.shape;
-    let numel = shape.numel();
+    let shapes: Vec<ImageShape> = pipelines.iter().map(|p| p.output_shape(dataset.shape)).collect();
     let views = (0..pipelines.len())
         .map(|v| {
+            let numel = shapes[v].numel();
             let view_into = |dst: &mut [f32], &index: &usize| {
                 let mut rng = SmallRng::seed_from_u64(view_seed(seed, epoch, index, v));
                 let object = object_boxes.map(|boxes| boxes[index]);
@@ -135,7 +139,7 @@ fn make_batch_with(
         })
         .collect();
     let labels = indices.iter().map(|&i| dataset.labels[i]).collect();
-    Batch { views, labels, indices: indices.to_vec(), shape }
+    Batch { views, labels, indices: indices.to_vec(), shapes }
 }
 
 /// Yields one epoch of [`Batch`]es, made ahead by a background thread.
@@ -315,6 +319,31 @@ mod tests {
             assert_eq!(batch.views[0], expected);
             assert_eq!(batch.labels, batch.indices.iter().map(|&i| data.labels[i]).collect::<Vec<_>>());
         }
+    }
+
+    /// Multi-crop: a local-crop pipeline's views have its own square size, the others the
+    /// images' (the dataset's images are 2×3×3); the whole image resized to 2×2 is sampled
+    /// bilinearly at half-pixel centres.
+    #[test]
+    fn local_crops_have_their_own_size() -> candle_core::Result<()> {
+        let data = dataset(4);
+        let whole_to_two = AugmentConfig { crop_scale: (1.0, 1.0), output_size: Some(2), ..AugmentConfig::none() };
+        let pipelines = vec![
+            Arc::new(Pipeline::from_config(&AugmentConfig::none())),
+            Arc::new(Pipeline::from_config(&whole_to_two)),
+        ];
+        let batch = make_batch(&data, &pipelines, &[0, 1, 2], 0, 0, None);
+        assert_eq!(batch.shapes, vec![ImageShape::new(2, 3, 3), ImageShape::new(2, 2, 2)]);
+        let tensors = batch.view_tensors(&Device::Cpu)?;
+        assert_eq!(tensors[0].dims(), &[3, 2, 3, 3]);
+        assert_eq!(tensors[1].dims(), &[3, 2, 2, 2]);
+        // Output pixel (0, 0) samples the input at (0.25, 0.25): 9/16 of pixel (0, 0), 3/16 of
+        // (0, 1) and of (1, 0), 1/16 of (1, 1).
+        let image = data.image(1);
+        let expected = (9.0 * image[0] + 3.0 * image[1] + 3.0 * image[3] + image[4]) / 16.0;
+        let got = batch.views[1][2 * 4]; // image 1 (second in the batch), channel 0, pixel (0, 0)
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+        Ok(())
     }
 
     #[test]

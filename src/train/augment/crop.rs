@@ -14,7 +14,8 @@ pub struct CropBox {
 }
 
 /// torchvision's `RandomResizedCrop`: crop a random area fraction in `scale` with aspect ratio
-/// (width / height) in `ratio`, then resize it bilinearly back to the input size.
+/// (width / height) in `ratio`, then resize it bilinearly back to the input size, or to an
+/// `output` × `output` square (multi-crop's small local crops).
 ///
 /// SimCLR (Chen et al. 2020) found this crop, together with colour distortion, the key
 /// augmentation. torchvision's default scale is (0.08, 1); (0.2, 1) suits 28x28 images.
@@ -22,13 +23,20 @@ pub struct CropBox {
 pub struct RandomResizedCrop {
     pub scale: (f32, f32),
     pub ratio: (f32, f32),
+    pub output: Option<usize>,
 }
 
 impl RandomResizedCrop {
     pub fn new(scale: (f32, f32), ratio: (f32, f32)) -> Self {
         assert!(0.0 < scale.0 && scale.0 <= scale.1, "crop scale {scale:?} must satisfy 0 < min <= max");
         assert!(0.0 < ratio.0 && ratio.0 <= ratio.1, "crop ratio {ratio:?} must satisfy 0 < min <= max");
-        Self { scale, ratio }
+        Self { scale, ratio, output: None }
+    }
+
+    /// The same crop resized to `side` × `side`.
+    pub fn with_output(self, side: usize) -> Self {
+        assert!(side > 0, "a crop's output side must be positive");
+        Self { output: Some(side), ..self }
     }
 }
 
@@ -36,7 +44,8 @@ impl Transform for RandomResizedCrop {
     fn apply(&self, image: &mut Image, rng: &mut dyn RngCore) {
         let (height, width) = (image.shape.height, image.shape.width);
         let crop = random_crop_box(height, width, self.scale, self.ratio, rng);
-        *image = resized_crop_bilinear(image, crop, height, width);
+        let (out_height, out_width) = self.output.map_or((height, width), |side| (side, side));
+        *image = resized_crop_bilinear(image, crop, out_height, out_width);
     }
 }
 

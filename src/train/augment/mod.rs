@@ -106,6 +106,10 @@ pub struct AugmentConfig {
     pub synthesis_p: f32,
     #[serde(default = "default_synthesis_threshold")]
     pub synthesis_threshold: f32,
+    /// Side of the square view the crop is resized to (multi-crop's local crops); the image's
+    /// own size when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_size: Option<usize>,
 }
 
 /// ContrastiveCrop's settings (Peng et al. 2022 defaults: α 0.6, k 0.1).
@@ -152,7 +156,14 @@ impl AugmentConfig {
             contrastive_crop: None,
             synthesis_p: 0.0,
             synthesis_threshold: default_synthesis_threshold(),
+            output_size: None,
         }
+    }
+
+    /// A multi-crop local view (Caron et al. 2020, SwAV): SimCLR's recipe on a crop of
+    /// `scale` of the image's area, resized to `side` × `side`.
+    pub fn local_crop(side: usize, scale: (f32, f32)) -> Self {
+        Self { crop_scale: scale, output_size: Some(side), ..Self::simclr() }
     }
 
     /// BYOL's first view (Grill et al. 2020, table 6): SimCLR's crop, flip and grayscale,
@@ -185,6 +196,7 @@ impl AugmentConfig {
             contrastive_crop: None,
             synthesis_p: 0.0,
             synthesis_threshold: default_synthesis_threshold(),
+            output_size: None,
         }
     }
 
@@ -201,12 +213,14 @@ pub struct Pipeline {
     synthesis: Option<(f32, f32)>,
     object_crop: Option<ContrastiveCrop>,
     transforms: Vec<Box<dyn Transform>>,
+    /// The views' side when the crop resizes them to a square of their own.
+    output_size: Option<usize>,
 }
 
 impl Pipeline {
     /// A custom pipeline.
     pub fn new(transforms: Vec<Box<dyn Transform>>) -> Self {
-        Self { synthesis: None, object_crop: None, transforms }
+        Self { synthesis: None, object_crop: None, transforms, output_size: None }
     }
 
     /// The pipeline [`AugmentConfig`] describes; steps whose probability or strength is 0 are
@@ -217,8 +231,12 @@ impl Pipeline {
             .contrastive_crop
             .as_ref()
             .map(|c| ContrastiveCrop::new(config.crop_scale, config.crop_ratio, c.alpha));
-        if config.crop_scale != (1.0, 1.0) && object_crop.is_none() {
-            steps.push(Box::new(RandomResizedCrop::new(config.crop_scale, config.crop_ratio)));
+        if (config.crop_scale != (1.0, 1.0) || config.output_size.is_some()) && object_crop.is_none() {
+            let crop = RandomResizedCrop::new(config.crop_scale, config.crop_ratio);
+            steps.push(Box::new(match config.output_size {
+                Some(side) => crop.with_output(side),
+                None => crop,
+            }));
         }
         if config.flip_p > 0.0 {
             steps.push(Box::new(RandomApply::new(config.flip_p, HorizontalFlip)));
@@ -244,7 +262,15 @@ impl Pipeline {
             steps.push(Box::new(RandomApply::new(config.solarize_p, Solarize { threshold: SOLARIZE_THRESHOLD })));
         }
         let synthesis = (config.synthesis_p > 0.0).then_some((config.synthesis_p, config.synthesis_threshold));
-        Self { synthesis, object_crop, transforms: steps }
+        Self { synthesis, object_crop, transforms: steps, output_size: config.output_size }
+    }
+
+    /// The shape of this pipeline's views of `input`-shaped images.
+    pub fn output_shape(&self, input: ImageShape) -> ImageShape {
+        match self.output_size {
+            Some(side) => ImageShape::new(input.channels, side, side),
+            None => input,
+        }
     }
 
     /// Appends a step.
@@ -266,8 +292,8 @@ impl Pipeline {
         let shape = image.shape;
         for transform in &self.transforms {
             transform.apply(image, rng);
-            debug_assert_eq!(image.shape, shape, "{transform:?} changed the image shape");
         }
+        debug_assert_eq!(image.shape, self.output_shape(shape), "the pipeline's steps changed the view's shape");
     }
 
     /// A new view of `pixels` (CHW, `shape`): same shape, values in `[0, 1]`. Without a

@@ -5,7 +5,8 @@
 //!   linear layer to K outputs, [`WeightNormLinear`]), trained by gradient;
 //! - teacher: the same networks, an EMA of the student with momentum rising from
 //!   `base_momentum` to 1 on a cosine schedule;
-//! - pairs: every (teacher crop, other student crop) pair of the views;
+//! - pairs: every (teacher crop, other student crop) pair: the teacher sees the two global
+//!   views, the student those and the multi-crop local crops (`local_crops`, 0 by default);
 //! - loss: cross-entropy of the student's `softmax(s/τ_s)` against the teacher's centred and
 //!   sharpened `softmax((t − c)/τ_t)` ([`loss::dino`]); τ_t rises linearly from
 //!   `warmup_teacher_temperature` to `teacher_temperature` over the first `teacher_warmup` of
@@ -90,8 +91,9 @@ impl Method for Dino {
         } else {
             head_outputs(&self.student, &self.student_last, views)?
         };
+        // The teacher sees the two global views only.
         let teacher: Vec<Tensor> =
-            head_outputs(&self.teacher, &self.teacher_last, views)?.iter().map(Tensor::detach).collect();
+            head_outputs(&self.teacher, &self.teacher_last, &views[..2])?.iter().map(Tensor::detach).collect();
         let loss =
             loss::dino(&student, &teacher, self.center.tensor(), student_temperature, self.teacher_temperature())?;
         self.center.update(&teacher)?;
@@ -146,6 +148,9 @@ mod tests {
             base_momentum: 0.996,
             center_momentum: 0.9,
             freeze_last_layer: 0.0,
+            local_crops: 0,
+            local_size: 4,
+            local_scale: (0.05, 0.4),
         };
         Dino::new(config, &parts)
     }
@@ -186,6 +191,30 @@ mod tests {
         let mut restored = build(&VarMap::new())?;
         restored.load_buffers(&buffers)?;
         assert_eq!(restored.center.tensor().to_vec1::<f32>()?, center);
+        Ok(())
+    }
+
+    /// Multi-crop: two 8×8 global views and two 4×4 local crops; the student's four outputs
+    /// meet the teacher's two in 2·4 − 2 = 6 pairs, and every trainable parameter learns.
+    #[test]
+    fn local_crops_reach_the_student_only() -> anyhow::Result<()> {
+        let varmap = VarMap::new();
+        let mut method = build(&varmap)?;
+        let sizes = [8, 8, 4, 4];
+        let views: Vec<Tensor> = sizes
+            .iter()
+            .map(|&side| Tensor::rand(0f32, 1f32, (6, 1, side, side), &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let labels = Tensor::zeros(6, DType::U32, &Device::Cpu)?;
+        let student = head_outputs(&method.student, &method.student_last, &views)?;
+        let teacher = head_outputs(&method.teacher, &method.teacher_last, &views[..2])?;
+        let expected = loss::dino(&student, &teacher, method.center.tensor(), 0.1, 0.04)?.to_scalar::<f32>()?;
+        let loss = method.loss(&views, &labels, &[0; 6], 0)?;
+        assert!((loss.to_scalar::<f32>()? - expected).abs() < 1e-5);
+        let grads = loss.backward()?;
+        for (name, var) in trainable_vars(&varmap) {
+            assert!(grads.get(var.as_tensor()).is_some(), "no gradient for {name}");
+        }
         Ok(())
     }
 

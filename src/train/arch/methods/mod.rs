@@ -123,6 +123,15 @@ pub enum MethodConfig {
         /// Share of the run during which the student's last layer stays fixed (DINO: the first
         /// epoch of 100), which steadies the start.
         freeze_last_layer: f64,
+        /// Multi-crop: this many local crops per image besides the two global views, each
+        /// `local_size` pixels square, cut from `local_scale` of the image's area; only the
+        /// student sees them.
+        #[serde(default)]
+        local_crops: usize,
+        #[serde(default = "default_local_size")]
+        local_size: usize,
+        #[serde(default = "default_local_scale")]
+        local_scale: (f32, f32),
     },
     Byol {
         base_momentum: f64,
@@ -312,6 +321,9 @@ impl MethodConfig {
                 base_momentum: 0.996,
                 center_momentum: 0.9,
                 freeze_last_layer: 0.1,
+                local_crops: 0,
+                local_size: default_local_size(),
+                local_scale: default_local_scale(),
             },
             "simsiam" => Self::Simsiam { predictor_hidden: 32, predictor_lr_scale: 10.0 },
             "swav" => Self::Swav {
@@ -514,6 +526,22 @@ impl MethodConfig {
             anyhow::bail!("{} needs --encoder resnet, not {}", self.name(), encoder.name())
         }
         match self {
+            Self::Dino { local_crops, local_size, local_scale, .. } if *local_crops > 0 => {
+                let (low, high) = *local_scale;
+                anyhow::ensure!(
+                    0.0 < low && low <= high && high <= 1.0,
+                    "dino: local_scale must satisfy 0 < min <= max <= 1, got {local_scale:?}"
+                );
+                let smallest = match encoder {
+                    EncoderConfig::Vit(vit) => vit.patch,
+                    EncoderConfig::ResNet(_) => 1,
+                };
+                anyhow::ensure!(
+                    *local_size >= smallest,
+                    "dino: {local_size}-pixel local crops are smaller than the encoder's smallest input ({smallest} \
+                     pixels)"
+                );
+            }
             Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.stages())?,
             Self::Pirl { grid, .. } => {
                 anyhow::ensure!(
@@ -597,14 +625,39 @@ impl MethodConfig {
             Self::Byol { .. } => {
                 vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }]
             }
+            Self::Dino { local_crops, local_size, local_scale, .. } => {
+                let mut views = vec![AugmentConfig::simclr(); 2];
+                views.extend(vec![AugmentConfig::local_crop(*local_size, *local_scale); *local_crops]);
+                views
+            }
             _ => vec![AugmentConfig::simclr(); 2 + self.support_views()],
         }
+    }
+
+    /// Views per image: two, plus the pair strategies' support views and multi-crop's local
+    /// crops.
+    pub fn view_count(&self) -> usize {
+        let local_crops = match self {
+            Self::Dino { local_crops, .. } => *local_crops,
+            _ => 0,
+        };
+        2 + self.support_views() + local_crops
     }
 
     /// Extra views per image beyond the two contrasted ones.
     pub fn support_views(&self) -> usize {
         self.pair_strategies().iter().map(PairStrategy::support_views).sum()
     }
+}
+
+/// Local crops of 12 pixels: 96/224 of DINO's image side is 11.7 of 28.
+fn default_local_size() -> usize {
+    12
+}
+
+/// DINO's and SwAV's local crop scale.
+fn default_local_scale() -> (f32, f32) {
+    (0.05, 0.4)
 }
 
 fn unit_scale() -> f64 {
@@ -745,11 +798,21 @@ impl Branch {
         })
     }
 
-    /// Projections of every view from one forward pass over all of them (one large batch keeps
-    /// the matrix products efficient); returns one `[N, D]` tensor per view.
+    /// Projections of every view, one forward pass over each run of consecutive views of the
+    /// same size (one large batch keeps the matrix products efficient; multi-crop's global and
+    /// local crops go through separately, as in SwAV and DINO); one `[N, D]` tensor per view.
     pub fn project_views(&self, views: &[Tensor], train: bool) -> Result<Vec<Tensor>> {
-        let z = self.projector.forward_t(&self.encoder.forward_t(&Tensor::cat(views, 0)?, train)?, train)?;
-        z.chunk(views.len(), 0)
+        let mut projections = Vec::with_capacity(views.len());
+        let mut start = 0;
+        while start < views.len() {
+            let size = views[start].dims().get(2..).unwrap_or_default();
+            let same = views[start..].iter().take_while(|v| v.dims().get(2..).unwrap_or_default() == size).count();
+            let group = &views[start..start + same];
+            let z = self.projector.forward_t(&self.encoder.forward_t(&Tensor::cat(group, 0)?, train)?, train)?;
+            projections.extend(z.chunk(same, 0)?);
+            start += same;
+        }
+        Ok(projections)
     }
 
     /// As [`Branch::project_views`], but batch norm sees each view in `groups` separate groups
