@@ -1,7 +1,8 @@
 //! `contrastive bench train`: images per second of one training step of each method on the
 //! canonical encoder, beside the PyTorch step of the same network, batch, views and thread count
 //! (`bench/torch_step.py`) measured in the same run, so the ratio holds on whatever machine runs
-//! it. Also prints each step's FLOPs and the fraction of this machine's fp32 peak, measured in the
+//! it. `--encoder vit` times the same steps on the tiny ViT (no PyTorch column: the reference
+//! script builds the ResNet). Also prints each step's FLOPs and the fraction of this machine's fp32 peak, measured in the
 //! same run ([`super::cpu`]).
 //!
 //! Both sides are timed the same way: random images in [0, 1] (augmentation out on both sides),
@@ -19,7 +20,7 @@ use contrastive_kernels::Backend;
 
 use super::cpu::{measure_fp32_peak, CpuInfo, ACCUMULATORS};
 use crate::data::ImageShape;
-use crate::train::arch::{MethodConfig, ResNetConfig};
+use crate::train::arch::{EncoderConfig, MethodConfig, ResNetConfig, VitConfig};
 use crate::train::config::TrainConfig;
 use crate::train::Model;
 
@@ -50,6 +51,10 @@ pub struct TrainBenchOptions {
     /// The Python interpreter that runs the reference
     #[arg(long, default_value = "python3")]
     pub python: PathBuf,
+    /// The encoder: resnet (the canonical one) or vit (the tiny one), NAME[:KEY=VALUE...] as for
+    /// `train --encoder`; the PyTorch reference is ResNet only
+    #[arg(long, default_value = "resnet")]
+    pub encoder: String,
     /// Also time a SimCLR step with candle's own conv2d, batch norm and ReLU (slow: ~20 s a step)
     #[arg(long)]
     pub candle_baseline: bool,
@@ -64,10 +69,12 @@ fn reference_script() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// Seconds per step of `method` at `batch_size` (two 28×28 grayscale views), the median of
-/// `steps` timed steps after one warm-up step.
+/// Seconds per step of `method` on `encoder` (None: the method's default ResNet) at
+/// `batch_size` (two 28×28 grayscale views, and the method's optimiser for that encoder), the
+/// median of `steps` timed steps after one warm-up step.
 pub fn step_seconds(
     method: &MethodConfig,
+    encoder: Option<&EncoderConfig>,
     batch_size: usize,
     steps: usize,
     device: &Device,
@@ -75,6 +82,9 @@ pub fn step_seconds(
 ) -> Result<f64> {
     let shape = ImageShape::new(1, 28, 28);
     let mut config = TrainConfig::for_method(method.clone(), shape);
+    if let Some(encoder) = encoder {
+        config = config.with_encoder(encoder.clone());
+    }
     config.batch_size = batch_size;
     let mut model = Model::with_backend(&config, device, backend)?;
     let mut optimizer = model.optimizer();
@@ -136,9 +146,31 @@ fn torch_available(python: &Path) -> bool {
     Command::new(python).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success())
 }
 
-/// FLOPs (2 per multiply-add) of the convolutions of one `height × width` image through the
-/// encoder's forward pass: `(stem, rest)`.
-fn encoder_forward_flops(encoder: &ResNetConfig, height: usize, width: usize) -> (f64, f64) {
+/// FLOPs (2 per multiply-add) of the matrix products of one `height × width` image through the
+/// encoder's forward pass: `(first layer, rest)` (the first layer needs no input gradient).
+fn encoder_forward_flops(encoder: &EncoderConfig, height: usize, width: usize) -> (f64, f64) {
+    match encoder {
+        EncoderConfig::ResNet(resnet) => resnet_forward_flops(resnet, height, width),
+        EncoderConfig::Vit(vit) => vit_forward_flops(vit, height, width),
+    }
+}
+
+/// A ViT's products: the patch embedding, then per block the qkv, attention (QKᵀ and the
+/// weighted sum of V), output projection and MLP products over T = 1 + patches tokens.
+fn vit_forward_flops(vit: &VitConfig, height: usize, width: usize) -> (f64, f64) {
+    let patches = (height / vit.patch) * (width / vit.patch);
+    let (tokens, dim) = ((1 + patches) as f64, vit.dim as f64);
+    let embed = 2.0 * patches as f64 * (vit.in_channels * vit.patch * vit.patch) as f64 * dim;
+    let hidden = (vit.dim * vit.mlp_ratio) as f64;
+    let block = 2.0 * tokens * dim * 3.0 * dim // qkv
+        + 2.0 * 2.0 * tokens * tokens * dim // QKᵀ and weights · V, all heads
+        + 2.0 * tokens * dim * dim // output projection
+        + 2.0 * 2.0 * tokens * dim * hidden; // MLP
+    (embed, vit.depth as f64 * block)
+}
+
+/// The ResNet's convolutions.
+fn resnet_forward_flops(encoder: &ResNetConfig, height: usize, width: usize) -> (f64, f64) {
     let conv = |c_in: usize, c_out: usize, kernel: usize, h: usize, w: usize| {
         (2 * c_in * c_out * kernel * kernel * h * w) as f64
     };
@@ -162,7 +194,7 @@ fn encoder_forward_flops(encoder: &ResNetConfig, height: usize, width: usize) ->
 /// backward (the backward computes input and weight gradients: twice the forward, but the stem
 /// needs no input gradient), plus a forward of the momentum encoder where the method has one.
 /// Heads and losses are under 1 % and left out.
-pub fn step_flops(method: &MethodConfig, encoder: &ResNetConfig, batch: usize) -> f64 {
+pub fn step_flops(method: &MethodConfig, encoder: &EncoderConfig, batch: usize) -> f64 {
     let (stem, rest) = encoder_forward_flops(encoder, 28, 28);
     let online = 2.0 * stem + 3.0 * rest;
     let target = match method {
@@ -190,12 +222,20 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         options.methods.clone()
     };
     let configs: Vec<MethodConfig> = methods.iter().map(|m| MethodConfig::default_for(m)).collect::<Result<_>>()?;
-    let script = reference_script();
+    let shape = ImageShape::new(1, 28, 28);
+    let encoder = crate::train::config::parse_choice(
+        &options.encoder,
+        |name| EncoderConfig::default_for(name, shape),
+        "encoder",
+    )?;
+    let is_canonical = encoder == EncoderConfig::from(ResNetConfig::canonical(1));
+    let script = reference_script().filter(|_| is_canonical);
     let reference = match options.reference {
         Reference::Off => None,
-        Reference::On => {
-            Some(script.clone().context("bench/torch_step.py is not in the source tree or the working folder")?)
-        }
+        Reference::On => Some(script.clone().context(
+            "the PyTorch reference (bench/torch_step.py) runs the canonical ResNet, and must be in the source tree or \
+             the working folder",
+        )?),
         Reference::Auto => script.filter(|_| torch_available(&options.python)),
     };
 
@@ -210,14 +250,16 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         cpu.threads, cpu.f32_lanes
     );
     println!(
-        "step: batch {}, two 28×28 views, canonical encoder; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after one warm-up",
-        options.batch_size
+        "step: batch {}, two 28×28 views, encoder {}; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after one warm-up",
+        options.batch_size,
+        if is_canonical { "the canonical ResNet".to_string() } else { serde_json::to_string(&encoder)? }
     );
     match (&reference, options.reference) {
         (Some(_), _) => {
             println!("reference: PyTorch, bench/torch_step.py, same network, batch, views and {} threads", cpu.threads)
         }
         (None, Reference::Off) => println!("reference: off"),
+        (None, _) if !is_canonical => println!("reference: none (bench/torch_step.py runs the canonical ResNet)"),
         (None, _) => println!(
             "reference: PyTorch is not installed for {} (pip install torch); its columns are empty",
             options.python.display()
@@ -228,9 +270,17 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         "{:<10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "method", "images/s", "PyTorch", "ratio", "GFLOP", "% peak", "PyTorch %"
     );
-    let encoder = ResNetConfig::canonical(1);
     for (name, method) in methods.iter().zip(&configs) {
-        let seconds = step_seconds(method, options.batch_size, steps, device, Backend::Fused)?;
+        // The canonical ResNet stays the method's own (CPC's carries its patch grid).
+        let chosen = (!is_canonical).then_some(&encoder);
+        let seconds = match step_seconds(method, chosen, options.batch_size, steps, device, Backend::Fused) {
+            Ok(seconds) => seconds,
+            Err(error) if chosen.is_some() => {
+                println!("{name:<10} {:>10}   ({error})", "-");
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let theirs = match &reference {
             Some(script) if REFERENCE_METHODS.contains(&name.as_str()) => {
                 Some(reference_seconds(&options.python, script, name, options.batch_size, steps, cpu.threads)?)
@@ -253,7 +303,7 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
     }
     if options.candle_baseline {
         let simclr = MethodConfig::default_for("simclr")?;
-        let seconds = step_seconds(&simclr, options.batch_size, steps.min(2), device, Backend::Candle)?;
+        let seconds = step_seconds(&simclr, None, options.batch_size, steps.min(2), device, Backend::Candle)?;
         println!(
             "{:<10} {:>10.1}   (SimCLR with candle's own conv2d, batch norm and ReLU)",
             "candle",
@@ -261,7 +311,7 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         );
     }
     println!();
-    println!("ratio: PyTorch's step time over ours (above 1: ours is faster); GFLOP: convolutions of the step (2 per multiply-add; backward = 2 × forward; momentum encoders forward only)");
+    println!("ratio: PyTorch's step time over ours (above 1: ours is faster); GFLOP: the encoder's convolutions or matrix products in the step (2 per multiply-add; backward = 2 × forward; momentum encoders forward only)");
     Ok(())
 }
 
@@ -274,10 +324,20 @@ mod tests {
         // Per 28×28 image, multiply-adds: stem 1·32·9·784 = 225,792; stage 1: 2 × 32·32·9·784 =
         // 14,450,688; stage 2: 32·64·9·196 + 64·64·9·196 + 32·64·196 = 11,239,424; stage 3:
         // 64·128·9·49 + 128·128·9·49 + 64·128·49 = 11,239,424.
-        let (stem, rest) = encoder_forward_flops(&ResNetConfig::canonical(1), 28, 28);
+        let (stem, rest) = encoder_forward_flops(&ResNetConfig::canonical(1).into(), 28, 28);
         assert_eq!(stem, 2.0 * 225_792.0);
         assert_eq!(rest, 2.0 * (14_450_688.0 + 11_239_424.0 + 11_239_424.0));
-        let simclr = step_flops(&MethodConfig::default_for("simclr").unwrap(), &ResNetConfig::canonical(1), 256);
+        let simclr = step_flops(&MethodConfig::default_for("simclr").unwrap(), &ResNetConfig::canonical(1).into(), 256);
         assert!((simclr / 1e9 - 113.9).abs() < 0.1, "{simclr}");
+    }
+
+    #[test]
+    fn tiny_vit_flops_by_hand() {
+        // 49 patches of 16 pixels to 128: 100,352 multiply-adds. Per block over 50 tokens:
+        // qkv 50·128·384 = 2,457,600; QKᵀ and AV 2·50·50·128 = 640,000; projection 819,200;
+        // MLP 2·50·128·512 = 6,553,600; 10,470,400 in all, 4 blocks.
+        let (embed, rest) = encoder_forward_flops(&VitConfig::tiny(1, 28, 28).into(), 28, 28);
+        assert_eq!(embed, 2.0 * 100_352.0);
+        assert_eq!(rest, 2.0 * 4.0 * 10_470_400.0);
     }
 }
