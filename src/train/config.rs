@@ -178,12 +178,11 @@ impl TrainConfig {
         }
         self.method.validate()?;
         self.method.validate_for(&self.encoder, self.data.image_shape())?;
-        if let Some(grid) = self.encoder.as_resnet().and_then(|resnet| resnet.patches) {
+        if let Some(side) = self.encoder.patch_side() {
             let shape = self.data.image_shape();
             ensure!(
-                grid.size <= shape.height.min(shape.width),
-                "the encoder's {}-pixel patches do not fit a {}×{} image",
-                grid.size,
+                side <= shape.height.min(shape.width),
+                "the encoder's {side}-pixel patches do not fit a {}×{} image",
                 shape.height,
                 shape.width
             );
@@ -198,16 +197,6 @@ impl TrainConfig {
                 grid.size,
                 grid.stride,
                 patches
-            );
-        }
-        if let EncoderConfig::Vit(vit) = &self.encoder {
-            let shape = self.data.image_shape();
-            ensure!(
-                vit.patch <= shape.height.min(shape.width),
-                "the ViT's {}-pixel patches do not fit a {}×{} image",
-                vit.patch,
-                shape.height,
-                shape.width
             );
         }
         ensure!(
@@ -325,7 +314,11 @@ mod tests {
         assert!(matches!(crop.optimizer, OptimizerConfig::AdamW { .. }), "a ViT trains with AdamW by default");
         crop.augment[0].contrastive_crop = Some(Default::default());
         assert!(crop.validate().unwrap_err().to_string().contains("ContrastiveCrop"));
-        assert!(with_vit("pirl:grid=9").validate().unwrap_err().to_string().contains("smaller than the ViT's 4-pixel"));
+        assert!(with_vit("pirl:grid=9")
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the encoder's 4-pixel"));
 
         // Multi-crop: DINO's local crops add views; a ViT needs them at least a patch wide, and
         // ContrastiveCrop cannot cut them.
@@ -334,7 +327,7 @@ mod tests {
         assert_eq!(local.augment[5].output_size, Some(12));
         local.validate().unwrap();
         let err = with_vit("dino:local_crops=2:local_size=3").validate().unwrap_err().to_string();
-        assert!(err.contains("3-pixel local crops are smaller than the encoder's smallest input (4 pixels)"), "{err}");
+        assert!(err.contains("3-pixel local crops are smaller than the encoder's 4-pixel patches"), "{err}");
         let mut crop = local.clone();
         crop.augment[4].contrastive_crop = Some(Default::default());
         crop.encoder = ResNetConfig::canonical(1).into();

@@ -128,6 +128,15 @@ impl EncoderConfig {
         }
     }
 
+    /// The side of the patches the encoder reads, where it reads patches: a ViT's, or those of
+    /// a ResNet that embeds a grid of patches (CPC's). Every input must be at least this wide.
+    pub fn patch_side(&self) -> Option<usize> {
+        match self {
+            Self::ResNet(config) => config.patches.map(|grid| grid.size),
+            Self::Vit(config) => Some(config.patch),
+        }
+    }
+
     /// The ResNet's sizes, for the methods and options built on its feature maps.
     pub fn as_resnet(&self) -> Option<&ResNetConfig> {
         match self {

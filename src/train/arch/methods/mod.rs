@@ -532,15 +532,12 @@ impl MethodConfig {
                     0.0 < low && low <= high && high <= 1.0,
                     "dino: local_scale must satisfy 0 < min <= max <= 1, got {local_scale:?}"
                 );
-                let smallest = match encoder {
-                    EncoderConfig::Vit(vit) => vit.patch,
-                    EncoderConfig::ResNet(_) => 1,
-                };
-                anyhow::ensure!(
-                    *local_size >= smallest,
-                    "dino: {local_size}-pixel local crops are smaller than the encoder's smallest input ({smallest} \
-                     pixels)"
-                );
+                if let Some(side) = encoder.patch_side() {
+                    anyhow::ensure!(
+                        *local_size >= side,
+                        "dino: {local_size}-pixel local crops are smaller than the encoder's {side}-pixel patches"
+                    );
+                }
             }
             Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.stages())?,
             Self::Pirl { grid, .. } => {
@@ -551,13 +548,12 @@ impl MethodConfig {
                     shape.height,
                     shape.width
                 );
-                if let EncoderConfig::Vit(vit) = encoder {
+                if let Some(patch) = encoder.patch_side() {
                     anyhow::ensure!(
-                        side / grid >= vit.patch,
-                        "pirl: the {}-pixel cells of a {grid}×{grid} jigsaw are smaller than the ViT's {}-pixel \
+                        side / grid >= patch,
+                        "pirl: the {}-pixel cells of a {grid}×{grid} jigsaw are smaller than the encoder's {patch}-pixel \
                          patches",
-                        side / grid,
-                        vit.patch
+                        side / grid
                     );
                 }
             }
