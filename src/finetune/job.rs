@@ -383,6 +383,28 @@ mod tests {
         (before, after)
     }
 
+    /// A fine-tune of a ViT base with `trainable_stages` 1 trains the last block, the final norm
+    /// and the heads; the embeddings and the first three blocks stay as the base had them.
+    #[test]
+    fn a_vit_base_trains_only_its_top_blocks() -> anyhow::Result<()> {
+        use crate::data::ImageShape;
+        use crate::train::arch::{EncoderConfig, MethodConfig};
+        use crate::train::config::TrainConfig;
+        let shape = ImageShape::new(1, 28, 28);
+        let config = TrainConfig::for_method(MethodConfig::default_for("supcon")?, shape)
+            .with_encoder(EncoderConfig::default_for("vit", shape)?);
+        let model = Model::new(&config, &candle_core::Device::Cpu)?;
+        let trained: Vec<String> =
+            trainable_variables(&model, Some(1), config.encoder.stages()).into_iter().map(|(name, _)| name).collect();
+        for (name, _) in methods::trainable_vars(&model.varmap) {
+            let expected = !name.starts_with("encoder.")
+                || name.starts_with("encoder.blocks.3.")
+                || name.starts_with("encoder.norm.");
+            assert_eq!(trained.contains(&name), expected, "{name}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_guard_refuses_only_what_is_worse_beyond_the_noise() {
         // The case: 0.767 -> 0.733 on 60 images (2 more broken than fixed) is noise.
