@@ -149,8 +149,8 @@ enum OptimizerName {
 #[derive(Args)]
 struct TrainArgs {
     /// The method, NAME[:KEY=VALUE...] with any of its parameters (as in the run's config.json):
-    /// simclr, moco-v2, moco-v3 (:frozen_patch_embedding=false, ViT only), byol, dino
-    /// (:out_dim=1024:teacher_temperature=0.07:warmup_teacher_temperature=0.04:teacher_warmup=0.3),
+    /// simclr, moco-v2, moco-v3 (:frozen_patch_embedding=true, for a ViT), byol, dino
+    /// (:out_dim=1024:local_crops=0:local_size=12:teacher_temperature=0.07:teacher_warmup=0.3),
     /// simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
     /// selfcon (:exit_stage=2:single_view=false:labels=false), cmc (:two_crops=true), pirl
     /// (:negatives=4096:bank_momentum=0.5:jigsaw_weight=0.5:grid=3), cpc
@@ -178,7 +178,7 @@ struct TrainArgs {
     #[arg(long, default_value = "resnet")]
     encoder: String,
     /// Run folder for the config, checkpoints, metrics.jsonl and curves.png [default: runs/METHOD,
-    /// with -LOSS and -PAIRS appended when given]
+    /// with -LOSS, -PAIRS and -ENCODER appended when given]
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in --out from its last checkpoint
@@ -193,7 +193,8 @@ struct TrainArgs {
     /// Peak learning rate [default: the method's]
     #[arg(long)]
     lr: Option<f64>,
-    /// [default: the method's: LARS for BYOL, SGD with momentum 0.9 for the others]
+    /// [default: the method's: LARS for BYOL, MoCo v3 and DINO, SGD with momentum 0.9 for the
+    /// others; AdamW for a ViT]
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerName>,
     /// [default: the method's with its optimiser, else 1.5e-6 for LARS and 5e-4 for SGD and AdamW]
