@@ -151,7 +151,8 @@ struct TrainArgs {
     /// The method, NAME[:KEY=VALUE...] with any of its parameters (as in the run's config.json):
     /// simclr, moco-v2, moco-v3 (:frozen_patch_embedding=true, for a ViT), byol, dino
     /// (:out_dim=1024:local_crops=0:local_size=12:teacher_temperature=0.07:teacher_warmup=0.3),
-    /// simsiam, swav, deepcluster, pcl, hcsc, cc (contrastive clustering),
+    /// simsiam, swav (:prototypes=100:local_crops=0:local_size=12), deepcluster, pcl, hcsc, cc
+    /// (contrastive clustering),
     /// selfcon (:exit_stage=2:single_view=false:labels=false), cmc (:two_crops=true), pirl
     /// (:negatives=4096:bank_momentum=0.5:jigsaw_weight=0.5:grid=3), cpc
     /// (:patch=14:stride=7:prediction_steps=1:context_layers=2), supcon or paco

@@ -345,7 +345,8 @@ fn moco_v3_learns_with_a_vit() {
 
 /// Any method spec, `LEARN_SPEC='cmc:two_crops=false' cargo test --release --test methods_learn
 /// -- --ignored any_method_spec --nocapture`, with `LEARN_PAIRS`, `LEARN_LOSS` and `LEARN_ENCODER`
-/// (`--pairs`, `--loss` and `--encoder` syntax), `LEARN_LR` and `LEARN_SEED`: for measuring a setting before it becomes a default.
+/// (`--pairs`, `--loss` and `--encoder` syntax), `LEARN_LR`, `LEARN_WARMUP` (epochs of 15 steps),
+/// `LEARN_EPOCHS` and `LEARN_SEED`: for measuring a setting before it becomes a default.
 #[test]
 #[ignore = "a measuring tool, run by hand"]
 fn any_method_spec() {
@@ -363,6 +364,12 @@ fn any_method_spec() {
     }
     if let Some(lr) = env("LEARN_LR") {
         config.learning_rate = lr.parse().expect("LEARN_LR is a number");
+    }
+    if let Some(warmup) = env("LEARN_WARMUP") {
+        config.warmup_epochs = warmup.parse().expect("LEARN_WARMUP is a number of epochs");
+    }
+    if let Some(epochs) = env("LEARN_EPOCHS") {
+        config.epochs = epochs.parse().expect("LEARN_EPOCHS is a whole number");
     }
     config.seed = env("LEARN_SEED").map_or(0, |s| s.parse().expect("LEARN_SEED is a number"));
     if env("LEARN_PAIRS").is_some() || env("LEARN_LOSS").is_some() {

@@ -332,6 +332,25 @@ mod tests {
         crop.augment[4].contrastive_crop = Some(Default::default());
         crop.encoder = ResNetConfig::canonical(1).into();
         assert!(crop.validate().unwrap_err().to_string().contains("cannot make multi-crop's local crops"));
+
+        // A SwAV or DINO config written before multi-crop reads with none; the settings sit
+        // beside the method's other parameters in config.json.
+        let old: MethodConfig = serde_json::from_str(
+            r#"{"name": "swav", "prototypes": 100, "temperature": 0.1, "epsilon": 0.05,
+                "sinkhorn_iterations": 3, "freeze_prototypes_steps": 100}"#,
+        )
+        .unwrap();
+        assert_eq!(old, MethodConfig::default_for("swav").unwrap());
+        let json = serde_json::to_value(MethodConfig::default_for("dino").unwrap()).unwrap();
+        assert_eq!((json["local_crops"].as_u64(), json["local_size"].as_u64()), (Some(0), Some(12)));
+
+        // SwAV takes the same settings, checked the same way.
+        let swav = with_vit("swav:local_crops=6:local_size=16:local_scale=[0.1,0.5]");
+        assert_eq!(swav.augment.len(), 8);
+        assert_eq!((swav.augment[7].output_size, swav.augment[7].crop_scale), (Some(16), (0.1, 0.5)));
+        swav.validate().unwrap();
+        let err = with_vit("swav:local_crops=2:local_scale=[0.5,0.1]").validate().unwrap_err().to_string();
+        assert!(err.contains("swav: local_scale must satisfy 0 < min <= max <= 1, got [0.5, 0.1]"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,6 @@ pub mod vit;
 pub use ema::EmaPairs;
 pub use encoder::{Encoder, EncoderConfig};
 pub use heads::{Mlp, MlpConfig, Prototypes, WeightNormLinear};
-pub use methods::{Method, MethodConfig, SupervisedLoss};
+pub use methods::{Method, MethodConfig, MultiCrop, SupervisedLoss};
 pub use resnet::{PatchGrid, ResNet, ResNetConfig};
 pub use vit::{Vit, VitConfig};

@@ -15,6 +15,15 @@
 //! ```text
 //! L = −½ mean_b Σ_k [ q_a log softmax(s_b/τ) + q_b log softmax(s_a/τ) ]
 //! ```
+//!
+//! With multi-crop (§3.2), V views of which the first G (the global crops) compute codes, every
+//! other view predicts each of those codes (the reference code's `main_swav.py`):
+//!
+//! ```text
+//! L = −1/G Σ_{i<G} 1/(V−1) Σ_{v≠i} mean_b Σ_k q_i log softmax(s_v/τ)
+//! ```
+//!
+//! which is the two-view formula above when V = G = 2.
 
 use candle_core::{bail, Result, Tensor, D};
 
@@ -42,23 +51,33 @@ pub fn sinkhorn_knopp(scores: &Tensor, epsilon: f64, iterations: usize) -> Resul
     (q * batch as f64)?.t()?.contiguous()
 }
 
-/// SwAV's swapped prediction: view a's `scores_a` `[B, K]` predict view b's codes `codes_b` and vice
-/// versa, at `temperature` τ. The codes are detached here.
-pub fn swapped_prediction(
-    scores_a: &Tensor,
-    scores_b: &Tensor,
-    codes_a: &Tensor,
-    codes_b: &Tensor,
-    temperature: f64,
-) -> Result<Tensor> {
-    expect_float_matrix("scores_a", scores_a)?;
-    expect_same_shape("scores_a", scores_a, "scores_b", scores_b)?;
-    expect_same_shape("scores_a", scores_a, "codes_a", codes_a)?;
-    expect_same_shape("scores_a", scores_a, "codes_b", codes_b)?;
+/// SwAV's swapped prediction over V views' `scores` (each `[B, K]`): `codes[i]` is view i's code
+/// (the first G ≤ V views compute codes, G ≥ 1, V ≥ 2), and every other view predicts it at
+/// `temperature` τ. The codes are detached here.
+pub fn swapped_prediction(scores: &[Tensor], codes: &[Tensor], temperature: f64) -> Result<Tensor> {
+    let (Some(first), true) = (scores.first(), scores.len() >= 2) else {
+        bail!("swapped_prediction needs at least two views, got {}", scores.len())
+    };
+    if codes.is_empty() || codes.len() > scores.len() {
+        bail!("swapped_prediction needs codes for 1 to {} views, got {}", scores.len(), codes.len())
+    }
+    expect_float_matrix("scores[0]", first)?;
+    for (i, tensor) in scores.iter().enumerate().skip(1) {
+        expect_same_shape("scores[0]", first, &format!("scores[{i}]"), tensor)?;
+    }
+    for (i, tensor) in codes.iter().enumerate() {
+        expect_same_shape("scores[0]", first, &format!("codes[{i}]"), tensor)?;
+    }
     expect_positive("temperature", temperature)?;
-    let a_predicts_b = cross_entropy_with_soft_targets(&codes_b.detach(), scores_a, temperature)?;
-    let b_predicts_a = cross_entropy_with_soft_targets(&codes_a.detach(), scores_b, temperature)?;
-    ((a_predicts_b + b_predicts_a)? * 0.5)?.mean_all()
+    let mut terms = Vec::with_capacity(codes.len() * (scores.len() - 1));
+    for (i, code) in codes.iter().enumerate() {
+        let code = code.detach();
+        for (_, view_scores) in scores.iter().enumerate().filter(|(v, _)| *v != i) {
+            terms.push(cross_entropy_with_soft_targets(&code, view_scores, temperature)?.mean_all()?);
+        }
+    }
+    let count = terms.len() as f64;
+    Tensor::stack(&terms, 0)?.sum_all()? / count
 }
 
 /// Per-sample `−Σ_k targets_k log softmax(scores/τ)_k`, shape `[B]`.
@@ -186,22 +205,86 @@ mod tests {
     fn swapped_prediction_matches_the_definition() -> Result<()> {
         let v = two_views();
         let t: Vec<Tensor> = v.iter().map(|m| matrix(m)).collect();
-        let loss = swapped_prediction(&t[0], &t[1], &t[2], &t[3], 0.1)?.to_scalar::<f64>()?;
+        let loss = swapped_prediction(&t[..2], &t[2..], 0.1)?.to_scalar::<f64>()?;
         let expected = reference_swapped(&v[0], &v[1], &v[2], &v[3], 0.1);
         assert!((loss - expected).abs() < 1e-10, "{loss} vs {expected}");
         Ok(())
     }
 
+    /// Multi-crop's loss as the reference code (`main_swav.py`) loops over it: for each view that
+    /// computes a code, minus the mean over samples of every other view's cross-entropy against
+    /// it, divided by V − 1; then the mean over the code views.
+    fn reference_multi_crop(scores: &[Table], codes: &[Table], t: f64) -> f64 {
+        let views = scores.len();
+        let mut loss = 0.0;
+        for (i, q) in codes.iter().enumerate() {
+            let mut subloss = 0.0;
+            for (_, s) in scores.iter().enumerate().filter(|(v, _)| *v != i) {
+                let mut total = 0.0;
+                for (row, q_row) in s.iter().zip(q) {
+                    let scaled: Vec<f64> = row.iter().map(|x| x / t).collect();
+                    let normaliser = log_sum_exp(&scaled);
+                    total += q_row.iter().zip(&scaled).map(|(q, x)| q * (x - normaliser)).sum::<f64>();
+                }
+                subloss -= total / s.len() as f64;
+            }
+            loss += subloss / (views - 1) as f64;
+        }
+        loss / codes.len() as f64
+    }
+
+    /// One view's `[B][K]` scores or codes.
+    type Table = Vec<Vec<f64>>;
+
+    /// Two global views with codes and two local crops without: 2 × 3 prediction terms.
+    fn multi_crop_views() -> (Vec<Table>, Vec<Table>) {
+        let v = two_views();
+        let local_a = vec![vec![0.2, -0.5, 0.9], vec![0.4, 0.4, -0.3]];
+        let local_b = vec![vec![-0.7, 0.2, 0.1], vec![0.3, -0.2, 0.8]];
+        (vec![v[0].clone(), v[1].clone(), local_a, local_b], vec![v[2].clone(), v[3].clone()])
+    }
+
+    #[test]
+    fn multi_crop_matches_the_reference_loops() -> Result<()> {
+        let (scores, codes) = multi_crop_views();
+        let s: Vec<Tensor> = scores.iter().map(|m| matrix(m)).collect();
+        let q: Vec<Tensor> = codes.iter().map(|m| matrix(m)).collect();
+        for temperature in [0.1, 0.5] {
+            let loss = swapped_prediction(&s, &q, temperature)?.to_scalar::<f64>()?;
+            let expected = reference_multi_crop(&scores, &codes, temperature);
+            assert!((loss - expected).abs() < 1e-10, "τ {temperature}: {loss} vs {expected}");
+        }
+        // The reference loops are the two-view formula when there are two views.
+        let two = reference_multi_crop(&scores[..2], &codes, 0.1);
+        let v = two_views();
+        assert!((two - reference_swapped(&v[0], &v[1], &v[2], &v[3], 0.1)).abs() < 1e-12);
+        Ok(())
+    }
+
     #[test]
     fn swapped_prediction_gradients_match_and_stop_at_the_codes() -> Result<()> {
-        let t: Vec<Tensor> = two_views().iter().map(|m| matrix(m)).collect();
-        assert_gradients_match_finite_differences(&t, &[0, 1], |x| swapped_prediction(&x[0], &x[1], &x[2], &x[3], 0.2));
+        let (scores, codes) = multi_crop_views();
+        let t: Vec<Tensor> = scores.iter().chain(&codes).map(|m| matrix(m)).collect();
+        assert_gradients_match_finite_differences(&t, &[0, 1, 2, 3], |x| swapped_prediction(&x[..4], &x[4..], 0.2));
         let vars: Vec<Var> = t.iter().map(|m| Var::from_tensor(m).unwrap()).collect();
-        let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-        let grads = swapped_prediction(v[0], v[1], v[2], v[3], 0.2)?.backward()?;
-        assert!(grads.get(v[0]).is_some() && grads.get(v[1]).is_some());
-        assert!(grads.get(v[2]).is_none() && grads.get(v[3]).is_none());
+        let v: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = swapped_prediction(&v[..4], &v[4..], 0.2)?.backward()?;
+        assert!(v[..4].iter().all(|s| grads.get(s).is_some()));
+        assert!(v[4..].iter().all(|q| grads.get(q).is_none()));
         Ok(())
+    }
+
+    #[test]
+    fn refuses_one_view_and_codes_of_views_that_do_not_exist() {
+        let s = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
+        let one = swapped_prediction(std::slice::from_ref(&s), std::slice::from_ref(&s), 0.1).unwrap_err();
+        assert!(one.to_string().contains("at least two views"), "{one}");
+        let views = [s.clone(), s.clone()];
+        let too_many = swapped_prediction(&views, &[s.clone(), s.clone(), s.clone()], 0.1).unwrap_err();
+        assert!(too_many.to_string().contains("codes for 1 to 2 views"), "{too_many}");
+        let other = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+        let mismatch = swapped_prediction(&[s.clone(), other], &[s], 0.1).unwrap_err();
+        assert!(mismatch.to_string().contains("same shape"), "{mismatch}");
     }
 
     #[test]

@@ -133,7 +133,7 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
-    use crate::train::arch::methods::{named_vars, trainable_vars};
+    use crate::train::arch::methods::{named_vars, trainable_vars, MultiCrop};
     use crate::train::arch::{EncoderConfig, ResNetConfig};
 
     fn build(varmap: &VarMap) -> Result<Dino> {
@@ -148,9 +148,7 @@ mod tests {
             base_momentum: 0.996,
             center_momentum: 0.9,
             freeze_last_layer: 0.0,
-            local_crops: 0,
-            local_size: 4,
-            local_scale: (0.05, 0.4),
+            multi_crop: MultiCrop { local_crops: 0, local_size: 4, local_scale: (0.05, 0.4) },
         };
         Dino::new(config, &parts)
     }

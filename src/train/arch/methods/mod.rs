@@ -123,15 +123,9 @@ pub enum MethodConfig {
         /// Share of the run during which the student's last layer stays fixed (DINO: the first
         /// epoch of 100), which steadies the start.
         freeze_last_layer: f64,
-        /// Multi-crop: this many local crops per image besides the two global views, each
-        /// `local_size` pixels square, cut from `local_scale` of the image's area; only the
-        /// student sees them.
-        #[serde(default)]
-        local_crops: usize,
-        #[serde(default = "default_local_size")]
-        local_size: usize,
-        #[serde(default = "default_local_scale")]
-        local_scale: (f32, f32),
+        /// Local crops besides the two global views; only the student sees them.
+        #[serde(flatten)]
+        multi_crop: MultiCrop,
     },
     Byol {
         base_momentum: f64,
@@ -151,6 +145,10 @@ pub enum MethodConfig {
         epsilon: f64,
         sinkhorn_iterations: usize,
         freeze_prototypes_steps: usize,
+        /// Local crops besides the two global views; they predict the global views' codes but
+        /// compute none.
+        #[serde(flatten)]
+        multi_crop: MultiCrop,
     },
     Supcon {
         temperature: f64,
@@ -321,9 +319,7 @@ impl MethodConfig {
                 base_momentum: 0.996,
                 center_momentum: 0.9,
                 freeze_last_layer: 0.1,
-                local_crops: 0,
-                local_size: default_local_size(),
-                local_scale: default_local_scale(),
+                multi_crop: MultiCrop::default(),
             },
             "simsiam" => Self::Simsiam { predictor_hidden: 32, predictor_lr_scale: 10.0 },
             "swav" => Self::Swav {
@@ -332,6 +328,7 @@ impl MethodConfig {
                 epsilon: 0.05,
                 sinkhorn_iterations: 3,
                 freeze_prototypes_steps: 100,
+                multi_crop: MultiCrop::default(),
             },
             "deepcluster" => Self::Deepcluster { clusters: 100, recluster_every_epochs: 1 },
             // MoCo v2's settings; clusterings at 2, 5 and 10 times the classes, over-clustered as
@@ -526,18 +523,8 @@ impl MethodConfig {
             anyhow::bail!("{} needs --encoder resnet, not {}", self.name(), encoder.name())
         }
         match self {
-            Self::Dino { local_crops, local_size, local_scale, .. } if *local_crops > 0 => {
-                let (low, high) = *local_scale;
-                anyhow::ensure!(
-                    0.0 < low && low <= high && high <= 1.0,
-                    "dino: local_scale must satisfy 0 < min <= max <= 1, got {local_scale:?}"
-                );
-                if let Some(side) = encoder.patch_side() {
-                    anyhow::ensure!(
-                        *local_size >= side,
-                        "dino: {local_size}-pixel local crops are smaller than the encoder's {side}-pixel patches"
-                    );
-                }
+            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => {
+                multi_crop.validate(self.name(), encoder)?
             }
             Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.stages())?,
             Self::Pirl { grid, .. } => {
@@ -621,9 +608,9 @@ impl MethodConfig {
             Self::Byol { .. } => {
                 vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }]
             }
-            Self::Dino { local_crops, local_size, local_scale, .. } => {
+            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => {
                 let mut views = vec![AugmentConfig::simclr(); 2];
-                views.extend(vec![AugmentConfig::local_crop(*local_size, *local_scale); *local_crops]);
+                views.extend(multi_crop.augmentations());
                 views
             }
             _ => vec![AugmentConfig::simclr(); 2 + self.support_views()],
@@ -634,7 +621,7 @@ impl MethodConfig {
     /// crops.
     pub fn view_count(&self) -> usize {
         let local_crops = match self {
-            Self::Dino { local_crops, .. } => *local_crops,
+            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => multi_crop.local_crops,
             _ => 0,
         };
         2 + self.support_views() + local_crops
@@ -643,6 +630,56 @@ impl MethodConfig {
     /// Extra views per image beyond the two contrasted ones.
     pub fn support_views(&self) -> usize {
         self.pair_strategies().iter().map(PairStrategy::support_views).sum()
+    }
+}
+
+/// Multi-crop (Caron et al. 2020, SwAV §3.2; DINO uses it too): besides the two global views,
+/// `local_crops` small crops per image, `local_size` pixels square, cut from `local_scale` of
+/// the image's area. They are cheap views that must agree with the global ones; no target is
+/// computed from them. The loader gives each its own size and `Branch::project_views` runs
+/// them in one forward pass of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MultiCrop {
+    #[serde(default)]
+    pub local_crops: usize,
+    #[serde(default = "default_local_size")]
+    pub local_size: usize,
+    #[serde(default = "default_local_scale")]
+    pub local_scale: (f32, f32),
+}
+
+impl Default for MultiCrop {
+    /// No local crops; when asked for, 12-pixel crops of 5–40 % of the image.
+    fn default() -> Self {
+        Self { local_crops: 0, local_size: default_local_size(), local_scale: default_local_scale() }
+    }
+}
+
+impl MultiCrop {
+    /// The local crops' augmentations (none when `local_crops` is 0).
+    pub fn augmentations(&self) -> Vec<AugmentConfig> {
+        vec![AugmentConfig::local_crop(self.local_size, self.local_scale); self.local_crops]
+    }
+
+    /// Refuses a scale outside (0, 1] and crops smaller than a ViT's patches, naming `method`.
+    fn validate(&self, method: &str, encoder: &EncoderConfig) -> anyhow::Result<()> {
+        if self.local_crops == 0 {
+            return Ok(());
+        }
+        let (low, high) = self.local_scale;
+        anyhow::ensure!(
+            0.0 < low && low <= high && high <= 1.0,
+            "{method}: local_scale must satisfy 0 < min <= max <= 1, got [{low}, {high}]"
+        );
+        anyhow::ensure!(self.local_size >= 1, "{method}: local_size must be at least 1 pixel");
+        if let Some(side) = encoder.patch_side() {
+            anyhow::ensure!(
+                self.local_size >= side,
+                "{method}: {}-pixel local crops are smaller than the encoder's {side}-pixel patches",
+                self.local_size
+            );
+        }
+        Ok(())
     }
 }
 
