@@ -274,14 +274,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `mi_option_purge_delay` in mimalloc.h (the same index in mimalloc 2 and 3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Keeps freed memory in the allocator for the rest of the process. By default mimalloc hands
-/// memory free for 10 ms back to the kernel, and a training step frees and reallocates its large
-/// tensors every step: each came back as fresh pages that the kernel zeroes. `bench train` on
-/// two AMD EPYC cores: MoCo v2 148 → 166-175 images/s on an idle machine (SimCLR and the ViT
-/// within noise); with another job on the machine, where steps are slower and more memory sits
-/// free past 10 ms, a third of a ViT step was page zeroing in `perf` and SimCLR went from 85 to
-/// 120 images/s, the ViT from 20-26 to 37-39. Training commands only: the server keeps the
-/// default, so that its memory shrinks again after a fine-tune job.
+/// Keeps freed memory in the allocator for the rest of the process. By default mimalloc (3, the
+/// bundled one) hands memory that stays free for a second back to the kernel, and a training
+/// step frees and reallocates its large tensors every step: those came back as fresh pages that
+/// the kernel zeroes. `bench train` on two AMD EPYC cores, old and new build alternated: idle,
+/// MoCo v2 148 → 166-175 images/s (SimCLR and the ViT within noise); beside a training run,
+/// where steps are slower and more memory sits free past the delay (a third of a ViT step was
+/// page zeroing in `perf`), SimCLR 101-111 → 128-133, MoCo v2 56-62 → 83-86, the ViT 27-33 →
+/// 37-39. Training commands only: the server keeps the default, so that its memory shrinks
+/// again after a fine-tune job.
 fn keep_freed_memory() {
     // SAFETY: sets a plain integer option; mimalloc reads it at each purge decision.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
@@ -590,4 +591,19 @@ fn eval(args: EvalArgs) -> Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Index 15 is the purge delay: mimalloc 3's options.c gives it a default of 1000 ms (2's:
+    /// 10), and setting it turns purging off (−1).
+    #[test]
+    fn the_purge_delay_option_is_found_and_turned_off() {
+        // SAFETY: reads and sets a plain integer option.
+        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }, 1000);
+        keep_freed_memory();
+        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }, -1);
+    }
 }
