@@ -522,10 +522,10 @@ impl MethodConfig {
         if matches!(self, Self::Selfcon { .. } | Self::Cpc { .. }) && encoder.as_resnet().is_none() {
             anyhow::bail!("{} needs --encoder resnet, not {}", self.name(), encoder.name())
         }
+        if let Some(multi_crop) = self.multi_crop() {
+            multi_crop.validate(self.name(), encoder)?;
+        }
         match self {
-            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => {
-                multi_crop.validate(self.name(), encoder)?
-            }
             Self::Selfcon { exit_stage, .. } => selfcon::check_exit_stage(*exit_stage, encoder.stages())?,
             Self::Pirl { grid, .. } => {
                 anyhow::ensure!(
@@ -608,23 +608,26 @@ impl MethodConfig {
             Self::Byol { .. } => {
                 vec![AugmentConfig::simclr(), AugmentConfig { solarize_p: 0.2, ..AugmentConfig::simclr() }]
             }
-            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => {
-                let mut views = vec![AugmentConfig::simclr(); 2];
-                views.extend(multi_crop.augmentations());
+            _ => {
+                let mut views = vec![AugmentConfig::simclr(); 2 + self.support_views()];
+                views.extend(self.multi_crop().map(MultiCrop::augmentations).unwrap_or_default());
                 views
             }
-            _ => vec![AugmentConfig::simclr(); 2 + self.support_views()],
+        }
+    }
+
+    /// The multi-crop settings of the methods that take local crops (DINO, SwAV).
+    pub fn multi_crop(&self) -> Option<&MultiCrop> {
+        match self {
+            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => Some(multi_crop),
+            _ => None,
         }
     }
 
     /// Views per image: two, plus the pair strategies' support views and multi-crop's local
     /// crops.
     pub fn view_count(&self) -> usize {
-        let local_crops = match self {
-            Self::Dino { multi_crop, .. } | Self::Swav { multi_crop, .. } => multi_crop.local_crops,
-            _ => 0,
-        };
-        2 + self.support_views() + local_crops
+        2 + self.support_views() + self.multi_crop().map_or(0, |m| m.local_crops)
     }
 
     /// Extra views per image beyond the two contrasted ones.

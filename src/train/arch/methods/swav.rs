@@ -1,7 +1,7 @@
 //! SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
 //! Assignments"): clustering.
 //!
-//! - encoder + projector shared by both views, then K learnable prototypes on the unit sphere;
+//! - encoder + projector shared by every view, then K learnable prototypes on the unit sphere;
 //! - codes: Sinkhorn-Knopp on each global view's prototype scores (equal-partition constraint,
 //!   no gradient);
 //! - loss: swapped prediction — each view predicts the other views' codes from its own scores;
@@ -86,7 +86,8 @@ mod tests {
     use crate::train::arch::methods::{trainable_vars, MultiCrop};
     use crate::train::arch::{EncoderConfig, ResNetConfig};
 
-    fn build(varmap: &VarMap, local_crops: usize) -> Result<Swav> {
+    /// SwAV with two local crops, prototypes trained from the first step.
+    fn build(varmap: &VarMap) -> Result<Swav> {
         let encoder: EncoderConfig = ResNetConfig { widths: vec![4, 8, 8], ..ResNetConfig::canonical(1) }.into();
         let parts = MethodParts::for_test(varmap, &encoder);
         let config = MethodConfig::Swav {
@@ -95,7 +96,7 @@ mod tests {
             epsilon: 0.05,
             sinkhorn_iterations: 3,
             freeze_prototypes_steps: 0,
-            multi_crop: MultiCrop { local_crops, local_size: 4, local_scale: (0.05, 0.4) },
+            multi_crop: MultiCrop { local_crops: 2, local_size: 4, local_scale: (0.05, 0.4) },
         };
         Swav::new(config, &parts)
     }
@@ -106,7 +107,7 @@ mod tests {
     #[test]
     fn local_crops_predict_the_global_codes_and_compute_none() -> anyhow::Result<()> {
         let varmap = VarMap::new();
-        let mut method = build(&varmap, 2)?;
+        let mut method = build(&varmap)?;
         let views: Vec<Tensor> = [8, 8, 4, 4]
             .iter()
             .map(|&side| Tensor::rand(0f32, 1f32, (6, 1, side, side), &Device::Cpu))
