@@ -203,6 +203,10 @@ struct TrainArgs {
     weight_decay: Option<f64>,
     #[arg(long, default_value_t = 0.0)]
     warmup_epochs: f64,
+    /// Scale each parameter's gradient down to this L2 norm where it is longer (0: off)
+    /// [default: 3.0 for dino on a vit, off otherwise]
+    #[arg(long, value_name = "NORM")]
+    clip_grad: Option<f64>,
     /// Softmax temperature of the method's loss, where it has one (cc: the instance-level one;
     /// dino: the student's)
     #[arg(long)]
@@ -554,6 +558,10 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
         config.learning_rate = lr;
     }
     config.warmup_epochs = args.warmup_epochs;
+    if let Some(max_norm) = args.clip_grad {
+        anyhow::ensure!(max_norm >= 0.0 && max_norm.is_finite(), "--clip-grad is a norm >= 0 (0: off), got {max_norm}");
+        config.gradient_clip = (max_norm > 0.0).then_some(max_norm);
+    }
     config.seed = args.seed;
     config.train_limit = args.train_limit;
     config.long_tail = args.long_tail;

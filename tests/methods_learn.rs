@@ -346,7 +346,7 @@ fn moco_v3_learns_with_a_vit() {
 /// Any method spec, `LEARN_SPEC='cmc:two_crops=false' cargo test --release --test methods_learn
 /// -- --ignored any_method_spec --nocapture`, with `LEARN_PAIRS`, `LEARN_LOSS` and `LEARN_ENCODER`
 /// (`--pairs`, `--loss` and `--encoder` syntax), `LEARN_LR`, `LEARN_WARMUP` (epochs of 15 steps),
-/// `LEARN_EPOCHS` and `LEARN_SEED`: for measuring a setting before it becomes a default.
+/// `LEARN_EPOCHS`, `LEARN_CLIP` (0: off) and `LEARN_SEED`: for measuring a setting before it becomes a default.
 #[test]
 #[ignore = "a measuring tool, run by hand"]
 fn any_method_spec() {
@@ -370,6 +370,10 @@ fn any_method_spec() {
     }
     if let Some(epochs) = env("LEARN_EPOCHS") {
         config.epochs = epochs.parse().expect("LEARN_EPOCHS is a whole number");
+    }
+    if let Some(clip) = env("LEARN_CLIP") {
+        let max_norm: f64 = clip.parse().expect("LEARN_CLIP is a norm");
+        config.gradient_clip = (max_norm > 0.0).then_some(max_norm);
     }
     config.seed = env("LEARN_SEED").map_or(0, |s| s.parse().expect("LEARN_SEED is a number"));
     if env("LEARN_PAIRS").is_some() || env("LEARN_LOSS").is_some() {

@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// Peak learning rate (after warm-up), for `batch_size`.
     pub learning_rate: f64,
     pub warmup_epochs: f64,
+    /// Bound on each parameter's gradient norm ([`super::optim::Optimizer::with_gradient_clip`]); none by
+    /// default, 3.0 for DINO on a ViT as the paper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_clip: Option<f64>,
     pub epochs: usize,
     pub batch_size: usize,
     pub seed: u64,
@@ -116,7 +120,9 @@ impl TrainConfig {
         let patches = method.patch_grid();
         let encoder: EncoderConfig = ResNetConfig { patches, ..ResNetConfig::canonical(input.channels) }.into();
         let optimizer = Self::default_optimizer(&method, &encoder);
+        let gradient_clip = Self::default_gradient_clip(&method, &encoder);
         Self {
+            gradient_clip,
             augment: method.view_augmentations(),
             learning_rate: optimizer.default_learning_rate(),
             optimizer,
@@ -138,8 +144,18 @@ impl TrainConfig {
     pub fn with_encoder(mut self, encoder: EncoderConfig) -> Self {
         self.optimizer = Self::default_optimizer(&self.method, &encoder);
         self.learning_rate = self.optimizer.default_learning_rate();
+        self.gradient_clip = Self::default_gradient_clip(&self.method, &encoder);
         self.encoder = encoder;
         self
+    }
+
+    /// DINO's ViT recipe clips each parameter's gradient at norm 3.0 (Caron et al. 2021,
+    /// `--clip_grad`); nothing else clips by default.
+    pub fn default_gradient_clip(method: &MethodConfig, encoder: &EncoderConfig) -> Option<f64> {
+        match (method, encoder) {
+            (MethodConfig::Dino { .. }, EncoderConfig::Vit(_)) => Some(3.0),
+            _ => None,
+        }
     }
 
     /// SGD with momentum 0.9 and weight decay 5e-4 (the PyTorch reference recipe), except:
@@ -172,6 +188,12 @@ impl TrainConfig {
             "learning rate must be positive, got {}",
             self.learning_rate
         );
+        if let Some(max_norm) = self.gradient_clip {
+            ensure!(
+                max_norm > 0.0 && max_norm.is_finite(),
+                "the gradient clip must be a positive norm, got {max_norm}"
+            );
+        }
         ensure!(!self.projector_dims.is_empty(), "the projector needs at least one layer size");
         if let Some(ratio) = self.long_tail {
             ensure!(ratio >= 1.0 && ratio.is_finite(), "the long-tail imbalance ratio must be at least 1, got {ratio}");
@@ -312,6 +334,13 @@ mod tests {
         let mut crop = with_vit("simclr");
         crop.validate().unwrap();
         assert!(matches!(crop.optimizer, OptimizerConfig::AdamW { .. }), "a ViT trains with AdamW by default");
+        assert_eq!(crop.gradient_clip, None);
+        assert_eq!(with_vit("dino").gradient_clip, Some(3.0), "DINO's ViT recipe clips at 3.0");
+        let dino = TrainConfig::for_method(MethodConfig::default_for("dino").unwrap(), shape);
+        assert_eq!(dino.gradient_clip, None, "the ResNet recipe does not clip");
+        let mut clipped = with_vit("dino");
+        clipped.gradient_clip = Some(-1.0);
+        assert!(clipped.validate().unwrap_err().to_string().contains("positive norm, got -1"));
         crop.augment[0].contrastive_crop = Some(Default::default());
         assert!(crop.validate().unwrap_err().to_string().contains("ContrastiveCrop"));
         assert!(with_vit("pirl:grid=9")

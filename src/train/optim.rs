@@ -1,6 +1,7 @@
 //! Optimisers and schedules: SGD with momentum and weight decay (PyTorch's semantics), LARS
 //! (You et al. 2017, as used by SimCLR and BYOL), AdamW (Loshchilov & Hutter 2019); cosine
-//! learning-rate decay with linear warm-up. candle's own SGD has neither momentum nor decay.
+//! learning-rate decay with linear warm-up; per-parameter gradient clipping (DINO's). candle's
+//! own SGD has neither momentum nor decay.
 
 use std::collections::HashMap;
 
@@ -64,13 +65,23 @@ pub struct Optimizer {
     config: OptimizerConfig,
     params: Vec<Param>,
     steps: usize,
+    gradient_clip: Option<f64>,
 }
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
         let params =
             params.into_iter().map(|(name, var)| Param { name, var, lr_scale: 1.0, state: Vec::new() }).collect();
-        Self { config, params, steps: 0 }
+        Self { config, params, steps: 0, gradient_clip: None }
+    }
+
+    /// Scales each parameter's gradient down to L2 norm `max_norm` where it is longer, before
+    /// decay and momentum: `g ← g · min(1, max_norm / (‖g‖ + 10⁻⁶))`, one norm per parameter
+    /// tensor as DINO's `clip_gradients` (Caron et al. 2021, 3.0 for its ViTs), not one global
+    /// norm.
+    pub fn with_gradient_clip(mut self, max_norm: Option<f64>) -> Self {
+        self.gradient_clip = max_norm;
+        self
     }
 
     /// Multiplies the learning rate of every parameter whose name starts with `prefix` by
@@ -92,7 +103,10 @@ impl Optimizer {
             let Some(grad) = grads.get(param.var.as_tensor()) else { continue };
             // Gradients carry the step's backward graph; optimiser state built from them would
             // keep every step's graph alive through the momentum chain.
-            let grad = &grad.detach();
+            let grad = &match self.gradient_clip {
+                Some(max_norm) => clipped(&grad.detach(), max_norm)?,
+                None => grad.detach(),
+            };
             let theta = &param.var.as_tensor().detach();
             let is_vector = theta.rank() <= 1;
             let update = match self.config {
@@ -168,6 +182,15 @@ impl Optimizer {
     }
 }
 
+fn clipped(grad: &Tensor, max_norm: f64) -> Result<Tensor> {
+    let coefficient = max_norm / (l2_norm(grad)? + 1e-6);
+    if coefficient < 1.0 {
+        grad * coefficient
+    } else {
+        Ok(grad.clone())
+    }
+}
+
 fn with_decay(grad: &Tensor, theta: &Tensor, weight_decay: f64) -> Result<Tensor> {
     if weight_decay == 0.0 {
         Ok(grad.clone())
@@ -234,6 +257,25 @@ mod tests {
         opt.step(&quadratic_grads(&var)?, 0.5)?;
         let w2 = var.as_tensor().to_vec1::<f64>()?;
         assert!((w2[0] + 0.2925).abs() < 1e-12, "{w2:?}");
+        Ok(())
+    }
+
+    /// Two parameters, clip 2.5: ∇ = θ = [3, 4] (‖∇‖ = 5) is scaled by 2.5/(5 + 10⁻⁶) to about
+    /// [1.5, 2]; ∇ = [0.6, 0.8] (‖∇‖ = 1) is left alone. Plain SGD at lr 1 subtracts them.
+    #[test]
+    fn gradient_clipping_bounds_each_parameters_norm() -> Result<()> {
+        let long = Var::new(&[3.0f64, 4.0], &Device::Cpu)?;
+        let short = Var::new(&[0.6f64, 0.8], &Device::Cpu)?;
+        let params = vec![("long".into(), long.clone()), ("short".into(), short.clone())];
+        let mut opt = Optimizer::new(OptimizerConfig::sgd(0.0, 0.0), params).with_gradient_clip(Some(2.5));
+        let loss = ((long.as_tensor().sqr()?.sum_all()? + short.as_tensor().sqr()?.sum_all()?)? * 0.5)?;
+        opt.step(&loss.backward()?, 1.0)?;
+        let scale = 2.5 / (5.0 + 1e-6);
+        let expected = [3.0 - 3.0 * scale, 4.0 - 4.0 * scale];
+        let got = long.as_tensor().to_vec1::<f64>()?;
+        assert!(got.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12), "{got:?}");
+        assert!((got[0] - 1.5).abs() < 1e-6 && (got[1] - 2.0).abs() < 1e-6, "{got:?}");
+        assert_eq!(short.as_tensor().to_vec1::<f64>()?, vec![0.0, 0.0]);
         Ok(())
     }
 
