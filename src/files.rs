@@ -66,6 +66,19 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
     Ok((bytes, hex(&hasher.finalize())))
 }
 
+/// Whether `path` was last modified at least `age` ago (false when that cannot be read, except
+/// that a zero age is always true).
+pub fn older_than(path: &Path, age: std::time::Duration) -> bool {
+    if age.is_zero() {
+        return true;
+    }
+    std::fs::metadata(path)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|elapsed| elapsed >= age)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,9 +84,11 @@ impl DatasetStore {
         &self.limits
     }
 
-    /// Removes the temporary files of uploads that a killed server left unfinished; returns how
-    /// many. Call before the server accepts uploads (every temporary file is a leftover then).
-    pub fn remove_unfinished_uploads(&self) -> Result<usize> {
+    /// Removes the temporary files of uploads that a killed server left unfinished and that last
+    /// changed at least `min_age` ago; returns how many. Call before the server accepts uploads
+    /// (every temporary file is a leftover then, unless other servers share the folder: they
+    /// need a `min_age` past which an upload in progress has surely written again).
+    pub fn remove_unfinished_uploads(&self, min_age: std::time::Duration) -> Result<usize> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -95,7 +97,8 @@ impl DatasetStore {
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(&format!(".{EXTENSION}.partial")) {
+            let leftover = name.starts_with('.') && name.ends_with(&format!(".{EXTENSION}.partial"));
+            if leftover && crate::files::older_than(&entry.path(), min_age) {
                 std::fs::remove_file(entry.path())
                     .with_context(|| format!("cannot remove {}", entry.path().display()))?;
                 removed += 1;
@@ -486,6 +489,7 @@ fn visible_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn image(label: &str, bytes: &[u8]) -> LabeledImage {
         LabeledImage { bytes: bytes.to_vec(), label: label.to_owned() }
@@ -605,11 +609,12 @@ mod tests {
     fn leftovers_of_killed_uploads_are_removed() {
         let root = tempfile::tempdir().unwrap();
         let store = DatasetStore::new(root.path(), DatasetLimits::default());
-        assert_eq!(store.remove_unfinished_uploads().unwrap(), 0, "no folder yet");
+        assert_eq!(store.remove_unfinished_uploads(Duration::ZERO).unwrap(), 0, "no folder yet");
         let record = store.save("kept", &[image("a", b"x"), image("b", b"y")]).unwrap();
         // What a writer killed mid-upload leaves (its Drop never ran).
         std::fs::write(root.path().join(format!(".{}.ds.partial", "0123abcd")), b"CTRDSET\0half").unwrap();
-        assert_eq!(store.remove_unfinished_uploads().unwrap(), 1);
+        assert_eq!(store.remove_unfinished_uploads(Duration::from_secs(3600)).unwrap(), 0, "too recent");
+        assert_eq!(store.remove_unfinished_uploads(Duration::ZERO).unwrap(), 1);
         assert_eq!(files_in(root.path()), vec![format!("{}.ds", record.id)]);
         assert_eq!(store.load(&record).unwrap().len(), 2);
     }

@@ -6,10 +6,16 @@
 //! Jobs run on `concurrency` worker threads, each training inside a rayon pool of `threads`
 //! threads, so embedding requests keep CPU. Cancellation is checked before every step. A
 //! published version reaches the serving side through the model repository.
+//!
+//! Workers claim jobs from the store under a lease that a heartbeat renews while the job runs,
+//! so replicas sharing one store never run a job twice: when a server dies, its lease runs out
+//! and another server's worker starts the job again from its dataset (or, when the dead server
+//! had already published the version, records that as the job's result).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use tokio::sync::broadcast;
@@ -17,7 +23,7 @@ use tokio::sync::broadcast;
 use super::datasets::DatasetStore;
 use super::job::{self, FailureKind, HeldOut, JobSpec, JobStop, JobUpdate};
 use super::parameters::JobParameters;
-use super::store::JobStore;
+use super::store::{CancelOutcome, Claim, JobStore, Lease};
 use crate::eval::uncertainty::Interval;
 use crate::proto::v1::{
     job_event::Event, EpochMetrics, Estimate as ProtoEstimate, Evaluation, Interval as ProtoInterval, Job, JobError,
@@ -34,11 +40,13 @@ pub struct RunnerSettings {
     pub threads: usize,
     /// Images each class needs (so that both splits hold some).
     pub min_images_per_class: usize,
+    /// How long a claimed job stays this server's without a renewal.
+    pub lease: Duration,
 }
 
 impl Default for RunnerSettings {
     fn default() -> Self {
-        Self { concurrency: 1, threads: 1, min_images_per_class: 8 }
+        Self { concurrency: 1, threads: 1, min_images_per_class: 8, lease: Duration::from_secs(30) }
     }
 }
 
@@ -55,6 +63,8 @@ pub enum CancelError {
 
 pub struct JobRunner {
     store: Arc<JobStore>,
+    /// This server's name on the leases it holds: host, process and a random part.
+    owner: String,
     datasets: Arc<DatasetStore>,
     repository: ModelRepository,
     settings: RunnerSettings,
@@ -79,6 +89,7 @@ impl JobRunner {
         let (events, _) = broadcast::channel(1024);
         let runner = Arc::new(Self {
             store,
+            owner: worker_name(),
             datasets,
             repository,
             settings,
@@ -89,31 +100,8 @@ impl JobRunner {
             shutting_down: AtomicBool::new(false),
             workers: Mutex::new(Vec::new()),
         });
-        for job in runner.store.jobs_in_states(&[JobState::Running])? {
-            // Killed after its version became visible: the version is the job's result.
-            if let Ok(Some(version)) = runner.repository.version_published_by(&job.output_model, &job.job_id) {
-                runner.store.set_output_version(&job.job_id, version)?;
-                let message = format!("published {} version {version} before the server stopped", job.output_model);
-                runner.store.transition(&job.job_id, JobState::Succeeded, None, Some(&message))?;
-                crate::metrics::finetune_job_finished("succeeded");
-                tracing::warn!(job = %job.job_id, version, "job was running when the server stopped, after publishing; marked SUCCEEDED");
-                continue;
-            }
-            let error = JobError {
-                code: tonic::Code::Aborted as i32,
-                message: "interrupted: the server stopped while the job was running".into(),
-            };
-            runner.store.transition(&job.job_id, JobState::Failed, Some(error), Some("interrupted"))?;
-            crate::metrics::finetune_job_finished("failed");
-            tracing::warn!(job = %job.job_id, "job was running when the server stopped; marked FAILED (interrupted)");
-        }
-        for job in runner.store.jobs_in_states(&[JobState::Validating])? {
-            runner.store.transition(
-                &job.job_id,
-                JobState::Queued,
-                None,
-                Some("queued again after a server restart"),
-            )?;
+        if !runner.store.is_shared() {
+            runner.recover()?;
         }
         let mut workers = runner.workers.lock().expect("workers lock");
         for i in 0..runner.settings.concurrency {
@@ -127,6 +115,51 @@ impl JobRunner {
         }
         drop(workers);
         Ok(runner)
+    }
+
+    /// After a restart on a store of its own: a job left RUNNING is marked FAILED "interrupted"
+    /// (or SUCCEEDED when its version was published); one left VALIDATING is queued again. A
+    /// shared store leaves such jobs to their leases instead: their server may be alive.
+    fn recover(&self) -> Result<()> {
+        for job in self.store.jobs_in_states(&[JobState::Running])? {
+            if self.succeed_if_published(&job, None, "before the server stopped")? {
+                continue;
+            }
+            let error = JobError {
+                code: tonic::Code::Aborted as i32,
+                message: "interrupted: the server stopped while the job was running".into(),
+            };
+            self.store.transition(&job.job_id, JobState::Failed, Some(error), Some("interrupted"))?;
+            crate::metrics::finetune_job_finished("failed");
+            tracing::warn!(job = %job.job_id, "job was running when the server stopped; marked FAILED (interrupted)");
+        }
+        for job in self.store.jobs_in_states(&[JobState::Validating])? {
+            self.store.transition(&job.job_id, JobState::Queued, None, Some("queued again after a server restart"))?;
+        }
+        Ok(())
+    }
+
+    /// When a run of `job` that did not finish had already published its version, records that
+    /// version as the job's result (SUCCEEDED) and returns true. `owner`: the worker that holds
+    /// the job now, if any.
+    fn succeed_if_published(&self, job: &Job, owner: Option<&str>, when: &str) -> Result<bool> {
+        let Ok(Some(version)) = self.repository.version_published_by(&job.output_model, &job.job_id) else {
+            return Ok(false);
+        };
+        self.store.set_output_version(&job.job_id, version)?;
+        let message = format!("published {} version {version} {when}", job.output_model);
+        let id = job.job_id.as_str();
+        let events = match owner {
+            Some(owner) => vec![
+                self.store.transition_held(id, owner, JobState::Running, None, Some(&message))?,
+                self.store.transition_held(id, owner, JobState::Succeeded, None, Some(&message))?,
+            ],
+            None => vec![self.store.transition(id, JobState::Succeeded, None, Some(&message))?],
+        };
+        events.into_iter().for_each(|event| self.publish_event(event));
+        crate::metrics::finetune_job_finished("succeeded");
+        tracing::warn!(job = id, version, "the job's version was published {when}; marked SUCCEEDED");
+        Ok(true)
     }
 
     pub fn store(&self) -> &JobStore {
@@ -159,26 +192,24 @@ impl JobRunner {
         Ok(())
     }
 
-    /// Cancels a job: at once when it has not started training, within one step otherwise.
+    /// Cancels a job: at once when no worker holds it yet, within one step (or one lease
+    /// renewal, when another server runs it) otherwise.
     pub fn cancel(&self, job_id: &str) -> Result<Job, CancelError> {
-        let _guard = self.claim.lock().expect("claim lock");
-        let job = self.store.job(job_id)?.ok_or_else(|| CancelError::NotFound(job_id.to_string()))?;
-        match job.state() {
-            JobState::Queued | JobState::Validating if !self.cancels.lock().expect("cancels").contains_key(job_id) => {
-                let event =
-                    self.store.transition(job_id, JobState::Cancelled, None, Some("cancelled before it ran"))?;
+        match self.store.cancel(job_id)? {
+            CancelOutcome::Cancelled(event) => {
                 crate::metrics::finetune_job_finished("cancelled");
                 let job = event.job.clone().unwrap_or_default();
                 self.publish_event(event);
                 Ok(job)
             }
-            JobState::Queued | JobState::Validating | JobState::Running => {
+            CancelOutcome::Requested(job) => {
                 if let Some(flag) = self.cancels.lock().expect("cancels").get(job_id) {
                     flag.store(true, Ordering::Release);
                 }
                 Ok(job)
             }
-            state => Err(CancelError::Finished { job_id: job_id.to_string(), state }),
+            CancelOutcome::Finished(state) => Err(CancelError::Finished { job_id: job_id.to_string(), state }),
+            CancelOutcome::NotFound => Err(CancelError::NotFound(job_id.to_string())),
         }
     }
 
@@ -198,43 +229,102 @@ impl JobRunner {
     }
 
     fn work(self: Arc<Self>) {
-        while let Some((job, cancel)) = self.next_job() {
-            let id = job.job_id.clone();
-            let result = self.run_job(job, &cancel);
+        while let Some((claim, cancel)) = self.next_job() {
+            let id = claim.job.job_id.clone();
+            if claim.taken_from.is_some() {
+                // The server that ran it before may have died after publishing.
+                match self.succeed_if_published(&claim.job, Some(&self.owner), "by the server that ran it before") {
+                    Ok(true) => {
+                        self.cancels.lock().expect("cancels").remove(&id);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::error!(job = %id, %error, "cannot check what the job's last run published"),
+                }
+            }
+            let lost = AtomicBool::new(false);
+            let done = AtomicBool::new(false);
+            let result = std::thread::scope(|scope| {
+                scope.spawn(|| self.keep_lease(&id, &cancel, &lost, &done));
+                let result = self.run_job(claim, &cancel);
+                done.store(true, Ordering::Release);
+                result
+            });
             self.cancels.lock().expect("cancels").remove(&id);
+            if lost.load(Ordering::Acquire) {
+                tracing::warn!(job = %id, "this server's lease on the job ran out; another server runs it now");
+                continue;
+            }
             self.finish(&id, result);
         }
     }
 
-    /// Blocks until a queued job can be claimed (oldest first) or the runner shuts down.
-    fn next_job(&self) -> Option<(Job, Arc<AtomicBool>)> {
+    /// While the job runs: renews the lease a few times per lease length, and raises `cancel`
+    /// when a client asked (at any server) or the lease was lost (`lost` then says so).
+    fn keep_lease(&self, job_id: &str, cancel: &AtomicBool, lost: &AtomicBool, done: &AtomicBool) {
+        let tick = Duration::from_millis(100);
+        let renew_every = (self.settings.lease / 4).min(Duration::from_secs(2));
+        let mut since_renewal = Duration::ZERO;
+        while !done.load(Ordering::Acquire) {
+            std::thread::sleep(tick);
+            since_renewal += tick;
+            if since_renewal < renew_every {
+                continue;
+            }
+            since_renewal = Duration::ZERO;
+            match self.store.renew_lease(job_id, &self.owner, self.settings.lease) {
+                Ok(Lease::Held { cancel_requested }) => {
+                    if cancel_requested {
+                        cancel.store(true, Ordering::Release);
+                    }
+                }
+                Ok(Lease::Lost) => {
+                    if done.load(Ordering::Acquire) {
+                        return;
+                    }
+                    lost.store(true, Ordering::Release);
+                    cancel.store(true, Ordering::Release);
+                    return;
+                }
+                Err(error) => tracing::error!(job = job_id, %error, "cannot renew the job's lease"),
+            }
+        }
+    }
+
+    /// Blocks until a job can be claimed (oldest first) or the runner shuts down.
+    fn next_job(&self) -> Option<(Claim, Arc<AtomicBool>)> {
+        // Other servers sharing the store queue jobs this one hears of only by asking.
+        let poll = if self.store.is_shared() { Duration::from_secs(1) } else { Duration::from_secs(5) };
         let mut guard = self.claim.lock().expect("claim lock");
         loop {
             if self.shutting_down.load(Ordering::Acquire) {
                 return None;
             }
-            match self.store.jobs_in_states(&[JobState::Queued]) {
-                Ok(queued) => {
-                    if let Some(job) = queued.into_iter().next() {
-                        let cancel = Arc::new(AtomicBool::new(false));
-                        self.cancels.lock().expect("cancels").insert(job.job_id.clone(), cancel.clone());
-                        return Some((job, cancel));
+            match self.store.claim_next(&self.owner, self.settings.lease) {
+                Ok(Some(claim)) => {
+                    let cancel = Arc::new(AtomicBool::new(false));
+                    self.cancels.lock().expect("cancels").insert(claim.job.job_id.clone(), cancel.clone());
+                    claim.events.iter().cloned().for_each(|event| self.publish_event(event));
+                    if let Some(previous) = &claim.taken_from {
+                        tracing::warn!(job = %claim.job.job_id, previous, "took over a job whose lease ran out");
                     }
+                    return Some((claim, cancel));
                 }
-                Err(error) => tracing::error!(%error, "cannot read the job queue"),
+                Ok(None) => {}
+                Err(error) => tracing::error!(%error, "cannot claim from the job queue"),
             }
-            guard = self.wake.wait_timeout(guard, std::time::Duration::from_secs(5)).expect("claim lock").0;
+            guard = self.wake.wait_timeout(guard, poll).expect("claim lock").0;
         }
     }
 
     fn transition(&self, job_id: &str, to: JobState, error: Option<JobError>, message: Option<&str>) -> Result<()> {
-        let event = self.store.transition(job_id, to, error, message)?;
+        let event = self.store.transition_held(job_id, &self.owner, to, error, message)?;
         self.publish_event(event);
         Ok(())
     }
 
     fn record(&self, job_id: &str, event: Event) -> Result<()> {
-        let event = self.store.record(job_id, event)?;
+        let event = self.store.record_held(job_id, &self.owner, event)?;
         self.publish_event(event);
         Ok(())
     }
@@ -243,7 +333,8 @@ impl JobRunner {
         let outcome = match result {
             Ok(()) => self.transition(job_id, JobState::Succeeded, None, None).map(|_| "succeeded"),
             Err(JobStop::Cancelled) if self.shutting_down.load(Ordering::Acquire) => {
-                // Left RUNNING on purpose: the next start marks it interrupted.
+                // Left RUNNING on purpose: the next start marks it interrupted (own store), or
+                // another server takes it over when the lease runs out (shared store).
                 tracing::warn!(job = job_id, "server stopping: job interrupted");
                 return;
             }
@@ -262,9 +353,9 @@ impl JobRunner {
         }
     }
 
-    fn run_job(&self, job: Job, cancel: &AtomicBool) -> Result<(), JobStop> {
+    fn run_job(&self, claim: Claim, cancel: &AtomicBool) -> Result<(), JobStop> {
+        let job = claim.job;
         let id = job.job_id.as_str();
-        self.transition(id, JobState::Validating, None, Some("validating the dataset and the base model"))?;
         let spec = JobSpec {
             job_id: job.job_id.clone(),
             base_model: job.base_model.clone(),
@@ -292,7 +383,7 @@ impl JobRunner {
         if cancel.load(Ordering::Acquire) {
             return Err(JobStop::Cancelled);
         }
-        self.transition(id, JobState::Running, None, Some("training"))?;
+        self.transition(id, JobState::Running, None, Some(&format!("training on {}", self.owner)))?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.settings.threads)
             .thread_name(|i| format!("finetune-train {i}"))
@@ -309,6 +400,18 @@ impl JobRunner {
 }
 
 /// A job update as the event the store keeps.
+/// `host/pid/random`: unique per server process, and says where a job ran.
+fn worker_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "server".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &random[..8])
+}
+
 fn update_event(update: JobUpdate) -> Event {
     let interval = |i: Interval| ProtoInterval { low: i.low, high: i.high };
     let evaluation = |held: HeldOut| Evaluation {

@@ -227,28 +227,44 @@ impl FineTuneService for FineTuneApi {
                     return;
                 }
             }
+            // Events of this server arrive live; those of another server sharing the store (it
+            // runs the job) are read from the store every half second.
+            let mut poll = tokio::time::interval(std::time::Duration::from_millis(500));
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                match live.recv().await {
-                    Ok(event) if event.job.as_ref().is_some_and(|j| j.job_id == id) && event.sequence > last => {
-                        last = event.sequence;
-                        let done = is_terminal(&event);
-                        if tx.send(Ok(event)).await.is_err() || done {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        // Too slow a watcher: catch up from the store.
-                        let Ok(missed) = store_runner.store().events(&id, last) else { return };
-                        for event in missed {
-                            last = event.sequence;
-                            let done = is_terminal(&event);
-                            if tx.send(Ok(event)).await.is_err() || done {
-                                return;
+                let batch = tokio::select! {
+                    received = live.recv() => match received {
+                        Ok(event) if event.job.as_ref().is_some_and(|j| j.job_id == id) => {
+                            if event.sequence <= last + 1 {
+                                vec![event]
+                            } else {
+                                // Events in between came from another server: read them all.
+                                let Ok(missed) = store_runner.store().events(&id, last) else { return };
+                                missed
                             }
                         }
+                        Ok(_) => continue,
+                        // Too slow a watcher: catch up from the store.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            let Ok(missed) = store_runner.store().events(&id, last) else { return };
+                            missed
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = poll.tick() => {
+                        let Ok(missed) = store_runner.store().events(&id, last) else { return };
+                        missed
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                for event in batch {
+                    if event.sequence <= last {
+                        continue;
+                    }
+                    last = event.sequence;
+                    let done = is_terminal(&event);
+                    if tx.send(Ok(event)).await.is_err() || done {
+                        return;
+                    }
                 }
             }
         });

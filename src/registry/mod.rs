@@ -235,8 +235,10 @@ impl ModelRepository {
         Ok(version)
     }
 
-    /// Removes staging folders left by publishers that were killed (their process is gone).
-    pub fn remove_abandoned_staging(&self) -> Result<usize> {
+    /// Removes staging folders left by publishers that were killed (their process is gone) and
+    /// last changed at least `min_age` ago. Servers on other machines sharing the repository
+    /// have process ids this one cannot see: they need a `min_age` longer than any publish.
+    pub fn remove_abandoned_staging(&self, min_age: std::time::Duration) -> Result<usize> {
         let mut removed = 0;
         for name in self.model_names()? {
             let Ok(entries) = std::fs::read_dir(self.root.join(&name)) else { continue };
@@ -245,7 +247,10 @@ impl ModelRepository {
                 let Some(rest) = file_name.strip_prefix(STAGING_PREFIX) else { continue };
                 let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
                 let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                if !alive && std::fs::remove_dir_all(entry.path()).is_ok() {
+                if !alive
+                    && crate::files::older_than(&entry.path(), min_age)
+                    && std::fs::remove_dir_all(entry.path()).is_ok()
+                {
                     removed += 1;
                 }
             }
@@ -337,7 +342,8 @@ mod tests {
         write_file(&leftover, "model.onnx")?;
         assert_eq!(repo.versions("m")?, vec![1]);
         assert_eq!(repo.next_version("m")?, 2);
-        assert_eq!(repo.remove_abandoned_staging()?, 1);
+        assert_eq!(repo.remove_abandoned_staging(std::time::Duration::from_secs(3600))?, 0, "too recent");
+        assert_eq!(repo.remove_abandoned_staging(std::time::Duration::ZERO)?, 1);
         assert!(!leftover.exists());
         Ok(())
     }

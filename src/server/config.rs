@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::finetune::store::StoreLocation;
 use crate::runtime::{InferenceDevice, SessionOptions};
 use crate::serve::batcher::BatcherConfig;
 use crate::serve::embedding::RequestLimits;
@@ -82,6 +83,14 @@ pub struct ServeArgs {
     /// Fine-tune job database and datasets [default: data]
     #[arg(long, env = "CONTRASTIVE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Fine-tune job store: sqlite:PATH for one server, or postgres://USER:PASSWORD@HOST:PORT/DATABASE
+    /// shared by replicas [default: sqlite:DATA_DIR/jobs.sqlite]
+    #[arg(long, env = "CONTRASTIVE_JOB_STORE")]
+    pub job_store: Option<String>,
+    /// Seconds a job stays with its server without a lease renewal; past it another replica
+    /// takes the job over [default: 30]
+    #[arg(long, env = "CONTRASTIVE_JOB_LEASE_SECONDS")]
+    pub job_lease_seconds: Option<u64>,
     /// File of accepted API keys, one per line; fine-tune RPCs then need `authorization: Bearer <key>`
     #[arg(long, env = "CONTRASTIVE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
@@ -132,6 +141,8 @@ struct FileSettings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     data_dir: Option<PathBuf>,
+    job_store: Option<String>,
+    job_lease_seconds: Option<u64>,
     api_key_file: Option<PathBuf>,
     auth_embeddings: Option<bool>,
     finetune_data_root: Option<PathBuf>,
@@ -158,6 +169,8 @@ pub struct ServeSettings {
     pub metrics_addr: Option<SocketAddr>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub data_dir: PathBuf,
+    pub job_store: StoreLocation,
+    pub job_lease: Duration,
     pub api_key_file: Option<PathBuf>,
     pub auth_embeddings: bool,
     pub finetune_data_root: Option<PathBuf>,
@@ -196,6 +209,11 @@ impl ServeSettings {
             (None, None) => None,
             _ => bail!("TLS needs both a certificate and a key (--tls-cert and --tls-key)"),
         };
+        let data_dir = pick!(data_dir, PathBuf::from("data"));
+        let job_store = match args.job_store.clone().or(file.job_store.clone()) {
+            Some(text) => text.parse().context("--job-store")?,
+            None => StoreLocation::Sqlite(data_dir.join("jobs.sqlite")),
+        };
         let settings = Self {
             addr: pick!(addr, "127.0.0.1:50051".parse().expect("a valid address")),
             http_addr,
@@ -224,7 +242,9 @@ impl ServeSettings {
             poll_interval: Duration::from_millis(pick!(poll_interval_ms, 2000)),
             metrics_addr,
             tls,
-            data_dir: pick!(data_dir, PathBuf::from("data")),
+            data_dir,
+            job_store,
+            job_lease: Duration::from_secs(pick!(job_lease_seconds, 30)),
             api_key_file: args.api_key_file.clone().or(file.api_key_file.clone()),
             auth_embeddings: pick!(auth_embeddings, false),
             finetune_data_root: args.finetune_data_root.clone().or(file.finetune_data_root.clone()),
@@ -259,6 +279,9 @@ impl ServeSettings {
         if self.tls.is_some() && self.http_addr.is_some() {
             // API keys and images must not cross the network in the clear beside a TLS port.
             bail!("--http-addr serves plain HTTP and cannot be combined with --tls-cert: put the HTTP endpoint behind a TLS-terminating proxy, or serve gRPC only");
+        }
+        if self.job_lease < Duration::from_secs(3) {
+            bail!("--job-lease-seconds must be at least 3 (a server renews its leases several times a lease)");
         }
         if self.poll_interval.is_zero() {
             bail!("--poll-interval-ms must be at least 1");

@@ -9,6 +9,7 @@ pub mod config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
@@ -19,7 +20,7 @@ use crate::auth::ApiKeys;
 use crate::finetune::datasets::{DatasetLimits, DatasetStore};
 use crate::finetune::runner::{JobRunner, RunnerSettings};
 use crate::finetune::service::FineTuneApi;
-use crate::finetune::store::JobStore;
+use crate::finetune::store::{JobStore, StoreLocation};
 use crate::metrics;
 use crate::proto::v1::embedding_service_server::EmbeddingServiceServer;
 use crate::proto::v1::fine_tune_service_server::FineTuneServiceServer;
@@ -67,7 +68,13 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) 
     let reflection = reflection().build_v1()?;
 
     let repository = ModelRepository::new(&settings.models);
-    match repository.remove_abandoned_staging() {
+    // Replicas sharing a job store share the repository and data folder too: what looks
+    // abandoned may be another server's work in progress unless it is old.
+    let leftover_age = match settings.job_store {
+        StoreLocation::Postgres(_) => Duration::from_secs(3600),
+        StoreLocation::Sqlite(_) => Duration::ZERO,
+    };
+    match repository.remove_abandoned_staging(leftover_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(removed = n, "removed staging folders of interrupted publishes"),
         Err(error) => tracing::warn!(%error, "cannot clean staging folders"),
@@ -119,14 +126,14 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) 
 
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data folder {}", settings.data_dir.display()))?;
-    let jobs = Arc::new(JobStore::open(&settings.data_dir.join("jobs.sqlite"))?);
+    let jobs = Arc::new(tokio::task::block_in_place(|| JobStore::connect(&settings.job_store))?);
     let dataset_limits = DatasetLimits {
         max_images: settings.max_dataset_images,
         max_image_bytes: settings.max_image_bytes,
         ..DatasetLimits::default()
     };
     let datasets = Arc::new(DatasetStore::new(settings.data_dir.join("datasets"), dataset_limits));
-    match datasets.remove_unfinished_uploads() {
+    match datasets.remove_unfinished_uploads(leftover_age) {
         Ok(0) => {}
         Ok(n) => tracing::info!(removed = n, "removed the temporary files of uploads a stopped server left unfinished"),
         Err(error) => tracing::warn!(%error, "cannot clean unfinished uploads"),
@@ -134,6 +141,7 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) 
     let runner_settings = RunnerSettings {
         concurrency: settings.finetune_concurrency,
         threads: settings.finetune_threads,
+        lease: settings.job_lease,
         ..RunnerSettings::default()
     };
     let runner = JobRunner::start(jobs, datasets, repository, runner_settings)?;
