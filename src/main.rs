@@ -56,9 +56,13 @@ enum Command {
 
 #[derive(Args)]
 struct EmbedArgs {
-    /// Server address
-    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CONTRASTIVE_SERVER")]
-    addr: String,
+    /// Server address; with several (repeated or comma-separated), or a name that resolves to
+    /// several servers (a headless Kubernetes Service), the requests go to them in turn
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "CONTRASTIVE_SERVER", value_delimiter = ',')]
+    addr: Vec<String>,
+    /// Files per request: the files go in requests of this many, sent at once [default: all in one]
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Model name [default: the server's default model]
     #[arg(long, default_value = "")]
     model: String,
@@ -403,31 +407,68 @@ fn serve(args: ServeArgs) -> Result<()> {
 }
 
 async fn embed(args: EmbedArgs) -> Result<()> {
+    use contrastive::proto::v1::{input::Data, EmbedRequest, Input};
     let mut inputs = Vec::new();
     for file in &args.files {
         let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        inputs.push(contrastive::proto::v1::Input { data: Some(contrastive::proto::v1::input::Data::Image(bytes)) });
+        inputs.push(Input { data: Some(Data::Image(bytes)) });
     }
-    let request = contrastive::proto::v1::EmbedRequest {
-        model: args.model,
-        version: args.version,
-        inputs,
-        normalize: Some(!args.no_normalize),
-        dimensions: args.dimensions,
+    let batch_size = match args.batch_size {
+        Some(0) => bail!("--batch-size must be at least 1"),
+        Some(n) => n,
+        None => inputs.len(),
     };
-    let mut client = contrastive::client::embedding_client(&args.addr, args.api_key.as_deref()).await?;
-    let response = client.embed(request).await.map_err(contrastive::client::status_error)?.into_inner();
+    let clients = contrastive::client::embedding_clients(&args.addr, args.api_key.as_deref()).await?;
+    // Every request at once, to the servers in turn; one a server cannot take (UNAVAILABLE: it
+    // stopped) goes to the next.
+    let requests = inputs.chunks(batch_size).enumerate().map(|(i, chunk)| {
+        let request = EmbedRequest {
+            model: args.model.clone(),
+            version: args.version,
+            inputs: chunk.to_vec(),
+            normalize: Some(!args.no_normalize),
+            dimensions: args.dimensions,
+        };
+        let clients = &clients;
+        async move {
+            let mut attempt = 0;
+            loop {
+                let (_, client) = &clients[(i + attempt) % clients.len()];
+                match client.clone().embed(request.clone()).await {
+                    Ok(response) => return Ok(response.into_inner()),
+                    Err(status) if status.code() == tonic::Code::Unavailable && attempt + 1 < clients.len() => {
+                        attempt += 1
+                    }
+                    Err(status) => return Err(status),
+                }
+            }
+        }
+    });
+    let responses = futures_util::future::try_join_all(requests).await.map_err(contrastive::client::status_error)?;
+    let first = responses.first().context("no files to embed")?;
+    if let Some(other) = responses.iter().find(|r| (&r.model, r.version) != (&first.model, first.version)) {
+        bail!(
+            "the servers answered with {} version {} and {} version {}: a new version was being rolled out; run again",
+            first.model,
+            first.version,
+            other.model,
+            other.version
+        );
+    }
     let embeddings: Vec<_> = args
         .files
         .iter()
-        .zip(&response.embeddings)
+        .zip(responses.iter().flat_map(|r| &r.embeddings))
         .map(|(file, e)| serde_json::json!({ "file": file, "embedding": e.values }))
         .collect();
-    let timing = response.timing.unwrap_or_default();
+    // The slowest request's timing: what the whole call waited for.
+    let timing =
+        responses.iter().filter_map(|r| r.timing).max_by(|a, b| a.total_ms.total_cmp(&b.total_ms)).unwrap_or_default();
     let out = serde_json::json!({
-        "model": response.model,
-        "version": response.version,
+        "model": first.model,
+        "version": first.version,
         "embeddings": embeddings,
+        "requests": responses.len(),
         "timing_ms": { "queue": timing.queue_ms, "inference": timing.inference_ms, "total": timing.total_ms },
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

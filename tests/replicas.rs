@@ -27,6 +27,8 @@ use tokio_stream::StreamExt;
 /// Seconds a job stays with a replica without renewal: short, so the takeover is quick.
 const LEASE_SECONDS: &str = "3";
 const JOBS: usize = 4;
+const TAKEN_OVER: &str = "taken-over";
+const SHARED: &str = "shared";
 
 /// A URL for a new, empty schema of the test database, or None (with a message) without one.
 fn test_postgres_schema() -> Option<String> {
@@ -113,7 +115,9 @@ async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
     for i in 0..JOBS {
         let mut client = finetune_client(&replicas[i % 2].url, None).await.unwrap();
         let epochs = if i == 0 { 30 } else { 2 };
-        let job = client.create_job(job_request(&format!("replica-job-{i}"), epochs)).await.unwrap().into_inner();
+        // The other jobs publish to one model, from both replicas at once.
+        let model = if i == 0 { TAKEN_OVER } else { SHARED };
+        let job = client.create_job(job_request(model, epochs)).await.unwrap().into_inner();
         job_ids.push(job.job_id);
     }
     let first = job_ids[0].clone();
@@ -186,14 +190,14 @@ async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let repository = ModelRepository::new(&dirs.models);
-    for (i, id) in job_ids.iter().enumerate() {
-        let job = &finished[id];
+    for (id, job) in &finished {
         assert_eq!(job.state(), Succeeded, "{job:?}");
-        assert_eq!(job.output_version, 1, "{job:?}");
-        let model = format!("replica-job-{i}");
-        assert_eq!(repository.versions(&model).unwrap(), vec![1], "{model}: one version, published once");
-        assert_eq!(repository.version_published_by(&model, id).unwrap(), Some(1));
+        let published = repository.version_published_by(&job.output_model, id).unwrap();
+        assert_eq!(published, Some(job.output_version), "{job:?}");
     }
+    assert_eq!(repository.versions(TAKEN_OVER).unwrap(), vec![1], "the job taken over published once");
+    let shared: Vec<u64> = (1..JOBS as u64).collect();
+    assert_eq!(repository.versions(SHARED).unwrap(), shared, "one version per job, none twice, none lost");
     let succeeded = finished.values().filter(|job| job.state() == Succeeded).count();
     let versions: BTreeSet<(String, u64)> =
         finished.values().map(|job| (job.output_model.clone(), job.output_version)).collect();

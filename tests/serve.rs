@@ -748,6 +748,59 @@ fn grpcurl_lists_and_describes_the_services() {
 // ---------------------------------------------------------------------------------------------
 // 10. Command line clients
 
+/// `contrastive embed` with two servers (and a third address nothing listens on) and one file per
+/// request: eight requests sent at once, four to each server in turn (their own request counters
+/// say so), the unreachable one left out with a warning, and the embeddings in the files' order.
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_embed_spreads_requests_over_several_servers() {
+    let metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let (first, _client) = serving(&["--metrics-addr", &metrics[0]]).await;
+    let (second, _client) = serving(&["--metrics-addr", &metrics[1]]).await;
+    let files: Vec<PathBuf> = (0..8)
+        .map(|i| {
+            let path = first.scratch().join(format!("{i}.png"));
+            std::fs::write(&path, png(image(i))).unwrap();
+            path
+        })
+        .collect();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+        .args(["embed", "--batch-size", "1", "--addr", &format!("{},{}", first.url, second.url)])
+        .args(["--addr", &format!("http://127.0.0.1:{}", free_port())])
+        .args(&files)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "embed failed: {}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["requests"], 8, "{json}");
+    let served: Vec<Vec<f32>> = json["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect())
+        .collect();
+    let expected: Vec<Vec<f32>> = ort_embeddings(&images(0..8)).iter().map(|r| unit(r)).collect();
+    assert!(max_abs_diff(&served, &expected) < 1e-4, "in the files' order");
+
+    let answered: Vec<u64> = tokio::task::spawn_blocking(move || {
+        metrics
+            .iter()
+            .map(|addr| {
+                let text = http_get_metrics(addr);
+                let counter = "contrastive_requests_total{rpc=\"Embed\",code=\"ok\"}";
+                text.lines()
+                    .find(|l| l.starts_with(counter))
+                    .map_or(0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect()
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, [4, 4]);
+    let warning = String::from_utf8_lossy(&output.stderr);
+    assert!(warning.contains("warning: cannot connect to http://127.0.0.1:"), "{warning}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_embed_and_health_talk_to_the_server() {
     let (server, _client) = serving(&[]).await;

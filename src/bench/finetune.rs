@@ -206,6 +206,7 @@ fn run_draw(
         base_model: base_model.to_string(),
         base_version,
         output_model: "bench-tuned".into(),
+        output_version: None,
         dataset_id: format!("draw-{seed}"),
         parameters: JobParameters::from_proto(Some(&options.hyper_parameters(seed)))?,
         allow_worse: false,

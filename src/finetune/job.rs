@@ -44,6 +44,8 @@ pub struct JobSpec {
     /// 0: the newest valid version.
     pub base_version: u64,
     pub output_model: String,
+    /// The version to publish (reserved in the job store); None: the next free one.
+    pub output_version: Option<u64>,
     pub dataset_id: String,
     pub parameters: JobParameters,
     /// Publish even when the held-out k-NN accuracy is worse beyond its uncertainty.
@@ -252,7 +254,7 @@ pub fn train_and_publish(
     if let Some(version) = repository.version_published_by(&spec.output_model, &spec.job_id)? {
         return Ok(Published { name: spec.output_model.clone(), version, verdict });
     }
-    let options = ExportOptions::new(&spec.output_model);
+    let options = ExportOptions { version: spec.output_version, ..ExportOptions::new(&spec.output_model) };
     let manifest = export::publish_model(repository, &model, &options, &provenance, Some(&heldout))?;
     Ok(Published { name: manifest.name, version: manifest.version, verdict })
 }

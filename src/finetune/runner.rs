@@ -356,11 +356,12 @@ impl JobRunner {
     fn run_job(&self, claim: Claim, cancel: &AtomicBool) -> Result<(), JobStop> {
         let job = claim.job;
         let id = job.job_id.as_str();
-        let spec = JobSpec {
+        let mut spec = JobSpec {
             job_id: job.job_id.clone(),
             base_model: job.base_model.clone(),
             base_version: job.base_version,
             output_model: job.output_model.clone(),
+            output_version: None,
             dataset_id: job.dataset_id.clone(),
             parameters: JobParameters::from_proto(job.hyper_parameters.as_ref())
                 .map_err(|e| JobStop::Failed { kind: FailureKind::InvalidArgument, message: format!("{e:#}") })?,
@@ -372,12 +373,18 @@ impl JobRunner {
         })?;
         let images = self.datasets.load(&record)?;
         let prepared = job::prepare(&self.repository, &spec, &images, self.settings.min_images_per_class)?;
+        // Reserved before training, so that jobs publishing to one model at once (here or at
+        // another server) never take the same number, and a run taken over keeps it.
+        let latest = self.repository.versions(&job.output_model).ok().and_then(|v| v.last().copied());
+        let version = self.store.reserve_version(&job.output_model, id, latest)?;
+        spec.output_version = Some(version);
         let message = format!(
-            "validated: base {} version {}, {} training and {} held-out images",
+            "validated: base {} version {}, {} training and {} held-out images; will publish {} version {version}",
             job.base_model,
             prepared.base_version,
             prepared.train.len(),
-            prepared.heldout.len()
+            prepared.heldout.len(),
+            job.output_model,
         );
         self.record(id, Event::Message(message))?;
         if cancel.load(Ordering::Acquire) {

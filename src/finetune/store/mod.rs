@@ -145,6 +145,11 @@ trait Tx {
     /// Gives the job to `owner` until `length` from now by the database's clock, or (None) to no one.
     fn set_lease(&mut self, job_id: &str, lease: Option<(&str, Duration)>) -> Result<()>;
     fn request_cancel(&mut self, job_id: &str) -> Result<()>;
+    fn reserved_version(&mut self, job_id: &str) -> Result<Option<i64>>;
+    /// The highest version of `model` reserved so far; other reservations of the model wait
+    /// until this transaction ends.
+    fn latest_reserved_version(&mut self, model: &str) -> Result<Option<i64>>;
+    fn reserve_version(&mut self, model: &str, version: i64, job_id: &str) -> Result<()>;
 }
 
 /// A dataset row as stored.
@@ -502,6 +507,23 @@ impl JobStore {
         .with_context(|| format!("renewing the lease of {owner} on job {job_id} in {}", self.describe()))
     }
 
+    /// The output version the job publishes: the one it reserved before (a run taken over
+    /// publishes the same number), else the next after both every reservation of `model` and
+    /// `latest_published` (the repository's newest). Two jobs never get the same version; a
+    /// job that fails leaves its number unused.
+    pub fn reserve_version(&self, model: &str, job_id: &str, latest_published: Option<u64>) -> Result<u64> {
+        self.write(|tx| {
+            if let Some(version) = tx.reserved_version(job_id)? {
+                return Ok(version as u64);
+            }
+            let reserved = tx.latest_reserved_version(model)?.unwrap_or(0) as u64;
+            let version = reserved.max(latest_published.unwrap_or(0)) + 1;
+            tx.reserve_version(model, version as i64, job_id)?;
+            Ok(version)
+        })
+        .with_context(|| format!("reserving a version of {model} for job {job_id} in {}", self.describe()))
+    }
+
     /// Cancels a QUEUED job at once; asks the worker that holds a VALIDATING or RUNNING one to stop.
     pub fn cancel(&self, job_id: &str) -> Result<CancelOutcome> {
         self.write(|tx| {
@@ -613,6 +635,8 @@ fn state_name(state: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::proto::v1::{EpochMetrics, Evaluation};
 
@@ -1055,6 +1079,35 @@ mod tests {
             sorted.sort();
             sorted.dedup();
             assert_eq!((claimed.len(), sorted.len()), (24, 24), "{location:?}");
+        }
+    }
+
+    /// Versions: after the repository's newest and every reservation, one per job, the same
+    /// again for a job that asks twice; each model counts on its own. Eight threads reserving
+    /// at once get eight different versions.
+    #[test]
+    fn each_job_reserves_its_own_version() {
+        for (location, _dir) in test_databases() {
+            let store = JobStore::connect(&location).unwrap();
+            assert_eq!(store.reserve_version("m", "j1", Some(3)).unwrap(), 4);
+            assert_eq!(store.reserve_version("m", "j2", Some(3)).unwrap(), 5);
+            assert_eq!(store.reserve_version("m", "j1", Some(9)).unwrap(), 4, "j1 keeps its version");
+            assert_eq!(store.reserve_version("m", "j3", Some(9)).unwrap(), 10, "past a version published since");
+            assert_eq!(store.reserve_version("other", "j4", None).unwrap(), 1);
+
+            let versions: BTreeSet<u64> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..8)
+                    .map(|i| {
+                        let location = location.clone();
+                        scope.spawn(move || {
+                            let store = JobStore::connect(&location).unwrap();
+                            store.reserve_version("race", &format!("r{i}"), None).unwrap()
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            assert_eq!(versions, (1..=8).collect(), "{location:?}");
         }
     }
 

@@ -16,7 +16,8 @@ use super::{DatasetRow, JobRow, StoredJob, Tx};
 
 /// The schema, one entry per version, as the SQLite one; `contrastive_schema` counts the
 /// entries applied. Append new migrations, never edit old ones.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE datasets (
     id           TEXT PRIMARY KEY,
     name         TEXT NOT NULL,
@@ -45,10 +46,23 @@ CREATE TABLE job_events (
     event    BYTEA NOT NULL,
     PRIMARY KEY (job_id, sequence)
 );
-"];
+",
+    r"
+CREATE TABLE model_versions (
+    model   TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    job_id  TEXT NOT NULL UNIQUE,
+    PRIMARY KEY (model, version)
+);
+",
+];
 
 /// Key of the advisory lock that serialises migrations ("contrastive" in ASCII, cut to 63 bits).
 const MIGRATION_LOCK: i64 = 0x636f_6e74_7261_7374;
+
+/// First key of the advisory locks that serialise version reservations (the second is the
+/// model name's hash).
+const VERSION_LOCK: i32 = 0x6374_7276;
 
 /// The database's clock in Unix milliseconds (the time of the statement, not of the transaction).
 const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT";
@@ -276,6 +290,26 @@ impl Tx for PostgresTx<'_> {
 
     fn request_cancel(&mut self, job_id: &str) -> Result<()> {
         self.0.execute("UPDATE jobs SET cancel_requested = TRUE WHERE job_id = $1", &[&job_id])?;
+        Ok(())
+    }
+
+    fn reserved_version(&mut self, job_id: &str) -> Result<Option<i64>> {
+        let row = self.0.query_opt("SELECT version FROM model_versions WHERE job_id = $1", &[&job_id])?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    fn latest_reserved_version(&mut self, model: &str) -> Result<Option<i64>> {
+        // Reservations of one model queue behind each other, so two never read the same latest.
+        self.0.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&VERSION_LOCK, &model])?;
+        let row = self.0.query_one("SELECT MAX(version) FROM model_versions WHERE model = $1", &[&model])?;
+        Ok(row.get(0))
+    }
+
+    fn reserve_version(&mut self, model: &str, version: i64, job_id: &str) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO model_versions (model, version, job_id) VALUES ($1, $2, $3)",
+            &[&model, &version, &job_id],
+        )?;
         Ok(())
     }
 }

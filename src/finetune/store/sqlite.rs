@@ -51,6 +51,15 @@ ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN lease_expires_ms INTEGER;
 ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
 ",
+    // Output versions reserved by jobs, so that no two jobs publish the same one.
+    r"
+CREATE TABLE model_versions (
+    model   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    job_id  TEXT NOT NULL UNIQUE,
+    PRIMARY KEY (model, version)
+);
+",
 ];
 
 /// The database's clock in Unix milliseconds.
@@ -264,6 +273,24 @@ impl Tx for SqliteTx<'_> {
 
     fn request_cancel(&mut self, job_id: &str) -> Result<()> {
         self.0.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?1", params![job_id])?;
+        Ok(())
+    }
+
+    fn reserved_version(&mut self, job_id: &str) -> Result<Option<i64>> {
+        let sql = "SELECT version FROM model_versions WHERE job_id = ?1";
+        Ok(self.0.query_row(sql, params![job_id], |row| row.get(0)).optional()?)
+    }
+
+    fn latest_reserved_version(&mut self, model: &str) -> Result<Option<i64>> {
+        let sql = "SELECT MAX(version) FROM model_versions WHERE model = ?1";
+        Ok(self.0.query_row(sql, params![model], |row| row.get(0))?)
+    }
+
+    fn reserve_version(&mut self, model: &str, version: i64, job_id: &str) -> Result<()> {
+        self.0.execute(
+            "INSERT INTO model_versions (model, version, job_id) VALUES (?1, ?2, ?3)",
+            params![model, version, job_id],
+        )?;
         Ok(())
     }
 }
