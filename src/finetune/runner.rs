@@ -63,8 +63,9 @@ pub enum CancelError {
 
 pub struct JobRunner {
     store: Arc<JobStore>,
-    /// This server's name on the leases it holds: host, process and a random part.
-    owner: String,
+    /// This server's name: host, process and a random part; each worker holds leases as
+    /// `SERVER/wN`, so that two workers of one server never both hold a job.
+    server_name: String,
     datasets: Arc<DatasetStore>,
     repository: ModelRepository,
     settings: RunnerSettings,
@@ -89,7 +90,7 @@ impl JobRunner {
         let (events, _) = broadcast::channel(1024);
         let runner = Arc::new(Self {
             store,
-            owner: worker_name(),
+            server_name: server_name(),
             datasets,
             repository,
             settings,
@@ -109,7 +110,10 @@ impl JobRunner {
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("finetune {i}"))
-                    .spawn(move || runner.work())
+                    .spawn(move || {
+                        let worker = format!("{}/w{i}", runner.server_name);
+                        runner.work(&worker)
+                    })
                     .expect("spawn a fine-tune worker"),
             );
         }
@@ -228,12 +232,12 @@ impl JobRunner {
         }
     }
 
-    fn work(self: Arc<Self>) {
-        while let Some((claim, cancel)) = self.next_job() {
+    fn work(self: Arc<Self>, owner: &str) {
+        while let Some((claim, cancel)) = self.next_job(owner) {
             let id = claim.job.job_id.clone();
             if claim.taken_from.is_some() {
                 // The server that ran it before may have died after publishing.
-                match self.succeed_if_published(&claim.job, Some(&self.owner), "by the server that ran it before") {
+                match self.succeed_if_published(&claim.job, Some(owner), "by the server that ran it before") {
                     Ok(true) => {
                         self.cancels.lock().expect("cancels").remove(&id);
                         continue;
@@ -245,8 +249,8 @@ impl JobRunner {
             let lost = AtomicBool::new(false);
             let done = AtomicBool::new(false);
             let result = std::thread::scope(|scope| {
-                scope.spawn(|| self.keep_lease(&id, &cancel, &lost, &done));
-                let result = self.run_job(claim, &cancel);
+                scope.spawn(|| self.keep_lease(owner, &id, &cancel, &lost, &done));
+                let result = self.run_job(owner, claim, &cancel);
                 done.store(true, Ordering::Release);
                 result
             });
@@ -255,13 +259,13 @@ impl JobRunner {
                 tracing::warn!(job = %id, "this server's lease on the job ran out; another server runs it now");
                 continue;
             }
-            self.finish(&id, result);
+            self.finish(owner, &id, result);
         }
     }
 
     /// While the job runs: renews the lease a few times per lease length, and raises `cancel`
     /// when a client asked (at any server) or the lease was lost (`lost` then says so).
-    fn keep_lease(&self, job_id: &str, cancel: &AtomicBool, lost: &AtomicBool, done: &AtomicBool) {
+    fn keep_lease(&self, owner: &str, job_id: &str, cancel: &AtomicBool, lost: &AtomicBool, done: &AtomicBool) {
         let tick = Duration::from_millis(100);
         let renew_every = (self.settings.lease / 4).min(Duration::from_secs(2));
         let mut since_renewal = Duration::ZERO;
@@ -272,7 +276,7 @@ impl JobRunner {
                 continue;
             }
             since_renewal = Duration::ZERO;
-            match self.store.renew_lease(job_id, &self.owner, self.settings.lease) {
+            match self.store.renew_lease(job_id, owner, self.settings.lease) {
                 Ok(Lease::Held { cancel_requested }) => {
                     if cancel_requested {
                         cancel.store(true, Ordering::Release);
@@ -292,7 +296,7 @@ impl JobRunner {
     }
 
     /// Blocks until a job can be claimed (oldest first) or the runner shuts down.
-    fn next_job(&self) -> Option<(Claim, Arc<AtomicBool>)> {
+    fn next_job(&self, owner: &str) -> Option<(Claim, Arc<AtomicBool>)> {
         // Other servers sharing the store queue jobs this one hears of only by asking.
         let poll = if self.store.is_shared() { Duration::from_secs(1) } else { Duration::from_secs(5) };
         let mut guard = self.claim.lock().expect("claim lock");
@@ -300,7 +304,7 @@ impl JobRunner {
             if self.shutting_down.load(Ordering::Acquire) {
                 return None;
             }
-            match self.store.claim_next(&self.owner, self.settings.lease) {
+            match self.store.claim_next(owner, self.settings.lease) {
                 Ok(Some(claim)) => {
                     let cancel = Arc::new(AtomicBool::new(false));
                     self.cancels.lock().expect("cancels").insert(claim.job.job_id.clone(), cancel.clone());
@@ -317,21 +321,28 @@ impl JobRunner {
         }
     }
 
-    fn transition(&self, job_id: &str, to: JobState, error: Option<JobError>, message: Option<&str>) -> Result<()> {
-        let event = self.store.transition_held(job_id, &self.owner, to, error, message)?;
+    fn transition(
+        &self,
+        owner: &str,
+        job_id: &str,
+        to: JobState,
+        error: Option<JobError>,
+        message: Option<&str>,
+    ) -> Result<()> {
+        let event = self.store.transition_held(job_id, owner, to, error, message)?;
         self.publish_event(event);
         Ok(())
     }
 
-    fn record(&self, job_id: &str, event: Event) -> Result<()> {
-        let event = self.store.record_held(job_id, &self.owner, event)?;
+    fn record(&self, owner: &str, job_id: &str, event: Event) -> Result<()> {
+        let event = self.store.record_held(job_id, owner, event)?;
         self.publish_event(event);
         Ok(())
     }
 
-    fn finish(&self, job_id: &str, result: Result<(), JobStop>) {
+    fn finish(&self, owner: &str, job_id: &str, result: Result<(), JobStop>) {
         let outcome = match result {
-            Ok(()) => self.transition(job_id, JobState::Succeeded, None, None).map(|_| "succeeded"),
+            Ok(()) => self.transition(owner, job_id, JobState::Succeeded, None, None).map(|_| "succeeded"),
             Err(JobStop::Cancelled) if self.shutting_down.load(Ordering::Acquire) => {
                 // Left RUNNING on purpose: the next start marks it interrupted (own store), or
                 // another server takes it over when the lease runs out (shared store).
@@ -339,12 +350,12 @@ impl JobRunner {
                 return;
             }
             Err(JobStop::Cancelled) => self
-                .transition(job_id, JobState::Cancelled, None, Some("cancelled; nothing was published"))
+                .transition(owner, job_id, JobState::Cancelled, None, Some("cancelled; nothing was published"))
                 .map(|_| "cancelled"),
             Err(JobStop::Failed { kind, message }) => {
                 tracing::warn!(job = job_id, %message, "job failed");
                 let error = JobError { code: kind.grpc_code() as i32, message: message.clone() };
-                self.transition(job_id, JobState::Failed, Some(error), Some(&message)).map(|_| "failed")
+                self.transition(owner, job_id, JobState::Failed, Some(error), Some(&message)).map(|_| "failed")
             }
         };
         match outcome {
@@ -353,7 +364,7 @@ impl JobRunner {
         }
     }
 
-    fn run_job(&self, claim: Claim, cancel: &AtomicBool) -> Result<(), JobStop> {
+    fn run_job(&self, owner: &str, claim: Claim, cancel: &AtomicBool) -> Result<(), JobStop> {
         let job = claim.job;
         let id = job.job_id.as_str();
         let mut spec = JobSpec {
@@ -386,29 +397,29 @@ impl JobRunner {
             prepared.heldout.len(),
             job.output_model,
         );
-        self.record(id, Event::Message(message))?;
+        self.record(owner, id, Event::Message(message))?;
         if cancel.load(Ordering::Acquire) {
             return Err(JobStop::Cancelled);
         }
-        self.transition(id, JobState::Running, None, Some(&format!("training on {}", self.owner)))?;
+        self.transition(owner, id, JobState::Running, None, Some(&format!("training on {owner}")))?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.settings.threads)
             .thread_name(|i| format!("finetune-train {i}"))
             .build()
             .map_err(|e| anyhow!("cannot start the training threads: {e}"))?;
-        let mut report = |update: JobUpdate| self.record(id, update_event(update));
+        let mut report = |update: JobUpdate| self.record(owner, id, update_event(update));
         let published =
             pool.install(|| job::train_and_publish(&self.repository, &spec, prepared, cancel, &mut report))?;
         self.store.set_output_version(id, published.version)?;
         let message = format!("published {} version {}; {}", published.name, published.version, published.verdict);
-        self.record(id, Event::Message(message))?;
+        self.record(owner, id, Event::Message(message))?;
         Ok(())
     }
 }
 
 /// A job update as the event the store keeps.
 /// `host/pid/random`: unique per server process, and says where a job ran.
-fn worker_name() -> String {
+fn server_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
