@@ -209,3 +209,68 @@ async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
         taken_over_after.as_secs_f64()
     );
 }
+
+/// A replica that stops gracefully (SIGTERM, as in a rolling update) hands its running job back
+/// at once: with a 60-second lease, the other replica takes the job over within seconds, not
+/// after the lease; then a cancel at that replica stops it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_replica_hands_its_job_back_at_once() {
+    let Some(url) = test_postgres_schema() else { return };
+    let dirs = Dirs::with_models();
+    let args = ["--job-store", url.as_str(), "--job-lease-seconds", "60", "--finetune-threads", "1"];
+    let stopping = Server::start_on(&dirs, &args);
+    stopping.wait_serving().await;
+    let mut client = finetune_client(&stopping.url, None).await.unwrap();
+    // Far more epochs than the test waits for.
+    let job = client.create_job(job_request(TAKEN_OVER, 1000)).await.unwrap().into_inner();
+    let mut events = watch(&stopping, &job.job_id).await;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("the job starts training within two minutes")
+            .expect("the job runs")
+            .unwrap();
+        if matches!(event.event, Some(job_event::Event::Progress(p)) if p > 0.0) {
+            break;
+        }
+    }
+    // No connection left open to the stopping replica, so it need not wait out its drain.
+    drop((events, client));
+    let other = Server::start_on(&dirs, &args);
+    other.wait_serving().await;
+    let mut events = watch(&other, &job.job_id).await;
+    let status = std::process::Command::new("kill").args(["-TERM", &stopping.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let stopped_at = Instant::now();
+    let mut seen = Vec::new();
+    let handed_back_after = loop {
+        let event = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no takeover within the 60-second lease: {seen:#?}"))
+            .expect("the job goes on")
+            .unwrap();
+        let job = event.job.unwrap();
+        if job.message.contains("stopped renewing its lease") {
+            break stopped_at.elapsed();
+        }
+        assert!(!job.state().is_terminal(), "{seen:#?}");
+        seen.push((job.state(), job.message));
+    };
+    assert!(stopping.wait_exit(Duration::from_secs(30)).is_some_and(|status| status.success()), "a clean exit");
+    assert!(
+        handed_back_after < Duration::from_secs(20),
+        "taken over {handed_back_after:?} after SIGTERM: the lease was not handed back"
+    );
+    let mut client = finetune_client(&other.url, None).await.unwrap();
+    client.cancel_job(contrastive::proto::v1::CancelJobRequest { job_id: job.job_id.clone() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !get(&other, &job.job_id).await.state().is_terminal() {
+        assert!(Instant::now() < deadline, "the cancel did not stop the job");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&other, &job.job_id).await.state(), JobState::Cancelled);
+    eprintln!(
+        "replicas: a job handed back by a stopping replica was taken over {:.1} s after SIGTERM (lease 60 s)",
+        handed_back_after.as_secs_f64()
+    );
+}

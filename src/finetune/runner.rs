@@ -217,7 +217,8 @@ impl JobRunner {
         }
     }
 
-    /// Stops taking jobs; a running job stops at its next step and is left for recovery.
+    /// Stops taking jobs; a running job stops at its next step and is left for recovery (or, on
+    /// a shared store, handed back). A second call returns once the first has joined the workers.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         for flag in self.cancels.lock().expect("cancels").values() {
@@ -345,8 +346,13 @@ impl JobRunner {
             Ok(()) => self.transition(owner, job_id, JobState::Succeeded, None, None).map(|_| "succeeded"),
             Err(JobStop::Cancelled) if self.shutting_down.load(Ordering::Acquire) => {
                 // Left RUNNING on purpose: the next start marks it interrupted (own store), or
-                // another server takes it over when the lease runs out (shared store).
+                // another server takes it over (shared store): at once, as the lease ends now.
                 tracing::warn!(job = job_id, "server stopping: job interrupted");
+                if self.store.is_shared() {
+                    if let Err(error) = self.store.renew_lease(job_id, owner, Duration::ZERO) {
+                        tracing::error!(job = job_id, %error, "cannot hand the job back");
+                    }
+                }
                 return;
             }
             Err(JobStop::Cancelled) => self

@@ -170,8 +170,12 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) 
     let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
     let shutdown = {
         let health = health.clone();
+        let runner = runner.clone();
         async move {
             shutdown_signal().await;
+            // Fine-tune jobs stop now, not after the drain: on a shared job store another
+            // replica takes a running job over at once.
+            tokio::task::spawn_blocking(move || runner.shutdown());
             // Load balancers stop sending; open streams stop reading.
             health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             health.set_not_serving::<EmbeddingServiceServer<EmbeddingApi>>().await;
@@ -213,7 +217,8 @@ pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) 
         }
     }
     tracing::info!("stopped accepting; draining queues");
-    runner.shutdown();
+    // Waits for the shutdown started at the signal (it holds the workers until they end).
+    tokio::task::block_in_place(|| runner.shutdown());
     poller.stop();
     store.clear();
     tracing::info!("shut down");

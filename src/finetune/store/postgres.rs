@@ -119,6 +119,19 @@ impl PostgresDb {
     }
 }
 
+impl Drop for PostgresDb {
+    /// Closing the connection blocks on the client's runtime, which must not happen on another.
+    fn drop(&mut self) {
+        let client = self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(client) = client {
+            let _ = off_runtime(move || {
+                drop(client);
+                Ok(())
+            });
+        }
+    }
+}
+
 /// `user@host:port/database`, never the password.
 fn describe(config: &Config) -> String {
     let host = match config.get_hosts().first() {
