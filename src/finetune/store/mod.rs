@@ -133,6 +133,8 @@ trait Tx {
     fn insert_job(&mut self, job_id: &str, client: &str, state: i32, blob: &[u8]) -> Result<bool>;
     /// The job, locked against concurrent changes until the transaction ends.
     fn load_job(&mut self, job_id: &str) -> Result<Option<StoredJob>>;
+    /// The encoded job, without a lock (reads: GetJob, WatchJob's polls).
+    fn read_job(&mut self, job_id: &str) -> Result<Option<Vec<u8>>>;
     fn save_job(&mut self, job_id: &str, state: i32, last_sequence: i64, blob: &[u8]) -> Result<()>;
     fn insert_event(&mut self, job_id: &str, sequence: i64, blob: &[u8]) -> Result<()>;
     fn events_after(&mut self, job_id: &str, after: i64) -> Result<Vec<(i64, Vec<u8>)>>;
@@ -284,7 +286,7 @@ impl JobStore {
     }
 
     pub fn job(&self, job_id: &str) -> Result<Option<Job>> {
-        self.write(|tx| Ok(load_job(tx, job_id)?.map(|loaded| loaded.job)))
+        self.write(|tx| tx.read_job(job_id)?.map(|blob| decode_job(job_id, &blob)).transpose())
             .with_context(|| format!("reading job {job_id} from {}", self.describe()))
     }
 
@@ -397,7 +399,7 @@ impl JobStore {
     /// An unknown job is an error.
     pub fn events(&self, job_id: &str, after_sequence: u64) -> Result<Vec<JobEvent>> {
         self.write(|tx| {
-            require_job(tx, job_id)?;
+            tx.read_job(job_id)?.with_context(|| format!("there is no job {job_id}"))?;
             // Sequences are stored as i64; anything past i64::MAX has no events after it.
             let Ok(after) = i64::try_from(after_sequence) else { return Ok(Vec::new()) };
             tx.events_after(job_id, after)?

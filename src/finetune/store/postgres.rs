@@ -229,6 +229,10 @@ impl Tx for PostgresTx<'_> {
         }))
     }
 
+    fn read_job(&mut self, job_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.0.query_opt("SELECT job FROM jobs WHERE job_id = $1", &[&job_id])?.map(|row| row.get(0)))
+    }
+
     fn save_job(&mut self, job_id: &str, state: i32, last_sequence: i64, blob: &[u8]) -> Result<()> {
         self.0.execute(
             "UPDATE jobs SET state = $2, last_sequence = $3, job = $4 WHERE job_id = $1",

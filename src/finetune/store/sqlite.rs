@@ -190,6 +190,11 @@ impl Tx for SqliteTx<'_> {
             .optional()?)
     }
 
+    fn read_job(&mut self, job_id: &str) -> Result<Option<Vec<u8>>> {
+        let sql = "SELECT job FROM jobs WHERE job_id = ?1";
+        Ok(self.0.query_row(sql, params![job_id], |row| row.get(0)).optional()?)
+    }
+
     fn save_job(&mut self, job_id: &str, state: i32, last_sequence: i64, blob: &[u8]) -> Result<()> {
         self.0.execute(
             "UPDATE jobs SET state = ?2, last_sequence = ?3, job = ?4 WHERE job_id = ?1",
