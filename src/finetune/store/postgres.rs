@@ -84,8 +84,8 @@ impl PostgresDb {
         off_runtime(|| {
             let mut client = db.client()?;
             migrate(client.as_mut().expect("connected"))
-        })
-        .with_context(|| format!("migrating the schema of the job database {}", db.describe))?;
+                .with_context(|| format!("migrating the schema of the job database {}", db.describe))
+        })?;
         Ok(db)
     }
 
