@@ -13,6 +13,7 @@
 //! | `contrastive_models_loaded` | gauge (ready versions) | |
 //! | `contrastive_model_version_info` | gauge (1 while loaded) | `model`, `version`, `provider` |
 //! | `contrastive_finetune_jobs_total` | counter | `state` (terminal state reached) |
+//! | `contrastive_finetune_takeovers_total` | counter (jobs this server took over from one whose lease ran out) | |
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -78,4 +79,8 @@ pub fn model_version(model: &str, version: u64, provider: &str, loaded: bool) {
 
 pub fn finetune_job_finished(state: &'static str) {
     counter!("contrastive_finetune_jobs_total", "state" => state).increment(1);
+}
+
+pub fn finetune_job_taken_over() {
+    counter!("contrastive_finetune_takeovers_total").increment(1);
 }

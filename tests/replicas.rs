@@ -87,6 +87,20 @@ async fn get(server: &Server, job_id: &str) -> Job {
     client.get_job(GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner()
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The Prometheus text a server exposes at `addr`.
+fn http_get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics listener");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// The events of a job, from the first, as a replica streams them.
 async fn watch(server: &Server, job_id: &str) -> tonic::Streaming<JobEvent> {
     let mut client = finetune_client(&server.url, None).await.unwrap();
@@ -104,8 +118,11 @@ fn worker_pid(job: &Job) -> Option<u32> {
 async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
     let Some(url) = test_postgres_schema() else { return };
     let dirs = Dirs::with_models();
-    let args = ["--job-store", url.as_str(), "--job-lease-seconds", LEASE_SECONDS, "--finetune-threads", "1"];
-    let replicas = [Server::start_on(&dirs, &args), Server::start_on(&dirs, &args)];
+    let metrics: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let replicas = [0, 1].map(|i| {
+        let args = ["--job-store", url.as_str(), "--job-lease-seconds", LEASE_SECONDS, "--finetune-threads", "1"];
+        Server::start_on(&dirs, &[&args[..], &["--metrics-addr", &metrics[i]]].concat())
+    });
     for replica in &replicas {
         replica.wait_serving().await;
     }
@@ -198,6 +215,10 @@ async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
     assert_eq!(repository.versions(TAKEN_OVER).unwrap(), vec![1], "the job taken over published once");
     let shared: Vec<u64> = (1..JOBS as u64).collect();
     assert_eq!(repository.versions(SHARED).unwrap(), shared, "one version per job, none twice, none lost");
+    let survivor_metrics = metrics[1 - holder].clone();
+    let text = tokio::task::spawn_blocking(move || http_get_metrics(&survivor_metrics)).await.unwrap();
+    let takeovers = text.lines().find(|l| l.starts_with("contrastive_finetune_takeovers_total ")).unwrap_or_default();
+    assert_eq!(takeovers, "contrastive_finetune_takeovers_total 1", "{text}");
     let succeeded = finished.values().filter(|job| job.state() == Succeeded).count();
     let versions: BTreeSet<(String, u64)> =
         finished.values().map(|job| (job.output_model.clone(), job.output_version)).collect();

@@ -311,6 +311,7 @@ impl JobRunner {
                     self.cancels.lock().expect("cancels").insert(claim.job.job_id.clone(), cancel.clone());
                     claim.events.iter().cloned().for_each(|event| self.publish_event(event));
                     if let Some(previous) = &claim.taken_from {
+                        crate::metrics::finetune_job_taken_over();
                         tracing::warn!(job = %claim.job.job_id, previous, "took over a job whose lease ran out");
                     }
                     return Some((claim, cancel));
