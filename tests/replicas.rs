@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::Cursor;
 use std::time::{Duration, Instant};
 
-use common::{Dirs, Server, MODEL};
+use common::{free_port, http_get_metrics, Dirs, Server, MODEL};
 use contrastive::client::finetune_client;
 use contrastive::proto::v1::{
     create_job_request, job_event, CreateJobRequest, GetJobRequest, HyperParameters, InlineDataset, Job, JobEvent,
@@ -87,24 +87,27 @@ async fn get(server: &Server, job_id: &str) -> Job {
     client.get_job(GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The Prometheus text a server exposes at `addr`.
-fn http_get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics listener");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
 /// The events of a job, from the first, as a replica streams them.
 async fn watch(server: &Server, job_id: &str) -> tonic::Streaming<JobEvent> {
     let mut client = finetune_client(&server.url, None).await.unwrap();
     client.watch_job(WatchJobRequest { job_id: job_id.into() }).await.unwrap().into_inner()
+}
+
+/// Reads a job's events up to the first progress of its training; returns them.
+async fn follow_until_training(events: &mut tonic::Streaming<JobEvent>) -> Vec<JobEvent> {
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("the job starts training within two minutes")
+            .expect("the job runs")
+            .unwrap();
+        let training = matches!(event.event, Some(job_event::Event::Progress(p)) if p > 0.0);
+        seen.push(event);
+        if training {
+            return seen;
+        }
+    }
 }
 
 /// The process id in the worker name a claim writes into the job's message
@@ -142,22 +145,12 @@ async fn two_replicas_run_each_job_once_and_take_over_from_a_killed_one() {
     // Kill -9 the replica that runs the first job, once it trains. Which one it is, the claim
     // says: its message names the worker ("… on HOST/PID/RANDOM").
     let mut first_watch = watch(&replicas[0], &first).await;
-    let mut claimed_by = None;
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(120), first_watch.next())
-            .await
-            .expect("the first job starts training within two minutes")
-            .expect("the job runs")
-            .unwrap();
-        let job = event.job.as_ref().unwrap();
-        match event.event {
-            Some(job_event::Event::State(state)) if state == JobState::Validating as i32 => {
-                claimed_by = worker_pid(job);
-            }
-            Some(job_event::Event::Progress(p)) if p > 0.0 => break,
-            _ => {}
-        }
-    }
+    let claimed_by = follow_until_training(&mut first_watch)
+        .await
+        .iter()
+        .rev()
+        .find(|e| matches!(e.event, Some(job_event::Event::State(s)) if s == JobState::Validating as i32))
+        .and_then(|e| worker_pid(e.job.as_ref().unwrap()));
     drop(first_watch);
     let pids: Vec<u32> = replicas.iter().map(Server::pid).collect();
     let holder = pids
@@ -245,16 +238,7 @@ async fn a_stopping_replica_hands_its_job_back_at_once() {
     // Far more epochs than the test waits for.
     let job = client.create_job(job_request(TAKEN_OVER, 1000)).await.unwrap().into_inner();
     let mut events = watch(&stopping, &job.job_id).await;
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .expect("the job starts training within two minutes")
-            .expect("the job runs")
-            .unwrap();
-        if matches!(event.event, Some(job_event::Event::Progress(p)) if p > 0.0) {
-            break;
-        }
-    }
+    follow_until_training(&mut events).await;
     // No connection left open to the stopping replica, so it need not wait out its drain.
     drop((events, client));
     let other = Server::start_on(&dirs, &args);

@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::io::{Cursor, Read, Write};
+use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use common::{max_abs_diff, publish_copy, shipped_version_dir, Server, MODEL};
+use common::{free_port, http_get_metrics, max_abs_diff, publish_copy, shipped_version_dir, Server, MODEL};
 use contrastive::data::idx::{load_mnist_format_dir, Split};
 use contrastive::data::Dataset;
 use contrastive::proto::v1::embedding_service_client::EmbeddingServiceClient;
@@ -587,27 +587,6 @@ async fn api_keys_gate_embeddings() {
 
 // ---------------------------------------------------------------------------------------------
 // 8. Metrics
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http_get_metrics(addr: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match std::net::TcpStream::connect(addr) {
-            Ok(mut stream) => {
-                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-                let mut text = String::new();
-                stream.read_to_string(&mut text).unwrap();
-                return text;
-            }
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("cannot connect to the metrics listener at {addr}: {e}"),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_requests_batches_and_models() {

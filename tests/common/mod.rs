@@ -5,9 +5,10 @@
 
 #![allow(dead_code)] // each test crate uses part of this
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use contrastive::bench::{ServerCommand, ServerProcess};
 use contrastive::registry::{ModelRepository, MANIFEST_FILE};
@@ -213,4 +214,27 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
             x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max)
         })
         .fold(0.0, f32::max)
+}
+
+/// A loopback port nothing listens on now (for a listener a test starts next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The Prometheus text a server exposes at `addr` (retried for up to 5 s while it starts).
+pub fn http_get_metrics(addr: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut stream) => {
+                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+                let mut text = String::new();
+                stream.read_to_string(&mut text).unwrap();
+                return text;
+            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("cannot connect to the metrics listener at {addr}: {e}"),
+        }
+    }
 }
