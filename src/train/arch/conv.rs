@@ -1,6 +1,8 @@
 //! 2-D convolution layer. With [`Backend::Fused`] it runs on the CPU as im2col + gemm
-//! ([`contrastive_kernels::conv2d`]), whose backward is several times faster than candle's;
-//! elsewhere (CUDA, [`Backend::Candle`]) it uses candle's conv2d.
+//! ([`contrastive_kernels::conv2d`]), whose backward is several times faster than candle's, and
+//! on a GPU as candle's conv2d with gradients by forward convolutions
+//! ([`contrastive_kernels::conv2d_gradients_by_forward`]); with [`Backend::Candle`] it is
+//! candle's conv2d everywhere.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -85,6 +87,8 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.backend.fused_on(x) {
             contrastive_kernels::conv2d(x, &self.weight, self.stride, self.padding)
+        } else if self.backend.gradients_by_forward_on(x) && self.padding < self.weight.dim(2)? {
+            contrastive_kernels::conv2d_gradients_by_forward(x, &self.weight, self.stride, self.padding)
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
         }
