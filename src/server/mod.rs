@@ -25,6 +25,7 @@ use crate::metrics;
 use crate::proto::v1::embedding_service_server::EmbeddingServiceServer;
 use crate::proto::v1::fine_tune_service_server::FineTuneServiceServer;
 use crate::registry::ModelRepository;
+use crate::runtime::InferenceDevice;
 use crate::serve::embedding::EmbeddingApi;
 use crate::serve::models::{LoadOptions, ModelStore};
 use crate::serve::poller::Poller;
@@ -40,6 +41,11 @@ pub struct Listening {
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight requests finish, drains
 /// the batch queues and returns. `on_listening` receives the bound addresses.
 pub async fn run(settings: ServeSettings, on_listening: impl FnOnce(Listening)) -> Result<()> {
+    if let InferenceDevice::Cuda(id) = settings.session.device {
+        let provider = tokio::task::block_in_place(|| crate::runtime::check_device(settings.session.device))
+            .with_context(|| format!("--device cuda:{id}: cannot run models on the GPU"))?;
+        tracing::info!(%provider, "GPU checked");
+    }
     metrics::install(settings.metrics_addr)?;
     let listener =
         TcpListener::bind(settings.addr).await.with_context(|| format!("cannot listen on {}", settings.addr))?;
