@@ -4,7 +4,8 @@
 Times one training step of a method on the same network, batch, views and thread count as the
 Rust trainer's benchmark, timed the same way: random images in [0, 1] (augmentation left out on
 both sides), forward of every view, the loss, backward, the optimiser step and the method's own
-after-step work; one warm-up step, then the median of `--steps` steps. Prints one JSON line:
+after-step work; one warm-up step (three on a GPU, where cuDNN tries its algorithms first), then the median of
+`--steps` steps. Prints one JSON line:
 {"method": ..., "median_seconds": ..., "images_per_second": ..., "torch": VERSION}.
 
 The networks follow the trainer: the canonical CIFAR-style ResNet (3x3 stride-1 stem, one basic
@@ -12,6 +13,7 @@ block per stage, widths 32/64/128, strides 1/2/2, global mean pooling), MLP proj
 128 -> 128 (BN, ReLU) -> 64, and each method's heads, losses and optimiser.
 
     python3 bench/torch_step.py --method simclr --batch 256 --steps 5 --threads 2
+    python3 bench/torch_step.py --method simclr --batch 256 --steps 20 --device cuda
 """
 
 import argparse
@@ -297,10 +299,19 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(1)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        # Every tensor and parameter the methods make is created on the GPU; cuDNN picks its
+        # fastest algorithms during the warm-up steps, which the timing leaves out.
+        torch.set_default_device(device)
+        torch.backends.cudnn.benchmark = True
+    warmup = 3 if cuda else 1
     torch.manual_seed(0)
     method = METHODS[args.method]()
     optimizer = optimizer_for(args.method, method.params)
@@ -308,15 +319,17 @@ def main():
     v2 = torch.rand(args.batch, 1, 28, 28)
     labels = torch.arange(args.batch) % 10
     times = []
-    for step in range(args.steps + 1):
+    for step in range(args.steps + warmup):
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = method.loss(v1, v2, labels)
         loss.backward()
         optimizer.step()
         method.after_step()
+        if cuda:
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - started
-        if step > 0:
+        if step >= warmup:
             times.append(elapsed)
         if not math.isfinite(loss.item()):
             raise SystemExit(f"the loss became {loss.item()}")
@@ -329,6 +342,7 @@ def main():
                 "images_per_second": args.batch / median,
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             }
         )
     )

@@ -97,6 +97,10 @@ pub struct ServeBenchOptions {
     /// The `contrastive` binary to start as the server [default: this executable]
     #[arg(long)]
     pub server_binary: Option<PathBuf>,
+    /// Where ONNX Runtime runs, in this process and in the server: cpu, cuda or cuda:N (the GPU
+    /// build of ONNX Runtime, `scripts/fetch-onnxruntime --gpu`)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl Default for ServeBenchOptions {
@@ -118,6 +122,7 @@ impl Default for ServeBenchOptions {
             generator: Generator::Auto,
             client_threads: 1,
             server_binary: None,
+            device: "cpu".into(),
         }
     }
 }
@@ -163,14 +168,19 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     };
     let scratch = ScratchDir::create()?;
     let half = options.duration_secs / 2.0;
-    let session = SessionOptions {
-        device: InferenceDevice::Cpu,
-        intra_threads: options.intra_threads,
-        ..SessionOptions::default()
-    };
+    let device: InferenceDevice = options.device.parse().context("--device")?;
+    let session = SessionOptions { device, intra_threads: options.intra_threads, ..SessionOptions::default() };
 
-    eprintln!("baseline: in-process ONNX Runtime, batch {}, {half:.1} s", options.request_batch);
+    eprintln!("baseline: in-process ONNX Runtime on {}, batch {}, {half:.1} s", options.device, options.request_batch);
     let mut baseline = Baseline::load(&model_path, session, &workload)?;
+    // On a GPU, the answers must also be the CPU's (the server's are checked against the baseline).
+    let gpu_vs_cpu = if device == InferenceDevice::Cpu {
+        None
+    } else {
+        let cpu = SessionOptions { device: InferenceDevice::Cpu, ..session };
+        let on_cpu = Baseline::load(&model_path, cpu, &workload)?;
+        Some(max_abs_difference(&baseline.expected, &on_cpu.expected))
+    };
     let mut segments = vec![baseline.measure(secs(options.warmup_secs), secs(half))?];
     // The session is warm after the first segment; later ones need only a moment to settle.
     let segment_warmup = secs(options.warmup_secs.min(0.5));
@@ -221,7 +231,19 @@ pub fn run(options: &ServeBenchOptions) -> Result<()> {
     drop(runtime);
     drop(server);
     print_report(options, &manifest.name, version, h2load.as_deref(), &segments, &rows);
+    if let Some(difference) = gpu_vs_cpu {
+        println!(
+            "{} vs CPU, the first batch's L2-normalised embeddings: max |difference| {difference:.2e} (target ≤ 1e-4): {}",
+            options.device,
+            if difference <= 1e-4 { "ok" } else { "OVER" }
+        );
+    }
     Ok(())
+}
+
+/// The largest element-wise difference between two sets of rows.
+fn max_abs_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn validate(options: &ServeBenchOptions) -> Result<()> {
@@ -426,6 +448,8 @@ impl BenchServer {
             options.max_batch.to_string(),
             "--max-delay-ms".to_string(),
             options.max_delay_ms.to_string(),
+            "--device".to_string(),
+            options.device.clone(),
         ];
         let (process, metrics) = target.spawn(scratch, &batching)?;
         Ok(Self { process, metrics })
@@ -920,7 +944,10 @@ fn print_report(
             format!("tonic client in this process ({} runtime thread(s)); h2load not on PATH", options.client_threads)
         }
     };
-    println!("contrastive bench serve: {model}:{version} on {cores} cores (load average {load}), ONNX Runtime {} intra-op threads", options.intra_threads);
+    println!(
+        "contrastive bench serve: {model}:{version} on {cores} cores (load average {load}), ONNX Runtime on {} with {} intra-op threads",
+        options.device, options.intra_threads
+    );
     println!(
         "server: --max-batch {} --max-delay-ms {}; inputs: Fashion-MNIST test images as {}; {:.1} s measured after {:.1} s warm-up",
         options.max_batch,

@@ -58,6 +58,12 @@ pub struct TrainBenchOptions {
     /// Also time a SimCLR step with candle's own conv2d, batch norm and ReLU (slow: ~20 s a step)
     #[arg(long)]
     pub candle_baseline: bool,
+    /// Also time each step's parts (forward and loss, backward, update), each ended by a
+    /// device synchronisation, on a line under each method
+    #[arg(long)]
+    pub phases: bool,
+    /// Where the step runs: cpu, cuda or cuda:N (a build with `--features cuda`); the PyTorch
+    /// reference runs on the same device
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -71,7 +77,7 @@ fn reference_script() -> Option<PathBuf> {
 
 /// Seconds per step of `method` on `encoder` (None: the method's default ResNet) at
 /// `batch_size` (two 28×28 grayscale views, and the method's optimiser for that encoder), the
-/// median of `steps` timed steps after one warm-up step.
+/// median of `steps` timed steps after one warm-up step (three on a GPU).
 pub fn step_seconds(
     method: &MethodConfig,
     encoder: Option<&EncoderConfig>,
@@ -80,6 +86,28 @@ pub fn step_seconds(
     device: &Device,
     backend: Backend,
 ) -> Result<f64> {
+    Ok(step_times(method, encoder, batch_size, steps, device, backend, false)?.total)
+}
+
+/// Median seconds of a step, and with `phases` of its parts (each ended by a device
+/// synchronisation, so they run a little slower than the whole step, whose kernels overlap the
+/// host's work on a GPU).
+#[derive(Debug, Clone, Copy)]
+pub struct StepTimes {
+    pub total: f64,
+    /// Forward passes and the loss; the backward pass; the optimiser step and after-step work.
+    pub phases: Option<[f64; 3]>,
+}
+
+fn step_times(
+    method: &MethodConfig,
+    encoder: Option<&EncoderConfig>,
+    batch_size: usize,
+    steps: usize,
+    device: &Device,
+    backend: Backend,
+    phases: bool,
+) -> Result<StepTimes> {
     let shape = ImageShape::new(1, 28, 28);
     let mut config = TrainConfig::for_method(method.clone(), shape);
     if let Some(encoder) = encoder {
@@ -99,18 +127,42 @@ pub fn step_seconds(
     let classes = (0..10).map(|c| c.to_string()).collect();
     let epoch_data = crate::data::Dataset::new(images, labels.to_vec1::<u32>()?, shape, classes)?;
     model.method.before_epoch(&epoch_data, 0)?;
+    // A GPU's first steps load kernels and pick cuDNN algorithms.
+    let warmup = if device.is_cuda() { 3 } else { 1 };
     let mut times = Vec::new();
-    for step in 0..=steps {
+    for step in 0..steps + warmup {
         let started = Instant::now();
         let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
         optimizer.step(&loss.backward()?, 0.01)?;
         model.method.after_step(0.5)?;
         device.synchronize()?;
-        if step > 0 {
+        if step >= warmup {
             times.push(started.elapsed().as_secs_f64());
         }
     }
-    Ok(median(times))
+    let total = median(times);
+    if !phases {
+        return Ok(StepTimes { total, phases: None });
+    }
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..steps {
+        let mut mark = Instant::now();
+        let mut lap = |part: usize| -> Result<()> {
+            device.synchronize()?;
+            parts[part].push(mark.elapsed().as_secs_f64());
+            mark = Instant::now();
+            Ok(())
+        };
+        let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
+        lap(0)?;
+        let grads = loss.backward()?;
+        lap(1)?;
+        optimizer.step(&grads, 0.01)?;
+        model.method.after_step(0.5)?;
+        lap(2)?;
+    }
+    let [forward, backward, update] = parts.map(median);
+    Ok(StepTimes { total, phases: Some([forward, backward, update]) })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -126,11 +178,12 @@ fn reference_seconds(
     batch: usize,
     steps: usize,
     threads: usize,
+    device: &str,
 ) -> Result<f64> {
     let output = Command::new(python)
         .arg(script)
         .args(["--method", method, "--batch", &batch.to_string(), "--steps", &steps.to_string()])
-        .args(["--threads", &threads.to_string()])
+        .args(["--threads", &threads.to_string(), "--device", device])
         .output()
         .with_context(|| format!("cannot run {} {}", python.display(), script.display()))?;
     if !output.status.success() {
@@ -240,23 +293,44 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
     };
 
     let cpu = CpuInfo::detect();
-    let peak = measure_fp32_peak(cpu.threads, Duration::from_millis(500));
+    // The torch device spelling of ours; on a GPU the CPU's peak says nothing about the step.
+    let torch_device = match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    };
+    let peak = if device.is_cpu() {
+        let peak = measure_fp32_peak(cpu.threads, Duration::from_millis(500));
+        println!(
+            "CPU: {} · {} threads used of {} logical CPUs · {} ({} f32 lanes)",
+            cpu.model, cpu.threads, cpu.logical_cpus, cpu.vector_unit, cpu.f32_lanes
+        );
+        println!(
+            "fp32 peak, measured now: {peak:.0} GFLOP/s ({} threads at once, each a loop of fused multiply-adds on {ACCUMULATORS} independent {}-lane registers)",
+            cpu.threads, cpu.f32_lanes
+        );
+        Some(peak)
+    } else {
+        println!("device: {torch_device} (CPU: {}); % peak is left out on a GPU", cpu.model);
+        None
+    };
     println!(
-        "CPU: {} · {} threads used of {} logical CPUs · {} ({} f32 lanes)",
-        cpu.model, cpu.threads, cpu.logical_cpus, cpu.vector_unit, cpu.f32_lanes
-    );
-    println!(
-        "fp32 peak, measured now: {peak:.0} GFLOP/s ({} threads at once, each a loop of fused multiply-adds on {ACCUMULATORS} independent {}-lane registers)",
-        cpu.threads, cpu.f32_lanes
-    );
-    println!(
-        "step: batch {}, two 28×28 views, encoder {}; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after one warm-up",
+        "step: batch {}, two 28×28 views, encoder {}; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after {}",
         options.batch_size,
-        if is_canonical { "the canonical ResNet".to_string() } else { serde_json::to_string(&encoder)? }
+        if is_canonical { "the canonical ResNet".to_string() } else { serde_json::to_string(&encoder)? },
+        if device.is_cpu() { "one warm-up" } else { "three warm-ups" }
     );
     match (&reference, options.reference) {
         (Some(_), _) => {
-            println!("reference: PyTorch, bench/torch_step.py, same network, batch, views and {} threads", cpu.threads)
+            if device.is_cpu() {
+                println!(
+                    "reference: PyTorch, bench/torch_step.py, same network, batch, views and {} threads",
+                    cpu.threads
+                )
+            } else {
+                println!(
+                    "reference: PyTorch eager on {torch_device}, bench/torch_step.py, same network, batch and views"
+                )
+            }
         }
         (None, Reference::Off) => println!("reference: off"),
         (None, _) if !is_canonical => println!("reference: none (bench/torch_step.py runs the canonical ResNet)"),
@@ -270,48 +344,80 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         "{:<10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10}",
         "method", "images/s", "PyTorch", "ratio", "GFLOP", "% peak", "PyTorch %"
     );
+    let mut failed = Vec::new();
     for (name, method) in methods.iter().zip(&configs) {
         // The canonical ResNet stays the method's own (CPC's carries its patch grid).
         let chosen = (!is_canonical).then_some(&encoder);
-        let seconds = match step_seconds(method, chosen, options.batch_size, steps, device, Backend::Fused) {
-            Ok(seconds) => seconds,
-            Err(error) if chosen.is_some() => {
+        // A method that cannot run (on this encoder or device) gets its error as its row; the
+        // others still run, and the command fails at the end unless the encoder explains it.
+        let times = step_times(method, chosen, options.batch_size, steps, device, Backend::Fused, options.phases);
+        let seconds = match &times {
+            Ok(StepTimes { total, .. }) => *total,
+            Err(error) => {
                 println!("{name:<10} {:>10}   ({error})", "-");
+                if chosen.is_none() {
+                    failed.push(name.as_str());
+                }
                 continue;
             }
-            Err(error) => return Err(error),
         };
         let theirs = match &reference {
             Some(script) if REFERENCE_METHODS.contains(&name.as_str()) => {
-                Some(reference_seconds(&options.python, script, name, options.batch_size, steps, cpu.threads)?)
+                match reference_seconds(
+                    &options.python,
+                    script,
+                    name,
+                    options.batch_size,
+                    steps,
+                    cpu.threads,
+                    &torch_device,
+                ) {
+                    Ok(seconds) => Some(seconds),
+                    Err(error) => {
+                        eprintln!("{name}: {error:#}");
+                        None
+                    }
+                }
             }
             _ => None,
         };
         let flops = step_flops(method, &encoder, options.batch_size);
-        let percent = |s: f64| 100.0 * flops / s / 1e9 / peak;
+        let percent = |s: f64| peak.map(|peak| 100.0 * flops / s / 1e9 / peak);
         let blank = || "-".to_string();
         println!(
-            "{:<10} {:>10.1} {:>10} {:>10} {:>9.1} {:>9.1}% {:>10}",
+            "{:<10} {:>10.1} {:>10} {:>10} {:>9.1} {:>10} {:>10}",
             name,
             options.batch_size as f64 / seconds,
             theirs.map_or_else(blank, |t| format!("{:.1}", options.batch_size as f64 / t)),
             theirs.map_or_else(blank, |t| format!("{:.2}", t / seconds)),
             flops / 1e9,
-            percent(seconds),
-            theirs.map_or_else(blank, |t| format!("{:.1}%", percent(t))),
+            percent(seconds).map_or_else(blank, |p| format!("{p:.1}%")),
+            theirs.and_then(percent).map_or_else(blank, |p| format!("{p:.1}%")),
         );
+        if let Ok(StepTimes { phases: Some([forward, backward, update]), .. }) = times {
+            let ms = |s: f64| 1e3 * s;
+            println!(
+                "{:<10} {:>10}   forward + loss {:.1} ms, backward {:.1} ms, update {:.1} ms",
+                "",
+                "",
+                ms(forward),
+                ms(backward),
+                ms(update)
+            );
+        }
     }
     if options.candle_baseline {
         let simclr = MethodConfig::default_for("simclr")?;
         let seconds = step_seconds(&simclr, None, options.batch_size, steps.min(2), device, Backend::Candle)?;
         println!(
-            "{:<10} {:>10.1}   (SimCLR with candle's own conv2d, batch norm and ReLU)",
+            "{:<10} {:>10.1}   (SimCLR with candle's own conv2d, batch norm and ReLU; conv2d's input gradient by conv_transpose2d)",
             "candle",
             options.batch_size as f64 / seconds
         );
     }
     println!();
     println!("ratio: PyTorch's step time over ours (above 1: ours is faster); GFLOP: the encoder's convolutions or matrix products in the step (2 per multiply-add; backward = 2 × forward; momentum encoders forward only)");
+    anyhow::ensure!(failed.is_empty(), "{} could not run a step (their errors are in the table)", failed.join(", "));
     Ok(())
 }
 
