@@ -75,20 +75,6 @@ fn reference_script() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// Seconds per step of `method` on `encoder` (None: the method's default ResNet) at
-/// `batch_size` (two 28×28 grayscale views, and the method's optimiser for that encoder), the
-/// median of `steps` timed steps after one warm-up step (three on a GPU).
-pub fn step_seconds(
-    method: &MethodConfig,
-    encoder: Option<&EncoderConfig>,
-    batch_size: usize,
-    steps: usize,
-    device: &Device,
-    backend: Backend,
-) -> Result<f64> {
-    Ok(step_times(method, encoder, batch_size, steps, device, backend, false)?.total)
-}
-
 /// Median seconds of a step, and with `phases` of its parts (each ended by a device
 /// synchronisation, so they run a little slower than the whole step, whose kernels overlap the
 /// host's work on a GPU).
@@ -99,7 +85,10 @@ pub struct StepTimes {
     pub phases: Option<[f64; 3]>,
 }
 
-fn step_times(
+/// A step of `method` on `encoder` (None: the method's default ResNet) at `batch_size` (two 28×28
+/// grayscale views, and the method's optimiser for that encoder): the median of `steps` timed
+/// steps after one warm-up step (three on a GPU), then with `phases` as many again timed in parts.
+pub fn step_times(
     method: &MethodConfig,
     encoder: Option<&EncoderConfig>,
     batch_size: usize,
@@ -408,7 +397,8 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
     }
     if options.candle_baseline {
         let simclr = MethodConfig::default_for("simclr")?;
-        let seconds = step_seconds(&simclr, None, options.batch_size, steps.min(2), device, Backend::Candle)?;
+        let seconds =
+            step_times(&simclr, None, options.batch_size, steps.min(2), device, Backend::Candle, false)?.total;
         println!(
             "{:<10} {:>10.1}   (SimCLR with candle's own conv2d, batch norm and ReLU; conv2d's input gradient by conv_transpose2d)",
             "candle",
