@@ -20,8 +20,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Convolution of `x` (`N × c_in × h × w`) with `w` (`c_out × c_in × k × k`), no bias, no
-/// dilation, whose gradients are forward convolutions (see the module's documentation).
-/// Needs `padding < k`.
+/// dilation, whose input gradient is a forward convolution and whose weight gradient is one
+/// matrix product (see the module's documentation). Needs `padding < k`.
 pub fn conv2d_gradients_by_forward(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let k = w.dim(2)?;
     if padding >= k || stride == 0 {
