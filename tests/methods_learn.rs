@@ -346,7 +346,8 @@ fn moco_v3_learns_with_a_vit() {
 /// Any method spec, `LEARN_SPEC='cmc:two_crops=false' cargo test --release --test methods_learn
 /// -- --ignored any_method_spec --nocapture`, with `LEARN_PAIRS`, `LEARN_LOSS` and `LEARN_ENCODER`
 /// (`--pairs`, `--loss` and `--encoder` syntax), `LEARN_LR`, `LEARN_WARMUP` (epochs of 15 steps),
-/// `LEARN_EPOCHS`, `LEARN_CLIP` (0: off) and `LEARN_SEED`: for measuring a setting before it becomes a default.
+/// `LEARN_EPOCHS`, `LEARN_CLIP` (0: off), `LEARN_WD`, `LEARN_WD_END` (a cosine from LEARN_WD) and
+/// `LEARN_SEED`: for measuring a setting before it becomes a default.
 #[test]
 #[ignore = "a measuring tool, run by hand"]
 fn any_method_spec() {
@@ -370,6 +371,12 @@ fn any_method_spec() {
     }
     if let Some(epochs) = env("LEARN_EPOCHS") {
         config.epochs = epochs.parse().expect("LEARN_EPOCHS is a whole number");
+    }
+    if let Some(wd) = env("LEARN_WD") {
+        config.optimizer.set_weight_decay(wd.parse().expect("LEARN_WD is a number"));
+    }
+    if let Some(end) = env("LEARN_WD_END") {
+        config.weight_decay_end = Some(end.parse().expect("LEARN_WD_END is a number"));
     }
     if let Some(clip) = env("LEARN_CLIP") {
         let max_norm: f64 = clip.parse().expect("LEARN_CLIP is a norm");

@@ -99,6 +99,10 @@ pub struct TrainConfig {
     /// default, 3.0 for DINO on a ViT as the paper.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradient_clip: Option<f64>,
+    /// Weight decay at the end of training, reached from the optimiser's by a half cosine
+    /// ([`super::optim::Optimizer::with_weight_decay_schedule`]); none: constant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay_end: Option<f64>,
     pub epochs: usize,
     pub batch_size: usize,
     pub seed: u64,
@@ -123,6 +127,7 @@ impl TrainConfig {
         let gradient_clip = Self::default_gradient_clip(&method, &encoder);
         Self {
             gradient_clip,
+            weight_decay_end: None,
             augment: method.view_augmentations(),
             learning_rate: optimizer.default_learning_rate(),
             optimizer,
@@ -193,6 +198,9 @@ impl TrainConfig {
                 max_norm > 0.0 && max_norm.is_finite(),
                 "the gradient clip must be a positive norm, got {max_norm}"
             );
+        }
+        if let Some(end) = self.weight_decay_end {
+            ensure!(end >= 0.0 && end.is_finite(), "the final weight decay must be ≥ 0, got {end}");
         }
         ensure!(!self.projector_dims.is_empty(), "the projector needs at least one layer size");
         if let Some(ratio) = self.long_tail {
@@ -341,6 +349,9 @@ mod tests {
         let mut clipped = with_vit("dino");
         clipped.gradient_clip = Some(-1.0);
         assert!(clipped.validate().unwrap_err().to_string().contains("positive norm, got -1"));
+        let mut decayed = with_vit("dino");
+        decayed.weight_decay_end = Some(-0.4);
+        assert!(decayed.validate().unwrap_err().to_string().contains("final weight decay must be ≥ 0, got -0.4"));
         crop.augment[0].contrastive_crop = Some(Default::default());
         assert!(crop.validate().unwrap_err().to_string().contains("ContrastiveCrop"));
         assert!(with_vit("pirl:grid=9")

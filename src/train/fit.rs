@@ -169,6 +169,7 @@ pub fn train_step(
     if !value.is_finite() {
         return Ok(value);
     }
+    optimizer.schedule_weight_decay(step, total_steps);
     optimizer.step(&loss.backward()?, lr)?;
     model.method.after_step((step + 1) as f64 / total_steps as f64)?;
     Ok(value)

@@ -92,8 +92,9 @@ impl Model {
     /// The run's optimiser over `params` (fine-tuning trains a subset), with the method's
     /// learning-rate multipliers (a faster predictor for SimSiam) and gradient clip.
     pub fn optimizer_over(&self, params: Vec<(String, Var)>) -> Optimizer {
-        let mut optimizer =
-            Optimizer::new(self.config.optimizer.clone(), params).with_gradient_clip(self.config.gradient_clip);
+        let mut optimizer = Optimizer::new(self.config.optimizer.clone(), params)
+            .with_gradient_clip(self.config.gradient_clip)
+            .with_weight_decay_schedule(self.config.weight_decay_end);
         for (prefix, factor) in self.config.method.learning_rate_scales() {
             optimizer.scale_learning_rate(prefix, factor);
         }

@@ -42,6 +42,14 @@ impl OptimizerConfig {
         }
     }
 
+    pub fn weight_decay(&self) -> f64 {
+        match self {
+            Self::Sgd { weight_decay, .. } | Self::Lars { weight_decay, .. } | Self::AdamW { weight_decay, .. } => {
+                *weight_decay
+            }
+        }
+    }
+
     pub fn set_weight_decay(&mut self, value: f64) {
         match self {
             Self::Sgd { weight_decay, .. } | Self::Lars { weight_decay, .. } | Self::AdamW { weight_decay, .. } => {
@@ -66,13 +74,15 @@ pub struct Optimizer {
     params: Vec<Param>,
     steps: usize,
     gradient_clip: Option<f64>,
+    /// Weight decay at the start and at the end of training, when it follows a schedule.
+    weight_decay_schedule: Option<(f64, f64)>,
 }
 
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
         let params =
             params.into_iter().map(|(name, var)| Param { name, var, lr_scale: 1.0, state: Vec::new() }).collect();
-        Self { config, params, steps: 0, gradient_clip: None }
+        Self { config, params, steps: 0, gradient_clip: None, weight_decay_schedule: None }
     }
 
     /// Scales each parameter's gradient down to L2 norm `max_norm` where it is longer, before
@@ -82,6 +92,28 @@ impl Optimizer {
     pub fn with_gradient_clip(mut self, max_norm: Option<f64>) -> Self {
         self.gradient_clip = max_norm;
         self
+    }
+
+    /// Moves the weight decay from the configured value to `end` over training by a half cosine,
+    /// `λ_t = λ_end + (λ_0 − λ_end)(1 + cos(π t/T))/2`, as DINO's ViT recipe (Caron et al. 2021:
+    /// 0.04 → 0.4); [`Optimizer::schedule_weight_decay`] sets it before each step.
+    pub fn with_weight_decay_schedule(mut self, end: Option<f64>) -> Self {
+        self.weight_decay_schedule = end.map(|end| (self.config.weight_decay(), end));
+        self
+    }
+
+    /// The scheduled weight decay for step `step` of `total_steps` (nothing without a schedule).
+    pub fn schedule_weight_decay(&mut self, step: usize, total_steps: usize) {
+        if let Some((start, end)) = self.weight_decay_schedule {
+            let progress = step as f64 / total_steps.max(1) as f64;
+            let cosine = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
+            self.config.set_weight_decay(end + (start - end) * cosine);
+        }
+    }
+
+    /// The weight decay the next step uses.
+    pub fn weight_decay(&self) -> f64 {
+        self.config.weight_decay()
     }
 
     /// Multiplies the learning rate of every parameter whose name starts with `prefix` by
@@ -237,6 +269,21 @@ impl LrSchedule {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn weight_decay_follows_a_half_cosine() {
+        let var = candle_core::Var::new(&[1.0f64], &candle_core::Device::Cpu).unwrap();
+        let mut optimizer =
+            Optimizer::new(OptimizerConfig::adamw(0.04), vec![("w".into(), var)]).with_weight_decay_schedule(Some(0.4));
+        // DINO's cosine_scheduler: 0.04 at the start, 0.22 half-way, 0.4 at the end.
+        for (step, expected) in [(0, 0.04), (50, 0.22), (100, 0.4), (25, 0.4 - 0.36 * (1.0 + 0.5f64.sqrt()) / 2.0)] {
+            optimizer.schedule_weight_decay(step, 100);
+            assert!((optimizer.weight_decay() - expected).abs() < 1e-12, "step {step}: {}", optimizer.weight_decay());
+        }
+        let mut constant = Optimizer::new(OptimizerConfig::adamw(0.05), Vec::new());
+        constant.schedule_weight_decay(50, 100);
+        assert_eq!(constant.weight_decay(), 0.05);
+    }
+
     use super::*;
     use candle_core::Device;
 
