@@ -599,9 +599,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(weight_decay) = args.weight_decay {
         config.optimizer.set_weight_decay(weight_decay);
     }
-    if args.weight_decay_end.is_some() {
-        config.weight_decay_end = args.weight_decay_end;
-    }
+    config.weight_decay_end = args.weight_decay_end;
     if let Some(lr) = args.lr {
         config.learning_rate = lr;
     }

@@ -116,16 +116,24 @@ pub fn step_times(
     let classes = (0..10).map(|c| c.to_string()).collect();
     let epoch_data = crate::data::Dataset::new(images, labels.to_vec1::<u32>()?, shape, classes)?;
     model.method.before_epoch(&epoch_data, 0)?;
+    // One step; `after_part` is called after its forward and loss (0), backward (1) and update (2).
+    let mut step = |after_part: &mut dyn FnMut(usize) -> Result<()>| -> Result<()> {
+        let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
+        after_part(0)?;
+        let grads = loss.backward()?;
+        after_part(1)?;
+        optimizer.step(&grads, 0.01)?;
+        model.method.after_step(0.5)?;
+        after_part(2)
+    };
     // A GPU's first steps load kernels and pick cuDNN algorithms.
     let warmup = if device.is_cuda() { 3 } else { 1 };
     let mut times = Vec::new();
-    for step in 0..steps + warmup {
+    for done in 0..steps + warmup {
         let started = Instant::now();
-        let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
-        optimizer.step(&loss.backward()?, 0.01)?;
-        model.method.after_step(0.5)?;
+        step(&mut |_| Ok(()))?;
         device.synchronize()?;
-        if step >= warmup {
+        if done >= warmup {
             times.push(started.elapsed().as_secs_f64());
         }
     }
@@ -136,19 +144,12 @@ pub fn step_times(
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..steps {
         let mut mark = Instant::now();
-        let mut lap = |part: usize| -> Result<()> {
+        step(&mut |part| {
             device.synchronize()?;
             parts[part].push(mark.elapsed().as_secs_f64());
             mark = Instant::now();
             Ok(())
-        };
-        let loss = model.method.loss(&views, &labels, &indices, 1_000_000)?;
-        lap(0)?;
-        let grads = loss.backward()?;
-        lap(1)?;
-        optimizer.step(&grads, 0.01)?;
-        model.method.after_step(0.5)?;
-        lap(2)?;
+        })?;
     }
     let [forward, backward, update] = parts.map(median);
     Ok(StepTimes { total, phases: Some([forward, backward, update]) })

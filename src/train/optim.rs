@@ -105,9 +105,7 @@ impl Optimizer {
     /// The scheduled weight decay for step `step` of `total_steps` (nothing without a schedule).
     pub fn schedule_weight_decay(&mut self, step: usize, total_steps: usize) {
         if let Some((start, end)) = self.weight_decay_schedule {
-            let progress = step as f64 / total_steps.max(1) as f64;
-            let cosine = (1.0 + (std::f64::consts::PI * progress).cos()) / 2.0;
-            self.config.set_weight_decay(end + (start - end) * cosine);
+            self.config.set_weight_decay(half_cosine(start, end, step as f64 / total_steps.max(1) as f64));
         }
     }
 
@@ -261,29 +259,19 @@ impl LrSchedule {
             return self.base * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        self.base * (self.final_fraction + (1.0 - self.final_fraction) * cosine)
+        half_cosine(self.base, self.base * self.final_fraction, (step - self.warmup_steps) as f64 / span)
     }
+}
+
+/// From `start` at progress 0 to `end` at progress 1 (and after) along a half cosine:
+/// `end + (start − end)(1 + cos(π p))/2`, the shape of the learning-rate and weight-decay schedules.
+fn half_cosine(start: f64, end: f64, progress: f64) -> f64 {
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
+    end + (start - end) * cosine
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn weight_decay_follows_a_half_cosine() {
-        let var = candle_core::Var::new(&[1.0f64], &candle_core::Device::Cpu).unwrap();
-        let mut optimizer =
-            Optimizer::new(OptimizerConfig::adamw(0.04), vec![("w".into(), var)]).with_weight_decay_schedule(Some(0.4));
-        // DINO's cosine_scheduler: 0.04 at the start, 0.22 half-way, 0.4 at the end.
-        for (step, expected) in [(0, 0.04), (50, 0.22), (100, 0.4), (25, 0.4 - 0.36 * (1.0 + 0.5f64.sqrt()) / 2.0)] {
-            optimizer.schedule_weight_decay(step, 100);
-            assert!((optimizer.weight_decay() - expected).abs() < 1e-12, "step {step}: {}", optimizer.weight_decay());
-        }
-        let mut constant = Optimizer::new(OptimizerConfig::adamw(0.05), Vec::new());
-        constant.schedule_weight_decay(50, 100);
-        assert_eq!(constant.weight_decay(), 0.05);
-    }
-
     use super::*;
     use candle_core::Device;
 
@@ -406,5 +394,20 @@ mod tests {
         assert!((s.at(10) - 1.0).abs() < 1e-12);
         assert!((s.at(60) - 0.5).abs() < 1e-12);
         assert!(s.at(110).abs() < 1e-12);
+    }
+
+    #[test]
+    fn weight_decay_follows_a_half_cosine() {
+        let var = candle_core::Var::new(&[1.0f64], &candle_core::Device::Cpu).unwrap();
+        let mut optimizer =
+            Optimizer::new(OptimizerConfig::adamw(0.04), vec![("w".into(), var)]).with_weight_decay_schedule(Some(0.4));
+        // DINO's cosine_scheduler: 0.04 at the start, 0.22 half-way, 0.4 at the end.
+        for (step, expected) in [(0, 0.04), (50, 0.22), (100, 0.4), (25, 0.4 - 0.36 * (1.0 + 0.5f64.sqrt()) / 2.0)] {
+            optimizer.schedule_weight_decay(step, 100);
+            assert!((optimizer.weight_decay() - expected).abs() < 1e-12, "step {step}: {}", optimizer.weight_decay());
+        }
+        let mut constant = Optimizer::new(OptimizerConfig::adamw(0.05), Vec::new());
+        constant.schedule_weight_decay(50, 100);
+        assert_eq!(constant.weight_decay(), 0.05);
     }
 }
