@@ -19,11 +19,11 @@ def main():
     with open(args.csv, newline="") as f:
         lines = [line for line in f if line.startswith('"')]
     total, count = collections.Counter(), collections.Counter()
+    scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
     for row in csv.DictReader(lines):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         name = row["Kernel Name"][:90]
-        scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}
         total[name] += float(row["Metric Value"].replace(",", "")) * scale.get(row.get("Metric Unit", "ns"), 1e-6)
         count[name] += 1
     all_ms = sum(total.values())
