@@ -154,7 +154,7 @@ enum OptimizerName {
 struct TrainArgs {
     /// The method, NAME[:KEY=VALUE...] with any of its parameters (as in the run's config.json):
     /// simclr, moco-v2, moco-v3 (:frozen_patch_embedding=true, for a ViT), byol, dino
-    /// (:out_dim=1024:local_crops=0:local_size=12:teacher_temperature=0.07:teacher_warmup=0.3),
+    /// (:out_dim=1024:local_crops=0:local_size=12:teacher_temperature=0.04:teacher_warmup=0.3),
     /// simsiam, swav (:prototypes=100:local_crops=0:local_size=12), deepcluster, pcl, hcsc, cc
     /// (contrastive clustering),
     /// selfcon (:exit_stage=2:single_view=false:labels=false), cmc (:two_crops=true), pirl
@@ -209,8 +209,10 @@ struct TrainArgs {
     /// ViT recipe: 0.04 → 0.4) [default: constant]
     #[arg(long)]
     weight_decay_end: Option<f64>,
-    #[arg(long, default_value_t = 0.0)]
-    warmup_epochs: f64,
+    /// Epochs over which the learning rate rises linearly from 0 (fractions allowed)
+    /// [default: a tenth of --epochs for dino on a vit, 0 otherwise]
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
     /// Scale each parameter's gradient down to this L2 norm where it is longer (0: off)
     /// [default: 3.0 for dino on a vit, off otherwise]
     #[arg(long, value_name = "NORM")]
@@ -603,7 +605,9 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(lr) = args.lr {
         config.learning_rate = lr;
     }
-    config.warmup_epochs = args.warmup_epochs;
+    config.warmup_epochs = args
+        .warmup_epochs
+        .unwrap_or_else(|| TrainConfig::default_warmup_epochs(&config.method, &config.encoder, config.epochs));
     if let Some(max_norm) = args.clip_grad {
         anyhow::ensure!(max_norm >= 0.0 && max_norm.is_finite(), "--clip-grad is a norm >= 0 (0: off), got {max_norm}");
         config.gradient_clip = (max_norm > 0.0).then_some(max_norm);

@@ -134,3 +134,41 @@ fn bad_inputs_give_errors_that_name_the_problem() {
         format!("{:#}", train(&tiny_config("simclr"), &options(&dir.path().join("run3"), true, None)).unwrap_err());
     assert!(err.contains("config.json"), "{err}");
 }
+
+/// The CLI's warm-up default follows `--epochs` for DINO on a ViT (a tenth of the run), an
+/// explicit `--warmup-epochs` wins, and a negative one is refused by name.
+#[test]
+fn the_cli_warms_dino_on_a_vit_up_over_a_tenth_of_its_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["train", "--method", "dino:out_dim=16", "--encoder", "vit:dim=16:depth=1:heads=2"];
+        args.extend(["--train-limit", "64", "--batch-size", "32", "--epochs", "20", "--stop-at-step", "1"]);
+        args.extend(["--knn-every", "0", "--no-final-eval", "--no-progress"]);
+        args.extend(extra);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+            .args(&args)
+            .arg("--data")
+            .arg(&subset)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        (output, out)
+    };
+    let warmup_of = |out: &Path| {
+        let config: TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(out.join(checkpoint::CONFIG_FILE)).unwrap()).unwrap();
+        config.warmup_epochs
+    };
+    let (output, out) = run("default", &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(warmup_of(&out), 2.0);
+    let (output, out) = run("explicit", &["--warmup-epochs", "0.5"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(warmup_of(&out), 0.5);
+    let (output, _) = run("negative", &["--warmup-epochs=-1"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("warm-up epochs must be a number >= 0, got -1"), "{stderr}");
+}
