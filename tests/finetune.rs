@@ -24,7 +24,7 @@ use contrastive::proto::v1::{
     GetJobRequest, GetModelRequest, HyperParameters, InlineDataset, Input, Job, JobEvent, JobState, LabeledImage,
     ListJobsRequest, UploadDatasetChunk, VersionState, WatchJobRequest,
 };
-use contrastive::registry::{MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
+use contrastive::registry::{Manifest, MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE};
 use image::{DynamicImage, GrayImage, ImageFormat};
 use sha2::{Digest, Sha256};
 use tonic::{Code, Status};
@@ -421,6 +421,97 @@ async fn job_trains_publishes_and_serves_the_new_version() {
     for file in [MANIFEST_FILE, MODEL_FILE, WEIGHTS_FILE] {
         assert!(files.iter().any(|f| f == file), "{file} in {files:?}");
     }
+}
+
+/// A ViT base fine-tunes as a ResNet one does: `contrastive train --encoder vit` and `export`
+/// make the base, a job trains its top stage (the last block and the final norm) and the heads,
+/// publishes a ViT version with parity and serves it. The published weights say what trained:
+/// the patch embedding, tokens and first block keep the base's values to the bit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vit_base_fine_tunes_its_last_block_and_the_new_version_is_served() {
+    let dirs = Dirs::empty();
+    let run = dirs.root.path().join("run");
+    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
+    let cli = |args: &[&str], paths: &[(&str, &Path)]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"));
+        command.args(args);
+        for (flag, path) in paths {
+            command.arg(flag).arg(path);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "contrastive {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    cli(
+        &[
+            "train",
+            "--encoder",
+            "vit:dim=32:depth=2:heads=2:mlp_ratio=2",
+            "--train-limit",
+            "128",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--knn-every",
+            "0",
+            "--no-final-eval",
+            "--no-progress",
+        ],
+        &[("--data", &subset), ("--out", &run)],
+    );
+    cli(&["export", "--name", "vit"], &[("--checkpoint", &run), ("--models", &dirs.models)]);
+
+    let server = Server::start(&dirs, &[]).await;
+    let mut client = server.finetune().await;
+    let request = CreateJobRequest {
+        base_model: "vit".into(),
+        output_model: "vit-shirts".into(),
+        hyper_parameters: Some(HyperParameters { epochs: 3, ..Default::default() }),
+        data: Some(inline_of(&shirts()[..120])),
+        ..Default::default()
+    };
+    let created = create(&mut client, request).await;
+    let job = Watcher::open(&mut client, &created.job_id).await.finish().await;
+    assert_eq!((job.state(), job.output_version), (JobState::Succeeded, 1), "{job:#?}");
+
+    let tuned = dirs.models.join("vit-shirts/1");
+    let manifest = Manifest::load(&tuned.join(MANIFEST_FILE)).unwrap();
+    assert_eq!((manifest.architecture.encoder.as_str(), manifest.training.method.as_str()), ("vit", "supcon"));
+    assert!(manifest.parity.max_abs_diff <= 1e-4, "{:?}", manifest.parity);
+    let load = |dir: &Path| candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &candle_core::Device::Cpu).unwrap();
+    let (base, trained) = (load(&dirs.models.join("vit/1")), load(&tuned));
+    let max_change = |key: &str| -> f32 {
+        let (a, b) = (&base[key], &trained[key]);
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    };
+    let mut names: Vec<&String> = base.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        {
+            let mut t: Vec<&String> = trained.keys().collect();
+            t.sort();
+            t
+        },
+        "the same encoder"
+    );
+    let (kept, moved): (Vec<&String>, Vec<&String>) = names.iter().partition(|name| {
+        name.starts_with("encoder.") && !name.starts_with("encoder.blocks.1.") && !name.starts_with("encoder.norm.")
+    });
+    assert!(
+        kept.iter().any(|n| n.contains("patch_embed")) && kept.iter().any(|n| n.contains("blocks.0.")),
+        "{names:?}"
+    );
+    for name in kept {
+        assert_eq!(max_change(name), 0.0, "{name} is below the trained stage");
+    }
+    let last_block: Vec<&&String> = moved.iter().filter(|n| n.starts_with("encoder.blocks.1.")).collect();
+    assert!(last_block.iter().any(|name| max_change(name) > 1e-6), "the last block trained: {last_block:?}");
+
+    let mut embedder = server.embedder().await;
+    let probe = &shirts()[0].image;
+    let response = embedder.embed(embed_request("vit-shirts", &[probe])).await.expect("Embed").into_inner();
+    assert_eq!((response.model.as_str(), response.version, response.embeddings[0].values.len()), ("vit-shirts", 1, 32));
 }
 
 /// Training runs on its own threads: embedding requests keep answering, unchanged, meanwhile.
