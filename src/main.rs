@@ -15,7 +15,7 @@ use contrastive::registry::ModelRepository;
 use contrastive::server::config::{ServeArgs, ServeSettings};
 use contrastive::train::arch::{EncoderConfig, MethodConfig, SupervisedLoss};
 use contrastive::train::checkpoint;
-use contrastive::train::config::{parse_choice, DataSource, TrainConfig};
+use contrastive::train::config::{parse_choice, with_settings, DataSource, TrainConfig};
 use contrastive::train::loss::ContrastLoss;
 use contrastive::train::optim::OptimizerConfig;
 use contrastive::train::pairs::PairStrategy;
@@ -226,6 +226,12 @@ struct TrainArgs {
     /// Train on the first N images only
     #[arg(long)]
     train_limit: Option<usize>,
+    /// Change the augmentation of every view but multi-crop's local crops (which take the
+    /// method's local_scale), KEY=VALUE[:KEY=VALUE...] with the fields of the run's config.json,
+    /// e.g. crop_scale=[0.4,1]:blur_p=0.5 (crop_scale, crop_ratio, flip_p, jitter_p, brightness,
+    /// contrast, saturation, hue, grayscale_p, blur_p, blur_sigma, solarize_p)
+    #[arg(long, value_name = "SETTINGS")]
+    augment: Option<String>,
     /// Crop each view around the object the encoder finds, centres away from its middle
     /// (ContrastiveCrop; boxes refreshed every epoch after the first)
     #[arg(long)]
@@ -619,6 +625,10 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
         anyhow::ensure!((0.0..=1.0).contains(&p), "--image-synthesis is a probability in [0, 1], got {p}");
     }
     for view in &mut config.augment {
+        if let (Some(settings), None) = (&args.augment, view.output_size) {
+            *view = with_settings(view, settings, "augmentation")
+                .with_context(|| format!("invalid --augment '{settings}'"))?;
+        }
         if args.contrastive_crop {
             view.contrastive_crop = Some(Default::default());
         }

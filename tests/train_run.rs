@@ -135,40 +135,64 @@ fn bad_inputs_give_errors_that_name_the_problem() {
     assert!(err.contains("config.json"), "{err}");
 }
 
+/// `contrastive train` on the subset for one step of a small DINO ViT (four views: two global,
+/// two 8-pixel local crops) with `extra` flags; the output and the run's config when it ran.
+fn train_cli(dir: &Path, name: &str, extra: &[&str]) -> (std::process::Output, Option<TrainConfig>) {
+    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
+    let out = dir.join(name);
+    let mut args = vec!["train", "--method", "dino:out_dim=16:local_crops=2:local_size=8"];
+    args.extend(["--encoder", "vit:dim=16:depth=1:heads=2", "--train-limit", "64", "--batch-size", "32"]);
+    args.extend(["--epochs", "20", "--stop-at-step", "1", "--knn-every", "0", "--no-final-eval", "--no-progress"]);
+    args.extend(extra);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+        .args(&args)
+        .arg("--data")
+        .arg(&subset)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let config = std::fs::read_to_string(out.join(checkpoint::CONFIG_FILE)).ok().map(|text| {
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_str(&text).unwrap()
+    });
+    (output, config)
+}
+
+fn refused(output: &std::process::Output, words: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains(words), "{words:?} in {stderr}");
+}
+
 /// The CLI's warm-up default follows `--epochs` for DINO on a ViT (a tenth of the run), an
 /// explicit `--warmup-epochs` wins, and a negative one is refused by name.
 #[test]
 fn the_cli_warms_dino_on_a_vit_up_over_a_tenth_of_its_epochs() {
     let dir = tempfile::tempdir().unwrap();
-    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
-    let run = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let mut args = vec!["train", "--method", "dino:out_dim=16", "--encoder", "vit:dim=16:depth=1:heads=2"];
-        args.extend(["--train-limit", "64", "--batch-size", "32", "--epochs", "20", "--stop-at-step", "1"]);
-        args.extend(["--knn-every", "0", "--no-final-eval", "--no-progress"]);
-        args.extend(extra);
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
-            .args(&args)
-            .arg("--data")
-            .arg(&subset)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .unwrap();
-        (output, out)
-    };
-    let warmup_of = |out: &Path| {
-        let config: TrainConfig =
-            serde_json::from_str(&std::fs::read_to_string(out.join(checkpoint::CONFIG_FILE)).unwrap()).unwrap();
-        config.warmup_epochs
-    };
-    let (output, out) = run("default", &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(warmup_of(&out), 2.0);
-    let (output, out) = run("explicit", &["--warmup-epochs", "0.5"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(warmup_of(&out), 0.5);
-    let (output, _) = run("negative", &["--warmup-epochs=-1"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("warm-up epochs must be a number >= 0, got -1"), "{stderr}");
+    assert_eq!(train_cli(dir.path(), "default", &[]).1.unwrap().warmup_epochs, 2.0);
+    assert_eq!(train_cli(dir.path(), "explicit", &["--warmup-epochs", "0.5"]).1.unwrap().warmup_epochs, 0.5);
+    let (output, config) = train_cli(dir.path(), "negative", &["--warmup-epochs=-1"]);
+    refused(&output, "warm-up epochs must be a number >= 0, got -1");
+    assert!(config.is_none(), "a refused run leaves no run folder behind");
+}
+
+/// `--augment` changes the global views and leaves the local crops to the method; a field that
+/// does not exist, an inverted range and a probability above 1 are refused by name.
+#[test]
+fn the_cli_sets_the_global_views_augmentation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = train_cli(dir.path(), "stronger", &["--augment", "crop_scale=[0.4,1]:blur_p=0.5:hue=0"]).1.unwrap();
+    assert_eq!(config.augment.len(), 4);
+    for global in &config.augment[..2] {
+        assert_eq!((global.crop_scale, global.blur_p, global.hue), ((0.4, 1.0), 0.5, 0.0));
+        assert_eq!(global.flip_p, 0.5, "the fields not named keep the method's values");
+    }
+    for local in &config.augment[2..] {
+        assert_eq!((local.crop_scale, local.blur_p, local.output_size), ((0.05, 0.4), 0.0, Some(8)));
+    }
+    let (output, _) = train_cli(dir.path(), "typo", &["--augment", "crop=[0.4,1]"]);
+    refused(&output, "augmentation has no parameter 'crop'; its parameters: ");
+    refused(&output, "crop_scale");
+    refused(&train_cli(dir.path(), "inverted", &["--augment", "crop_scale=[0.9,0.2]"]).0, "crop_scale must satisfy");
+    refused(&train_cli(dir.path(), "likely", &["--augment", "flip_p=2"]).0, "flip_p must be in [0, 1], got 2");
 }

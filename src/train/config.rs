@@ -264,6 +264,10 @@ impl TrainConfig {
             self.method.name(),
             self.augment.len()
         );
+        // After the method's own checks, which name a multi-crop setting by its method.
+        for view in &self.augment {
+            view.validate()?;
+        }
         Ok(())
     }
 
@@ -288,34 +292,54 @@ impl TrainConfig {
 }
 
 /// A choice written `NAME[:KEY=VALUE...]` on the command line (`mochi:hardest=128:mixes=64`):
-/// the defaults `default_for(NAME)` with each KEY set to VALUE (a number, true/false, or text).
-/// `what` names the option in errors ("pair strategy", "loss").
+/// the defaults `default_for(NAME)` with each KEY set to VALUE (a number, true/false, a JSON
+/// array, or text). `what` names the option in errors ("pair strategy", "loss").
 pub fn parse_choice<T: Serialize + DeserializeOwned>(
     spec: &str,
     default_for: impl Fn(&str) -> Result<T>,
     what: &str,
 ) -> Result<T> {
-    let mut parts = spec.split(':');
-    let name = parts.next().unwrap_or_default().trim();
+    let (name, settings) = spec.split_once(':').unwrap_or((spec, ""));
+    let name = name.trim();
     let mut value = serde_json::to_value(default_for(name)?)?;
-    let Some(fields) = value.as_object_mut() else { bail!("{what} {name} takes no parameters") };
+    set_fields(&mut value, settings, &format!("{what} {name}"))?;
+    serde_json::from_value(value).with_context(|| format!("invalid parameters for {what} '{spec}'"))
+}
+
+/// `base` with each field named in `settings`, `KEY=VALUE[:KEY=VALUE...]`, set to its VALUE
+/// (as in [`parse_choice`]); an unknown KEY is refused with the fields there are. `what` names
+/// the thing set in errors ("augmentation").
+pub fn with_settings<T: Serialize + DeserializeOwned>(base: &T, settings: &str, what: &str) -> Result<T> {
+    let mut value = serde_json::to_value(base)?;
+    set_fields(&mut value, settings, what)?;
+    serde_json::from_value(value).with_context(|| format!("invalid {what} '{settings}'"))
+}
+
+fn set_fields(value: &mut serde_json::Value, settings: &str, what: &str) -> Result<()> {
+    let parts: Vec<&str> = settings.split(':').filter(|part| !part.trim().is_empty()).collect();
+    let Some(fields) = value.as_object_mut() else {
+        return match parts.first() {
+            Some(part) => bail!("{what} takes no parameters, got '{part}'"),
+            None => Ok(()),
+        };
+    };
     for part in parts {
         let Some((key, raw)) = part.split_once('=') else {
-            bail!("{what} {name}: expected KEY=VALUE after ':', got '{part}'")
+            bail!("{what}: expected KEY=VALUE after ':', got '{part}'")
         };
         let key = key.trim();
         if key == "name" || !fields.contains_key(key) {
             let known: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "name").collect();
             match known.is_empty() {
-                true => bail!("{what} {name} takes no parameters, got '{key}'"),
-                false => bail!("{what} {name} has no parameter '{key}'; its parameters: {}", known.join(", ")),
+                true => bail!("{what} takes no parameters, got '{key}'"),
+                false => bail!("{what} has no parameter '{key}'; its parameters: {}", known.join(", ")),
             }
         }
         let raw = raw.trim();
         let parsed = serde_json::from_str(raw).unwrap_or_else(|_| serde_json::Value::String(raw.to_string()));
         fields.insert(key.to_string(), parsed);
     }
-    serde_json::from_value(value).with_context(|| format!("invalid parameters for {what} '{spec}'"))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -419,6 +443,42 @@ mod tests {
         swav.validate().unwrap();
         let err = with_vit("swav:local_crops=2:local_scale=[0.5,0.1]").validate().unwrap_err().to_string();
         assert!(err.contains("swav: local_scale must satisfy 0 < min <= max <= 1, got [0.5, 0.1]"), "{err}");
+    }
+
+    /// Every method's own views pass the augmentation checks, on both encoders.
+    #[test]
+    fn every_method_default_is_valid() {
+        let shape = ImageShape::new(1, 28, 28);
+        for name in MethodConfig::NAMES {
+            let config = TrainConfig::for_method(MethodConfig::default_for(name).unwrap(), shape);
+            config.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            for view in &config.augment {
+                view.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+    }
+
+    /// Settings replace only the fields they name; a bad one is refused with the fields there are.
+    #[test]
+    fn settings_change_the_named_fields_only() {
+        let base = AugmentConfig::simclr();
+        let changed = with_settings(&base, "crop_scale=[0.4, 1]:blur_p=0.5", "augmentation").unwrap();
+        assert_eq!(changed, AugmentConfig { crop_scale: (0.4, 1.0), blur_p: 0.5, ..base.clone() });
+        assert_eq!(with_settings(&base, "", "augmentation").unwrap(), base);
+        let err = with_settings(&base, "blur=1", "augmentation").unwrap_err().to_string();
+        assert!(
+            err.starts_with("augmentation has no parameter 'blur'; its parameters: ") && err.contains("crop_scale")
+        );
+        let err = with_settings(&base, "blur_p", "augmentation").unwrap_err().to_string();
+        assert!(err.contains("expected KEY=VALUE"), "{err}");
+        let mut inverted = base.clone();
+        inverted.crop_scale = (0.9, 0.2);
+        let err = inverted.validate().unwrap_err().to_string();
+        assert_eq!(err, "augmentation: crop_scale must satisfy 0 < min <= max <= 1, got [0.9, 0.2]");
+        let err = AugmentConfig { hue: 0.7, ..base.clone() }.validate().unwrap_err().to_string();
+        assert_eq!(err, "augmentation: hue must be in [0, 0.5], got 0.7");
+        let err = AugmentConfig { contrast: -1.0, ..base }.validate().unwrap_err().to_string();
+        assert_eq!(err, "augmentation: contrast must be a strength >= 0, got -1");
     }
 
     #[test]

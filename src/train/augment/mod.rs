@@ -178,6 +178,44 @@ impl AugmentConfig {
         Self { blur_p: 0.1, solarize_p: 0.2, ..Self::byol_view_a() }
     }
 
+    /// Refuses settings the samplers cannot draw from (an empty or inverted range, a probability
+    /// outside [0, 1]), naming the field and its value.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let range = |name: &str, (low, high): (f32, f32), max: f32| {
+            anyhow::ensure!(
+                low > 0.0 && low <= high && high <= max,
+                "augmentation: {name} must satisfy 0 < min <= max <= {max}, got [{low}, {high}]"
+            );
+            Ok(())
+        };
+        range("crop_scale", self.crop_scale, 1.0)?;
+        range("crop_ratio", self.crop_ratio, f32::MAX)?;
+        range("blur_sigma", self.blur_sigma, f32::MAX)?;
+        let probabilities = [
+            ("flip_p", self.flip_p),
+            ("jitter_p", self.jitter_p),
+            ("grayscale_p", self.grayscale_p),
+            ("blur_p", self.blur_p),
+            ("solarize_p", self.solarize_p),
+            ("synthesis_p", self.synthesis_p),
+            ("synthesis_threshold", self.synthesis_threshold),
+        ];
+        for (name, p) in probabilities {
+            anyhow::ensure!((0.0..=1.0).contains(&p), "augmentation: {name} must be in [0, 1], got {p}");
+        }
+        for (name, strength) in
+            [("brightness", self.brightness), ("contrast", self.contrast), ("saturation", self.saturation)]
+        {
+            anyhow::ensure!(
+                strength >= 0.0 && strength.is_finite(),
+                "augmentation: {name} must be a strength >= 0, got {strength}"
+            );
+        }
+        anyhow::ensure!((0.0..=0.5).contains(&self.hue), "augmentation: hue must be in [0, 0.5], got {}", self.hue);
+        anyhow::ensure!(self.output_size != Some(0), "augmentation: output_size must be at least 1 pixel");
+        Ok(())
+    }
+
     /// No augmentation: the pipeline returns the image unchanged.
     pub fn none() -> Self {
         Self {
