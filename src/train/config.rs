@@ -475,6 +475,8 @@ mod tests {
         inverted.crop_scale = (0.9, 0.2);
         let err = inverted.validate().unwrap_err().to_string();
         assert_eq!(err, "augmentation: crop_scale must satisfy 0 < min <= max <= 1, got [0.9, 0.2]");
+        let err = AugmentConfig { crop_ratio: (2.0, 0.5), ..base.clone() }.validate().unwrap_err().to_string();
+        assert_eq!(err, "augmentation: crop_ratio must satisfy 0 < min <= max, got [2, 0.5]");
         let err = AugmentConfig { hue: 0.7, ..base.clone() }.validate().unwrap_err().to_string();
         assert_eq!(err, "augmentation: hue must be in [0, 0.5], got 0.7");
         let err = AugmentConfig { contrast: -1.0, ..base }.validate().unwrap_err().to_string();

@@ -181,16 +181,18 @@ impl AugmentConfig {
     /// Refuses settings the samplers cannot draw from (an empty or inverted range, a probability
     /// outside [0, 1]), naming the field and its value.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let range = |name: &str, (low, high): (f32, f32), max: f32| {
+        // `max` None: no upper bound.
+        let range = |name: &str, (low, high): (f32, f32), max: Option<f32>| {
+            let bound = max.map_or(String::new(), |max| format!(" <= {max}"));
             anyhow::ensure!(
-                low > 0.0 && low <= high && high <= max,
-                "augmentation: {name} must satisfy 0 < min <= max <= {max}, got [{low}, {high}]"
+                low > 0.0 && low <= high && high <= max.unwrap_or(f32::INFINITY),
+                "augmentation: {name} must satisfy 0 < min <= max{bound}, got [{low}, {high}]"
             );
             Ok(())
         };
-        range("crop_scale", self.crop_scale, 1.0)?;
-        range("crop_ratio", self.crop_ratio, f32::MAX)?;
-        range("blur_sigma", self.blur_sigma, f32::MAX)?;
+        range("crop_scale", self.crop_scale, Some(1.0))?;
+        range("crop_ratio", self.crop_ratio, None)?;
+        range("blur_sigma", self.blur_sigma, None)?;
         let probabilities = [
             ("flip_p", self.flip_p),
             ("jitter_p", self.jitter_p),
