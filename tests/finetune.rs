@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -430,36 +430,7 @@ async fn job_trains_publishes_and_serves_the_new_version() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vit_base_fine_tunes_its_last_block_and_the_new_version_is_served() {
     let dirs = Dirs::empty();
-    let run = dirs.root.path().join("run");
-    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
-    let cli = |args: &[&str], paths: &[(&str, &Path)]| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"));
-        command.args(args);
-        for (flag, path) in paths {
-            command.arg(flag).arg(path);
-        }
-        let output = command.output().unwrap();
-        assert!(output.status.success(), "contrastive {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    };
-    cli(
-        &[
-            "train",
-            "--encoder",
-            "vit:dim=32:depth=2:heads=2:mlp_ratio=2",
-            "--train-limit",
-            "128",
-            "--batch-size",
-            "32",
-            "--epochs",
-            "1",
-            "--knn-every",
-            "0",
-            "--no-final-eval",
-            "--no-progress",
-        ],
-        &[("--data", &subset), ("--out", &run)],
-    );
-    cli(&["export", "--name", "vit"], &[("--checkpoint", &run), ("--models", &dirs.models)]);
+    let base_version = common::publish_small_vit(&dirs, "vit");
 
     let server = Server::start(&dirs, &[]).await;
     let mut client = server.finetune().await;
@@ -479,22 +450,13 @@ async fn a_vit_base_fine_tunes_its_last_block_and_the_new_version_is_served() {
     assert_eq!((manifest.architecture.encoder.as_str(), manifest.training.method.as_str()), ("vit", "supcon"));
     assert!(manifest.parity.max_abs_diff <= 1e-4, "{:?}", manifest.parity);
     let load = |dir: &Path| candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &candle_core::Device::Cpu).unwrap();
-    let (base, trained) = (load(&dirs.models.join("vit/1")), load(&tuned));
+    let (base, trained) = (load(&base_version), load(&tuned));
     let max_change = |key: &str| -> f32 {
         let (a, b) = (&base[key], &trained[key]);
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     };
-    let mut names: Vec<&String> = base.keys().collect();
-    names.sort();
-    assert_eq!(
-        names,
-        {
-            let mut t: Vec<&String> = trained.keys().collect();
-            t.sort();
-            t
-        },
-        "the same encoder"
-    );
+    let names: BTreeSet<&String> = base.keys().collect();
+    assert_eq!(names, trained.keys().collect::<BTreeSet<_>>(), "the same encoder");
     let (kept, moved): (Vec<&String>, Vec<&String>) = names.iter().partition(|name| {
         name.starts_with("encoder.") && !name.starts_with("encoder.blocks.1.") && !name.starts_with("encoder.norm.")
     });

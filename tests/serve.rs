@@ -1049,47 +1049,7 @@ async fn a_request_larger_than_the_queue_is_refused_for_good() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trained_vit_exports_passes_the_onnx_checker_and_is_served() {
     let dirs = common::Dirs::empty();
-    let run = dirs.root.path().join("run");
-    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
-    let cli = |args: &[&std::ffi::OsStr]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive")).args(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "contrastive {args:?}: {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let os = |s: &str| std::ffi::OsString::from(s);
-    cli(&[
-        os("train").as_os_str(),
-        &os("--encoder"),
-        &os("vit:dim=32:depth=2:heads=2:mlp_ratio=2"),
-        &os("--data"),
-        subset.as_os_str(),
-        &os("--train-limit"),
-        &os("128"),
-        &os("--batch-size"),
-        &os("32"),
-        &os("--epochs"),
-        &os("1"),
-        &os("--knn-every"),
-        &os("0"),
-        &os("--no-final-eval"),
-        &os("--no-progress"),
-        &os("--out"),
-        run.as_os_str(),
-    ]);
-    cli(&[
-        os("export").as_os_str(),
-        &os("--checkpoint"),
-        run.as_os_str(),
-        &os("--name"),
-        &os("vit"),
-        &os("--models"),
-        dirs.models.as_os_str(),
-    ]);
-    let version = dirs.models.join("vit/1");
+    let version = common::publish_small_vit(&dirs, "vit");
     let manifest: Manifest =
         serde_json::from_str(&std::fs::read_to_string(version.join(MANIFEST_FILE)).unwrap()).unwrap();
     assert_eq!(manifest.architecture.encoder, "vit");

@@ -67,6 +67,33 @@ impl Dirs {
     }
 }
 
+/// Trains a small ViT (width 32, 2 blocks) for one epoch of 128 subset images with the real
+/// `contrastive train`, exports it with `contrastive export` as `name` version 1 into `dirs`'s
+/// repository (parity checked there), and returns the version folder.
+pub fn publish_small_vit(dirs: &Dirs, name: &str) -> PathBuf {
+    let run = dirs.root.path().join(format!("run-{name}"));
+    let subset = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fashion-mnist-subset");
+    let cli = |args: &[&str], paths: &[(&str, &Path)]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"));
+        command.args(args);
+        for (flag, path) in paths {
+            command.arg(flag).arg(path);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "contrastive {args:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let mut train = vec!["train", "--encoder", "vit:dim=32:depth=2:heads=2:mlp_ratio=2", "--train-limit", "128"];
+    train.extend(["--batch-size", "32", "--epochs", "1", "--knn-every", "0", "--no-final-eval", "--no-progress"]);
+    cli(&train, &[("--data", &subset), ("--out", &run)]);
+    cli(&["export", "--name", name], &[("--checkpoint", &run), ("--models", &dirs.models)]);
+    dirs.models.join(name).join("1")
+}
+
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
