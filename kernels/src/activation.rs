@@ -73,7 +73,7 @@ impl CustomOp2 for ReluGrad {
     }
 }
 
-fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
+pub(crate) fn relu_grad(y: &Tensor, dy: &Tensor) -> Result<Tensor> {
     y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)
 }
 
@@ -102,6 +102,27 @@ impl CustomOp1 for Relu {
     }
 }
 
+/// `max(0, a + b)` of two same-shape contiguous CPU operands (f32 or f64); `name` names the op
+/// in errors.
+pub(crate) fn add_relu_storage(
+    name: &str,
+    a: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    fn run<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+        let zero = T::from_f64(0.0);
+        zip_map(a, b, |a, b| {
+            let s = a + b;
+            if s > zero {
+                s
+            } else {
+                zero
+            }
+        })
+    }
+    binary_float(name, a, b, run::<f32>, run::<f64>)
+}
+
 struct AddRelu;
 
 impl CustomOp2 for AddRelu {
@@ -110,18 +131,7 @@ impl CustomOp2 for AddRelu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        fn run<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-            let zero = T::from_f64(0.0);
-            zip_map(a, b, |a, b| {
-                let s = a + b;
-                if s > zero {
-                    s
-                } else {
-                    zero
-                }
-            })
-        }
-        binary_float(self.name(), (s1, l1), (s2, l2), run::<f32>, run::<f64>)
+        add_relu_storage(self.name(), (s1, l1), (s2, l2))
     }
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {

@@ -671,12 +671,24 @@ pub(crate) fn conv_backward(
     dy: &Tensor,
     geometry: ConvGeometry,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    conv_backward_where(x, w, dy, geometry, (x.track_op(), w.track_op()))
+}
+
+/// `(dx, dw)` from the output gradient `dy`, each where its flag asks for it (inside a fused
+/// op, where an intermediate tensor needs its gradient but tracks none).
+pub(crate) fn conv_backward_where(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    geometry: ConvGeometry,
+    (want_dx, want_dw): (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let dy = dy.contiguous()?;
-    let dx = match x.track_op() {
+    let dx = match want_dx {
         true => Some(dy.apply_op2_no_bwd(w, &Im2colConvGradInput { geometry })?),
         false => None,
     };
-    let dw = match w.track_op() {
+    let dw = match want_dw {
         true => Some(x.apply_op2_no_bwd(&dy, &Im2colConvGradWeight { geometry })?),
         false => None,
     };

@@ -1,7 +1,8 @@
 //! Training ops that candle's CPU backend lacks or runs slowly, as candle custom ops with their
 //! own backward: im2col + matrix-product convolution ([`conv2d`]), batch norm with an optional
 //! ReLU in one pass each way ([`batch_norm_train`]), the two fused into one op
-//! ([`conv_bn_train`]), and one-pass ReLUs ([`relu`], [`add_relu`]). Each is tested against
+//! ([`conv_bn_train`]), one-pass ReLUs ([`relu`], [`add_relu`]), and a ResNet's residual block
+//! built of those as one op ([`residual_block_train`]). Each is tested against
 //! candle's own ops in values and gradients (f32 and f64) and against finite differences.
 //!
 //! Layers choose them through a [`Backend`] value they are built with; on other devices and
@@ -17,6 +18,7 @@ mod conv_bn;
 mod conv_by_forward;
 mod matmul_avx512;
 mod norm;
+mod residual_block;
 #[cfg(test)]
 mod testing;
 
@@ -26,6 +28,7 @@ pub use conv::conv2d;
 pub use conv_bn::conv_bn_train;
 pub use conv_by_forward::conv2d_gradients_by_forward;
 pub use norm::{l2_normalize, l2_normalize_slice, L2_EPS_SQUARED};
+pub use residual_block::{residual_block_train, BlockStatistics, ConvBnLayer};
 
 use candle_core::{DType, Tensor};
 

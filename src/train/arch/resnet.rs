@@ -111,6 +111,9 @@ impl BasicBlock {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.backend.fused_on(x) {
+            return self.forward_fused(x);
+        }
         let h = self.layer1.forward_t(x, train, true)?;
         let h = self.layer2.forward_t(&h, train, false)?;
         let identity = match &self.shortcut {
@@ -121,6 +124,34 @@ impl BasicBlock {
             Backend::Fused => contrastive_kernels::add_relu(&h, &identity),
             Backend::Candle => (h + identity)?.relu(),
         }
+    }
+
+    /// Training on the CPU: the whole block as one op ([`contrastive_kernels::residual_block_train`],
+    /// the same values and gradients as the layers' own ops with fewer gradient buffers), then
+    /// each batch norm's running-average update.
+    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        fn layer(unit: &ConvBn) -> contrastive_kernels::ConvBnLayer<'_> {
+            contrastive_kernels::ConvBnLayer {
+                weight: unit.conv.weight(),
+                gamma: unit.bn.weight(),
+                beta: unit.bn.bias(),
+                stride: unit.conv.stride(),
+                padding: unit.conv.padding(),
+                eps: unit.bn.eps(),
+            }
+        }
+        let (y, stats) = contrastive_kernels::residual_block_train(
+            x,
+            layer(&self.layer1),
+            layer(&self.layer2),
+            self.shortcut.as_ref().map(layer),
+        )?;
+        self.layer1.bn.update_running_statistics(&stats.layer1)?;
+        self.layer2.bn.update_running_statistics(&stats.layer2)?;
+        if let (Some(shortcut), Some(stats)) = (&self.shortcut, &stats.shortcut) {
+            shortcut.bn.update_running_statistics(stats)?;
+        }
+        Ok(y)
     }
 
     /// The block in evaluation mode as ONNX nodes (batch norms folded into the convs); values
