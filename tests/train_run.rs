@@ -196,3 +196,39 @@ fn the_cli_sets_the_global_views_augmentation() {
     refused(&train_cli(dir.path(), "inverted", &["--augment", "crop_scale=[0.9,0.2]"]).0, "crop_scale must satisfy");
     refused(&train_cli(dir.path(), "likely", &["--augment", "flip_p=2"]).0, "flip_p must be in [0, 1], got 2");
 }
+
+/// `bench train` times our step and the reference's once per round and reports each side's
+/// median over the rounds. The reference interpreter here is a stand-in script that logs each
+/// call and answers 2, 6 and then 4 seconds: the median is 4 s, so 8 images give 2.0 images/s.
+#[test]
+fn bench_train_reports_the_median_of_its_rounds_for_both_sides() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let python = dir.path().join("python");
+    let script = format!(
+        "#!/bin/sh\necho \"$@\" >> {calls}\nn=$(wc -l < {calls})\n\
+         case $n in 1) s=2;; 2) s=6;; *) s=4;; esac\n\
+         echo \"{{\\\"median_seconds\\\": $s}}\"\n",
+        calls = calls.display()
+    );
+    std::fs::write(&python, script).unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_contrastive"))
+        .args(["bench", "train", "--methods", "simclr", "--batch-size", "8", "--steps", "1", "--rounds", "3"])
+        .args(["--reference", "on", "--python"])
+        .arg(&python)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("median of 3 rounds"), "{stdout}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    assert_eq!(calls.lines().count(), 3, "{calls}");
+    assert!(calls.lines().all(|line| line.contains("--method simclr --batch 8 --steps 1")), "{calls}");
+    let row: Vec<&str> = stdout.lines().find(|l| l.starts_with("simclr")).unwrap().split_whitespace().collect();
+    assert_eq!(row[2], "2.0", "PyTorch images/s in {row:?}");
+    // Ours is printed to 0.1 images/s, the ratio to 0.01.
+    let (ours, ratio): (f64, f64) = (row[1].parse().unwrap(), row[3].parse().unwrap());
+    assert!((ratio - 4.0 * ours / 8.0).abs() < 0.05 * 4.0 / 8.0 + 0.005, "ratio in {row:?}");
+}

@@ -8,7 +8,9 @@
 //! Both sides are timed the same way: random images in [0, 1] (augmentation out on both sides),
 //! the forward pass of every view, the loss, backward, the optimiser step and the method's
 //! after-step work (momentum updates, queues, prototypes); one warm-up step, then the median of
-//! `--steps` steps.
+//! `--steps` steps. Each method runs `--rounds` rounds of our step then the reference's, and
+//! each side reports the median of its rounds: on a shared machine a whole run of either side
+//! can be a fifth off, while steps within a run agree.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,6 +44,10 @@ pub struct TrainBenchOptions {
     /// Timed steps per method (after one warm-up step); the median is reported
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Rounds per method, each timing our step then the reference's; each side reports the
+    /// median of its rounds (a whole run of either side can be 20 % off on a shared machine)
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Methods to time [default: all]
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<String>,
@@ -258,7 +264,7 @@ pub const REFERENCE_METHODS: [&str; 6] = ["simclr", "moco-v2", "byol", "simsiam"
 /// Runs the benchmark and prints its table.
 pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
     anyhow::ensure!(options.batch_size >= 2, "--batch-size must be at least 2");
-    let steps = options.steps.max(1);
+    let (steps, rounds) = (options.steps.max(1), options.rounds.max(1));
     let methods: Vec<String> = if options.methods.is_empty() {
         MethodConfig::NAMES.iter().map(|s| s.to_string()).collect()
     } else {
@@ -304,10 +310,11 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         None
     };
     println!(
-        "step: batch {}, two 28×28 views, encoder {}; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after {}",
+        "step: batch {}, two 28×28 views, encoder {}; forward, loss, backward, optimiser and after-step work; random images (no augmentation on either side); median of {steps} steps after {}, median of {rounds} round{} (ours, then the reference's)",
         options.batch_size,
         if is_canonical { "the canonical ResNet".to_string() } else { serde_json::to_string(&encoder)? },
-        if device.is_cpu() { "one warm-up" } else { "three warm-ups" }
+        if device.is_cpu() { "one warm-up" } else { "three warm-ups" },
+        if rounds == 1 { "" } else { "s" }
     );
     match (&reference, options.reference) {
         (Some(_), _) => {
@@ -340,37 +347,53 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
         let chosen = (!is_canonical).then_some(&encoder);
         // A method that cannot run (on this encoder or device) gets its error as its row; the
         // others still run, and the command fails at the end unless the encoder explains it.
-        let times = step_times(method, chosen, options.batch_size, steps, device, Backend::Fused, options.phases);
-        let seconds = match &times {
-            Ok(StepTimes { total, .. }) => *total,
-            Err(error) => {
-                println!("{name:<10} {:>10}   ({error})", "-");
-                if chosen.is_none() {
-                    failed.push(name.as_str());
+        let script = reference.as_ref().filter(|_| REFERENCE_METHODS.contains(&name.as_str()));
+        let (mut ours, mut theirs, mut phases) = (Vec::new(), Vec::new(), None);
+        let mut error = None;
+        for round in 0..rounds {
+            // Phases once: they cost extra steps.
+            let times = step_times(
+                method,
+                chosen,
+                options.batch_size,
+                steps,
+                device,
+                Backend::Fused,
+                options.phases && round == 0,
+            );
+            match times {
+                Ok(StepTimes { total, phases: parts }) => {
+                    ours.push(total);
+                    phases = phases.or(parts);
                 }
-                continue;
-            }
-        };
-        let theirs = match &reference {
-            Some(script) if REFERENCE_METHODS.contains(&name.as_str()) => {
-                match reference_seconds(
-                    &options.python,
-                    script,
-                    name,
-                    options.batch_size,
-                    steps,
-                    cpu.threads,
-                    &torch_device,
-                ) {
-                    Ok(seconds) => Some(seconds),
-                    Err(error) => {
-                        eprintln!("{name}: {error:#}");
-                        None
-                    }
+                Err(e) => {
+                    error = Some(e);
+                    break;
                 }
             }
-            _ => None,
-        };
+            let Some(script) = script else { continue };
+            match reference_seconds(
+                &options.python,
+                script,
+                name,
+                options.batch_size,
+                steps,
+                cpu.threads,
+                &torch_device,
+            ) {
+                Ok(seconds) => theirs.push(seconds),
+                Err(e) => eprintln!("{name}: {e:#}"),
+            }
+        }
+        if let Some(error) = error {
+            println!("{name:<10} {:>10}   ({error})", "-");
+            if chosen.is_none() {
+                failed.push(name.as_str());
+            }
+            continue;
+        }
+        let seconds = median(ours);
+        let theirs = (!theirs.is_empty()).then(|| median(theirs));
         let flops = step_flops(method, &encoder, options.batch_size);
         let percent = |s: f64| peak.map(|peak| 100.0 * flops / s / 1e9 / peak);
         let blank = || "-".to_string();
@@ -384,7 +407,7 @@ pub fn run(options: &TrainBenchOptions, device: &Device) -> Result<()> {
             percent(seconds).map_or_else(blank, |p| format!("{p:.1}%")),
             theirs.and_then(percent).map_or_else(blank, |p| format!("{p:.1}%")),
         );
-        if let Ok(StepTimes { phases: Some([forward, backward, update]), .. }) = times {
+        if let Some([forward, backward, update]) = phases {
             let ms = |s: f64| 1e3 * s;
             println!(
                 "{:<10} {:>10}   forward + loss {:.1} ms, backward {:.1} ms, update {:.1} ms",
