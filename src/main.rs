@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train an encoder with a contrastive method (or resume a run).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a run's encoder: k-NN, linear probe, alignment, uniformity, retrieval, clustering; and raw pixels' k-NN, retrieval and clustering.
     Eval(EvalArgs),
     /// Export a run's encoder to ONNX, check parity against ONNX Runtime, publish it as a model version.
@@ -243,6 +243,11 @@ struct TrainArgs {
     /// Train on a long-tailed split: class c keeps n_max * RATIO^(-c/(C-1)) images (e.g. 100)
     #[arg(long, value_name = "RATIO")]
     long_tail: Option<f64>,
+    /// Start from the weights of a run folder, a model version's folder or a weights file of
+    /// the same method and encoder (e.g. train a published model longer), with a fresh
+    /// optimiser and schedule
+    #[arg(long, value_name = "PATH", conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
     /// Evaluate k-NN every N epochs (0: only at the end)
     #[arg(long, default_value_t = 1)]
     knn_every: usize,
@@ -350,7 +355,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+fn train(args: Box<TrainArgs>) -> Result<()> {
     let device = parse_device(&args.device)?;
     let mut default_dir = method_name(&args.method).to_string();
     for choice in [&args.loss, &args.pairs].into_iter().flatten() {
@@ -621,6 +626,7 @@ fn build_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.seed = args.seed;
     config.train_limit = args.train_limit;
     config.long_tail = args.long_tail;
+    config.init_from = args.init_from.clone();
     if let Some(p) = args.image_synthesis {
         anyhow::ensure!((0.0..=1.0).contains(&p), "--image-synthesis is a probability in [0, 1], got {p}");
     }

@@ -232,3 +232,40 @@ fn bench_train_reports_the_median_of_its_rounds_for_both_sides() {
     let (ours, ratio): (f64, f64) = (row[1].parse().unwrap(), row[3].parse().unwrap());
     assert!((ratio - 4.0 * ours / 8.0).abs() < 0.05 * 4.0 / 8.0 + 0.005, "ratio in {row:?}");
 }
+
+/// `init_from` starts a new run from another run's weights (every variable and buffer as
+/// saved, the step count at 0) and records where they came from; weights of another shape are
+/// refused by name before the new run writes anything.
+#[test]
+fn a_run_can_start_from_another_runs_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    train(&tiny_config("simclr"), &options(&first, false, None)).unwrap();
+
+    let mut config = tiny_config("simclr");
+    config.init_from = Some(first.clone());
+    config.seed = 7;
+    let second = dir.path().join("second");
+    let state = train(&config, &options(&second, false, Some(0))).unwrap();
+    assert_eq!(state.progress.step, 0);
+    let (a, b) = (weights(&first), weights(&second));
+    assert_eq!(a.len(), b.len());
+    for (name, ta) in &a {
+        let same = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            == b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(same, "{name} is not the first run's");
+    }
+    assert_eq!(TrainConfig::load(&second.join(checkpoint::CONFIG_FILE)).unwrap().init_from, Some(first.clone()));
+    // A model version's weights file works the same way (the folder or the file itself).
+    let mut from_file = config.clone();
+    from_file.init_from = Some(first.join(checkpoint::WEIGHTS_FILE));
+    train(&from_file, &options(&dir.path().join("third"), false, Some(0))).unwrap();
+
+    let mut wider = tiny_config("simclr");
+    wider.encoder = ResNetConfig { widths: vec![8, 16, 32], ..ResNetConfig::canonical(1) }.into();
+    wider.init_from = Some(first.clone());
+    let refused = dir.path().join("refused");
+    let err = format!("{:#}", train(&wider, &options(&refused, false, None)).unwrap_err());
+    assert!(err.contains("cannot start from") && err.contains("has shape"), "{err}");
+    assert!(!refused.join(checkpoint::CONFIG_FILE).exists(), "the refused run wrote its config");
+}

@@ -113,6 +113,11 @@ pub struct TrainConfig {
     /// evaluation then reports many/medium/few-shot accuracy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub long_tail: Option<f64>,
+    /// Start from these weights (a run folder, a model version's folder or a weights file)
+    /// instead of a random initialisation: a longer run of a trained model with a new
+    /// schedule. The optimiser state and the step count start fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
     pub monitor: MonitorConfig,
 }
 
@@ -142,6 +147,7 @@ impl TrainConfig {
             data: DataSource::fashion_mnist(),
             train_limit: None,
             long_tail: None,
+            init_from: None,
             monitor: MonitorConfig::default(),
         }
     }

@@ -72,6 +72,12 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> Result<RunState> {
         optimizer.load_state(checkpoint::load_optimizer(dir)?)?;
         checkpoint::load_state(dir)?
     } else {
+        if let Some(source) = &config.init_from {
+            let file = if source.is_dir() { source.join(checkpoint::WEIGHTS_FILE) } else { source.clone() };
+            let buffers = checkpoint::load_weights_file(&file, &model.varmap, &options.device)
+                .with_context(|| format!("cannot start from {}", source.display()))?;
+            model.method.load_buffers(&buffers)?;
+        }
         config.save(&config_path)?;
         let _ = std::fs::remove_file(dir.join(checkpoint::METRICS_FILE));
         RunState::default()
