@@ -663,6 +663,16 @@ pub(crate) fn conv_forward_storage(
     dispatch_float("im2col-conv2d", x, w, |x, w| conv_forward(g, x, w), |x, w| conv_forward(g, x, w))
 }
 
+/// A storage a kernel produced (f32 or f64), as a CPU tensor of `shape` (no copy): how the fused
+/// ops keep the intermediate outputs their backward needs.
+pub(crate) fn storage_into_tensor(storage: CpuStorage, shape: Shape) -> Result<Tensor> {
+    match storage {
+        CpuStorage::F32(values) => Tensor::from_vec(values, shape, &candle_core::Device::Cpu),
+        CpuStorage::F64(values) => Tensor::from_vec(values, shape, &candle_core::Device::Cpu),
+        other => bail!("a kernel returned {:?}, neither f32 nor f64", other.dtype()),
+    }
+}
+
 /// `(dx, dw)` from the output gradient `dy`, each only where its operand tracks gradients
 /// (the stem's input is data).
 pub(crate) fn conv_backward(

@@ -10,10 +10,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::batch_norm::{train_backward, train_forward_storage, BatchStatistics};
-use crate::conv::{conv_backward, conv_forward_storage, ConvGeometry};
+use crate::conv::{conv_backward, conv_forward_storage, storage_into_tensor, ConvGeometry};
 
 /// `bn(conv(x, w))` with batch statistics, then `max(0, ·)` when `relu`, as one op. `γ` and `β`
 /// hold one value per output channel. Returns the output and the batch statistics, from which
@@ -91,11 +91,7 @@ impl CustomOp3 for ConvBnTrain {
             self.eps,
             self.relu,
         )?;
-        let conv_output = match z {
-            CpuStorage::F32(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
-            CpuStorage::F64(z) => Tensor::from_vec(z, output_shape.clone(), &Device::Cpu)?,
-            _ => bail!("fused conv + batch norm: the convolution returned neither f32 nor f64"),
-        };
+        let conv_output = storage_into_tensor(z, output_shape.clone())?;
         *self.saved.lock().expect("conv-bn state lock") = Some(Saved { conv_output, stats });
         Ok((y, output_shape))
     }

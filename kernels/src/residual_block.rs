@@ -19,12 +19,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::activation::{add_relu_storage, relu_grad};
 use crate::batch_norm::{train_backward, train_forward_storage, BatchStatistics};
-use crate::conv::{conv_backward_where, conv_forward_storage, ConvGeometry};
+use crate::conv::{conv_backward_where, conv_forward_storage, storage_into_tensor, ConvGeometry};
 
 /// One convolution + batch norm of a block: its parameters and hyper-parameters.
 #[derive(Debug, Clone, Copy)]
@@ -149,15 +148,6 @@ impl ResidualBlockTrain {
     }
 }
 
-/// A storage the kernels produced, as a CPU tensor (no copy).
-fn into_tensor(storage: CpuStorage, shape: Shape) -> Result<Tensor> {
-    match storage {
-        CpuStorage::F32(values) => Tensor::from_vec(values, shape, &Device::Cpu),
-        CpuStorage::F64(values) => Tensor::from_vec(values, shape, &Device::Cpu),
-        other => bail!("fused residual block: a kernel returned {:?}", other.dtype()),
-    }
-}
-
 impl CustomOp3 for ResidualBlockTrain {
     fn name(&self) -> &'static str {
         "fused-residual-block-train"
@@ -197,7 +187,7 @@ impl CustomOp3 for ResidualBlockTrain {
                 layer.eps,
                 relu,
             )?;
-            Ok::<_, candle_core::Error>((into_tensor(z, shape.clone())?, y, shape, stats))
+            Ok::<_, candle_core::Error>((storage_into_tensor(z, shape.clone())?, y, shape, stats))
         };
         let (z1, h, h_shape, stats1) = conv_bn(0, (x, lx), true)?;
         let h_layout = Layout::contiguous(h_shape.clone());
@@ -224,7 +214,7 @@ impl CustomOp3 for ResidualBlockTrain {
                 add_relu_storage(self.name(), (&u2, &out_layout), (x, lx))?.0
             }
         };
-        let hidden = into_tensor(h, h_shape)?;
+        let hidden = storage_into_tensor(h, h_shape)?;
         *self.saved.lock().expect("residual block state lock") = Some(Saved { conv_outputs, hidden, stats });
         Ok((y, out_shape))
     }
